@@ -1,0 +1,174 @@
+"""The ``oceanda`` command line: one console script, one sub-command per app.
+
+``oceanda APP [hydra overrides...]`` composes ``configs/APP.yaml`` (packaged with the
+wheel) with the overrides and calls ``oceanda.cli.APP.run(cfg)``. Hydra is used here and
+only here: library modules take plain, typed arguments.
+
+Extra flags understood by every app:
+
+``--cfg``            print the composed config and exit;
+``--config-dir DIR`` add a directory of the user's own configs in front of the packaged ones;
+``-h/--help``        describe the app and print its config.
+
+Errors caused by the user (bad config value, missing or malformed input) are raised as
+:class:`oceanda.errors.OceandaError`; they are printed without a traceback and the
+process exits with status 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from oceanda import __version__
+from oceanda.errors import ConfigError, OceandaError
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+log = logging.getLogger("oceanda")
+
+#: app name -> one-line description. An app is offered when ``oceanda.cli.<name>`` exists.
+APPS: dict[str, str] = {
+    "generate": "build an OSSE: synthetic SSH truth, satellite observations, quick-look figures",
+    "evaluate": "score an analysis against a truth with the SSH mapping data-challenge metrics",
+    "infer": "distributed reconstruction over DAW patches (mpiexec/srun), blended, restartable",
+    "train": "train 4DVarNet / SPDE-prior 4DVarNet on OSSE patches (data-parallel over ranks)",
+    "validate": "pendulum / Lorenz-63 validation of neural incremental DA against 4D-Var",
+    "config": "show or validate a composed config: oceanda config validate APP [overrides]",
+}
+
+
+def available_apps() -> dict[str, str]:
+    """The apps whose module is installed, in :data:`APPS` order."""
+    return {
+        name: text
+        for name, text in APPS.items()
+        if importlib.util.find_spec(f"oceanda.cli.{name}") is not None
+    }
+
+
+def config_dir() -> Path:
+    """Directory holding the hydra configs.
+
+    The wheel carries them as ``oceanda/configs``; an editable install or a source
+    checkout uses the repository's top-level ``configs/``.
+    """
+    here = Path(__file__).resolve().parent.parent
+    for candidate in (here / "configs", here.parent.parent / "configs"):
+        if candidate.is_dir():
+            return candidate
+    raise ConfigError(f"cannot find oceanda's configs next to {here} (broken install?)")
+
+
+def compose(app: str, overrides: list[str], user_dir: str | None = None) -> DictConfig:
+    """Compose ``configs/<app>.yaml`` with hydra overrides (``key=value``, ``group=option``)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    overrides = list(overrides)
+    if user_dir is not None:
+        path = Path(user_dir).expanduser().resolve()
+        if not path.is_dir():
+            raise ConfigError(f"--config-dir {user_dir}: not a directory")
+        overrides.append(f"hydra.searchpath=[file://{path}]")
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(version_base="1.3", config_dir=str(config_dir())):
+            return hydra_compose(config_name=app, overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(f"config of '{app}': {exc}") from None
+
+
+def _usage() -> str:
+    apps = available_apps()
+    width = max(map(len, apps), default=8)
+    lines = [
+        f"oceanda {__version__}: neural data assimilation of sea-surface height",
+        "",
+        "usage: oceanda APP [key=value ...] [--cfg] [--config-dir DIR]",
+        "       oceanda APP --help",
+        "",
+        "apps:",
+        *(f"  {name:<{width}}  {text}" for name, text in apps.items()),
+        "",
+        "Overrides use hydra syntax (domain=gulfstream, out_dir=runs/x, +new.key=1).",
+    ]
+    return "\n".join(lines)
+
+
+def _split_flags(args: list[str]) -> tuple[list[str], dict[str, str | bool]]:
+    flags: dict[str, str | bool] = {}
+    rest: list[str] = []
+    it = iter(args)
+    for arg in it:
+        if arg in ("-h", "--help", "--cfg"):
+            flags[arg.lstrip("-")] = True
+        elif arg == "--config-dir":
+            value = next(it, None)
+            if value is None:
+                raise ConfigError("--config-dir needs a directory")
+            flags["config-dir"] = value
+        elif arg.startswith("--config-dir="):
+            flags["config-dir"] = arg.split("=", 1)[1]
+        elif arg.startswith("-"):
+            raise ConfigError(f"unknown flag {arg!r} (overrides are written key=value)")
+        else:
+            rest.append(arg)
+    return rest, flags
+
+
+def setup_logging(level: str | int | None = None) -> None:
+    """Log ``oceanda.*`` records to stderr (level from ``OCEANDA_LOGLEVEL``, default INFO)."""
+    level = level or os.environ.get("OCEANDA_LOGLEVEL", "INFO")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(level)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``oceanda`` console script; returns the exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    if args[0] == "--version":
+        print(__version__)
+        return 0
+    app, args = args[0], args[1:]
+    apps = available_apps()
+    if app not in apps:
+        print(f"oceanda: unknown app {app!r}; one of: {', '.join(apps)}", file=sys.stderr)
+        return 2
+    setup_logging()
+    try:
+        module = importlib.import_module(f"oceanda.cli.{app}")
+        if app == "config":  # the config app composes other apps' configs itself
+            return int(module.run_argv(args) or 0)
+        overrides, flags = _split_flags(args)
+        cfg = compose(app, overrides, user_dir=flags.get("config-dir"))  # type: ignore[arg-type]
+        if flags.get("help") or flags.get("cfg"):
+            from omegaconf import OmegaConf
+
+            if flags.get("help"):
+                print(f"oceanda {app}: {apps[app]}\n")
+                print((module.__doc__ or "").strip() + "\n\nconfig (override with key=value):\n")
+            print(OmegaConf.to_yaml(cfg))
+            return 0
+        return int(module.run(cfg) or 0)
+    except OceandaError as exc:
+        print(f"oceanda {app}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"oceanda {app}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,53 @@
+"""The console script: app listing, config composition, user errors without tracebacks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from oceanda.cli import APPS, available_apps, main
+
+
+def test_help_lists_available_apps(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in available_apps():
+        assert f"  {name}" in out
+    assert set(available_apps()) <= set(APPS)
+
+
+def test_unknown_app_exits_2(capsys):
+    assert main(["no-such-app"]) == 2
+    assert "unknown app 'no-such-app'" in capsys.readouterr().err
+
+
+def test_console_script_runs_as_module():
+    out = subprocess.run([sys.executable, "-m", "oceanda", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip()
+
+
+@pytest.fixture
+def user_configs(tmp_path):
+    (tmp_path / "evaluate.yaml").write_text("truth: ???\nanalysis: ???\nbox: [1, 2]\nref: ${box}\n")
+    return tmp_path
+
+
+def test_config_validate_names_missing_keys(user_configs, capsys, monkeypatch):
+    import oceanda.cli as cli
+
+    monkeypatch.setattr(cli, "config_dir", lambda: user_configs)
+    assert main(["config", "validate", "evaluate"]) == 2
+    err = capsys.readouterr().err
+    assert "truth" in err and "analysis" in err
+    assert main(["config", "validate", "evaluate", "truth=a", "analysis=b"]) == 0
+    assert "valid" in capsys.readouterr().out
+
+
+def test_bad_override_is_a_config_error(user_configs, capsys, monkeypatch):
+    import oceanda.cli as cli
+
+    monkeypatch.setattr(cli, "config_dir", lambda: user_configs)
+    assert main(["config", "show", "evaluate", "nokey"]) == 2
+    assert "error" in capsys.readouterr().err
