@@ -1,0 +1,1 @@
+"""Kernels: batched banded / block-tridiagonal SPD solves with implicit-diff gradients."""

@@ -1,0 +1,1 @@
+"""Scores: SSH mapping data-challenge metrics, ensemble scores."""

@@ -1,0 +1,1 @@
+"""Observations: selection operators, nadir altimeters and SWOT swaths, noise models."""

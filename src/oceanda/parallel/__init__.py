@@ -1,0 +1,1 @@
+"""Parallel runtime: communicator, rank layout, device binding, halo exchange, driver."""

@@ -1,0 +1,1 @@
+"""Figures (matplotlib, Agg backend): quick-looks, scores, validation reports."""

@@ -1,0 +1,1 @@
+"""Gaussian priors behind one interface: empirical, neural band prior, SPDE prior."""
