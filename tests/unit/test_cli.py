@@ -51,3 +51,15 @@ def test_bad_override_is_a_config_error(user_configs, capsys, monkeypatch):
     monkeypatch.setattr(cli, "config_dir", lambda: user_configs)
     assert main(["config", "show", "evaluate", "nokey"]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_log_handler_follows_swapped_stderr(capsys):
+    import logging
+
+    from oceanda.cli import setup_logging
+
+    setup_logging("INFO")
+    logging.getLogger("oceanda.test").info("first message")
+    assert "first message" in capsys.readouterr().err
+    logging.getLogger("oceanda.test").info("second message")
+    assert "second message" in capsys.readouterr().err

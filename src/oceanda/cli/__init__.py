@@ -126,11 +126,24 @@ def _split_flags(args: list[str]) -> tuple[list[str], dict[str, str | bool]]:
     return rest, flags
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A stream handler that writes to whatever ``sys.stderr`` is at emit time (so that a
+    redirected or captured stderr, e.g. under pytest, is honoured after it is swapped)."""
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def setup_logging(level: str | int | None = None) -> None:
     """Log ``oceanda.*`` records to stderr (level from ``OCEANDA_LOGLEVEL``, default INFO)."""
     level = level or os.environ.get("OCEANDA_LOGLEVEL", "INFO")
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
         log.addHandler(handler)
     log.setLevel(level)
