@@ -1,0 +1,157 @@
+"""Communicator: a thin wrapper over mpi4py, or a serial stand-in.
+
+:func:`get_comm` returns :class:`MPIComm` when the process was started by an MPI launcher
+(``mpiexec``/``mpirun``/``srun``) with more than one rank and mpi4py is importable, and
+:class:`SerialComm` otherwise (no mpi4py import at all then). Both offer the same small
+interface: ``rank``, ``size``, ``barrier``, ``bcast``, ``allgather``, the buffer API
+``Isend``/``Irecv`` of contiguous float64 numpy arrays with ``waitall``, small non-blocking
+object messages (``isend_obj``/``poll_obj``) for progress reports, and ``local_rank`` (the
+rank among the processes of one node, from ``MPI.COMM_TYPE_SHARED``).
+
+This module is the only place (with :mod:`oceanda.parallel.device`) that imports mpi4py.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+#: environment variables set by common launchers (presence = started by a launcher)
+_LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS",
+                  "HYDI_CONTROL_FD", "MPICH_INTERFACE_HOSTNAME")
+
+
+def launched_by_mpi() -> bool:
+    """True when an MPI launcher started this process (``srun`` without MPI does not count)."""
+    return any(v in os.environ for v in _LAUNCHER_VARS)
+
+
+class SerialComm:
+    """One-rank communicator: every collective is the identity; no messages exist."""
+
+    rank = 0
+    size = 1
+    is_mpi = False
+
+    def barrier(self, poll_s: float = 0.01) -> None:
+        pass
+
+    def bcast(self, obj: Any, root: int = 0) -> Any:
+        return obj
+
+    def allgather(self, obj: Any) -> list[Any]:
+        return [obj]
+
+    def Isend(self, buf: np.ndarray, dest: int, tag: int = 0):
+        raise RuntimeError("SerialComm has no other rank to send to")
+
+    def Irecv(self, buf: np.ndarray, source: int, tag: int = 0):
+        raise RuntimeError("SerialComm has no other rank to receive from")
+
+    def waitall(self, requests: list) -> None:
+        if requests:
+            raise RuntimeError("SerialComm has no requests")
+
+    def isend_obj(self, obj: Any, dest: int, tag: int):
+        raise RuntimeError("SerialComm has no other rank to send to")
+
+    def poll_obj(self, tag: int) -> list[Any]:
+        return []
+
+    @property
+    def local_rank(self) -> int:
+        return 0
+
+    def abort(self, code: int = 1) -> None:
+        os._exit(code)
+
+
+class MPIComm:
+    """mpi4py ``COMM_WORLD`` behind the :class:`SerialComm` interface."""
+
+    is_mpi = True
+
+    def __init__(self, comm=None) -> None:
+        from mpi4py import MPI
+
+        self._MPI = MPI
+        self.comm = comm if comm is not None else MPI.COMM_WORLD
+        self.rank = self.comm.Get_rank()
+        self.size = self.comm.Get_size()
+        self._local_rank: int | None = None
+
+    def barrier(self, poll_s: float = 0.01) -> None:
+        """Barrier that sleeps between polls (``Ibarrier`` + ``Test``), so that ranks
+        waiting for a slow one (or for rank 0 generating the demo data) do not busy-spin
+        on the cores it needs."""
+        req = self.comm.Ibarrier()
+        while not req.Test():
+            time.sleep(poll_s)
+
+    def bcast(self, obj: Any, root: int = 0) -> Any:
+        return self.comm.bcast(obj, root=root)
+
+    def allgather(self, obj: Any) -> list[Any]:
+        return self.comm.allgather(obj)
+
+    def Isend(self, buf: np.ndarray, dest: int, tag: int = 0):
+        """Non-blocking send of a contiguous float64 array (buffer API, no pickling)."""
+        assert buf.dtype == np.float64 and buf.flags.c_contiguous
+        return self.comm.Isend([buf, self._MPI.DOUBLE], dest=dest, tag=tag)
+
+    def Irecv(self, buf: np.ndarray, source: int, tag: int = 0):
+        """Non-blocking receive into a contiguous float64 array (buffer API)."""
+        assert buf.dtype == np.float64 and buf.flags.c_contiguous
+        return self.comm.Irecv([buf, self._MPI.DOUBLE], source=source, tag=tag)
+
+    def waitall(self, requests: list) -> None:
+        if requests:
+            self._MPI.Request.Waitall(requests)
+
+    def isend_obj(self, obj: Any, dest: int, tag: int):
+        """Non-blocking send of a small picklable object (progress messages)."""
+        return self.comm.isend(obj, dest=dest, tag=tag)
+
+    def poll_obj(self, tag: int) -> list[Any]:
+        """Receive every pending object message with ``tag`` (does not block)."""
+        out = []
+        status = self._MPI.Status()
+        while self.comm.Iprobe(source=self._MPI.ANY_SOURCE, tag=tag, status=status):
+            out.append(self.comm.recv(source=status.Get_source(), tag=tag))
+        return out
+
+    @property
+    def local_rank(self) -> int:
+        """Rank among the processes sharing this node (``MPI.COMM_TYPE_SHARED`` split)."""
+        if self._local_rank is None:
+            node = self.comm.Split_type(self._MPI.COMM_TYPE_SHARED, key=self.rank)
+            self._local_rank = node.Get_rank()
+            node.Free()
+        return self._local_rank
+
+    def abort(self, code: int = 1) -> None:
+        self.comm.Abort(code)
+
+
+def get_comm(use_mpi: bool | None = None) -> SerialComm | MPIComm:
+    """The communicator of this process.
+
+    Args:
+        use_mpi: ``True`` forces mpi4py, ``False`` forces serial, ``None`` (default) uses MPI
+            when started by a launcher and mpi4py is importable, and its world has more than
+            one rank.
+    """
+    if use_mpi is False or (use_mpi is None and not launched_by_mpi()):
+        return SerialComm()
+    try:
+        comm = MPIComm()
+    except ImportError:
+        if use_mpi:
+            raise
+        return SerialComm()
+    if comm.size == 1 and use_mpi is None:
+        return SerialComm()
+    return comm

@@ -1,0 +1,108 @@
+"""Restart bookkeeping of a distributed inference run (files only; no MPI).
+
+``OUT_DIR/restart/`` holds
+
+* ``manifest.json``: the run's id (hash of the config that determines the output) and
+  version. A rerun with another id in the same ``OUT_DIR`` is refused (:class:`InputError`),
+  before anything is written.
+* ``partials/tile_NNNNNN.npz``: the blended partial sums of one tile's patches over its
+  support box (``den = sum_p w_p``, ``mean = sum_p w_p out_p``, optional ``var`` and
+  ``members``, float64), saved atomically
+  right after the tile is computed. A rerun loads them instead of recomputing the tile.
+* ``written/tile_NNNNNN``: marker created after the tile's output region is flushed to
+  ``analysis.zarr``. A rerun never rewrites it.
+
+Partials are deleted once every tile is written (markers are kept).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from oceanda import __version__
+from oceanda.errors import InputError
+
+
+class RunState:
+    """Restart files of the run in ``out_dir`` (see the module docstring)."""
+
+    def __init__(self, out_dir: str | os.PathLike, run_id: str) -> None:
+        self.out_dir = Path(out_dir)
+        self.root = self.out_dir / "restart"
+        self.run_id = run_id
+
+    # ------------------------------------------------------------------ manifest
+    def check(self, output: str | os.PathLike) -> bool:
+        """Refuse an out_dir holding another run; True if this run was started before."""
+        manifest = self.root / "manifest.json"
+        if manifest.exists():
+            try:
+                other = json.loads(manifest.read_text())["run_id"]
+            except (ValueError, KeyError):
+                raise InputError(f"{manifest}: unreadable restart manifest; use a new out_dir") from None
+            if other != self.run_id:
+                raise InputError(
+                    f"out_dir {self.out_dir} holds a different run (config hash {other} != "
+                    f"{self.run_id}): use a new out_dir, or delete it to start over")
+            return True
+        if Path(output).exists():
+            raise InputError(f"{output} exists but was not written by this run (no restart "
+                             f"manifest in {self.root}): use a new out_dir")
+        return False
+
+    def init(self) -> None:
+        """Create the directories and the manifest (rank 0)."""
+        (self.root / "partials").mkdir(parents=True, exist_ok=True)
+        (self.root / "written").mkdir(parents=True, exist_ok=True)
+        manifest = self.root / "manifest.json"
+        if not manifest.exists():
+            _atomic_bytes(manifest, json.dumps({"run_id": self.run_id, "version": __version__},
+                                               indent=2).encode())
+
+    # ------------------------------------------------------------------ tiles
+    def _partial(self, tile: int) -> Path:
+        return self.root / "partials" / f"tile_{tile:06d}.npz"
+
+    def _written(self, tile: int) -> Path:
+        return self.root / "written" / f"tile_{tile:06d}"
+
+    def written(self) -> set[int]:
+        d = self.root / "written"
+        if not d.is_dir():
+            return set()
+        return {int(p.name.split("_")[1]) for p in d.iterdir() if p.name.startswith("tile_")}
+
+    def has_partial(self, tile: int) -> bool:
+        return self._partial(tile).exists()
+
+    def save_partial(self, tile: int, fields: dict[str, np.ndarray]) -> None:
+        """Save a tile's weighted sums (``den``, ``mean``, optional ``var``, ``members``)."""
+        path = self._partial(tile)
+        fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "wb") as fh:  # no fsync: the rename is atomic for process crashes
+            np.savez(fh, **fields)
+        os.replace(tmp, path)
+
+    def load_partial(self, tile: int) -> dict[str, np.ndarray]:
+        with np.load(self._partial(tile)) as z:
+            return {k: z[k] for k in z.files}
+
+    def mark_written(self, tile: int) -> None:
+        _atomic_bytes(self._written(tile), b"")
+
+    def clear_partials(self) -> None:
+        shutil.rmtree(self.root / "partials", ignore_errors=True)
+
+
+def _atomic_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)
