@@ -1,0 +1,402 @@
+"""Validation experiment: generate, first guess, train, evaluate every method on the test set.
+
+Methods compared on the same held-out trajectories and held-out observation processes:
+
+* ``z0``: the Gaussian first guess (L63: MAP under the empirical mean / covariance of the
+  training trajectories; pendulum: MAP under the linearised damped-oscillator prior);
+* ``var4d``: weak-constraint 4D-Var (Gauss-Newton + Levenberg-Marquardt + line search,
+  block-tridiagonal solves) started from ``z0``, with the true model and noise levels;
+* ``cold_diffusion``: the unconditional ablation (prior means only, Algorithm 2 without y);
+* ``neural``: incremental neural assimilation (Algorithm 2);
+* ``neural_var4d``: 4D-Var started from the neural output ("polish").
+
+RMSE is over all entries of the test windows (every time, every component): ``rmse`` in
+normalised units (each component zero mean, unit variance over the training
+trajectories), ``rmse_raw`` in physical units. Times are wall-clock on the whole test batch
+on one device, divided by the number of windows (first-guess time excluded; the polish
+time includes the neural pass).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from oceanda.assim.incremental import UPDATES, incremental_assimilation, temperature_levels
+from oceanda.assim.var4d import Var4DResult, WeakConstraint4DVar
+from oceanda.dynamics import lorenz63, pendulum
+from oceanda.errors import ConfigError, InputError, NumericalError
+from oceanda.priors.empirical import EmpiricalGaussian, LinearMarkovPrior
+from oceanda.priors.neural_band import NeuralBandPrior
+from oceanda.train.incremental import TrainSettings, train_incremental
+from oceanda.validation.data import PairSet, ToyData, make_lorenz63, make_pendulum
+
+log = logging.getLogger("oceanda.validate")
+METHODS = ("z0", "var4d", "cold_diffusion", "neural", "neural_var4d")
+SYSTEMS = ("lorenz63", "pendulum")
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class ModelSettings:
+    """Networks of the neural band prior (paper: depth 4, width 32, bandwidth 2*phi)."""
+
+    width: int = 32
+    depth: int = 4
+    emb_dim: int = 16
+    bandwidth: int | None = None
+
+
+@dataclass
+class Var4DSettings:
+    """Stopping and damping of weak-constraint 4D-Var (see :mod:`oceanda.assim.var4d`)."""
+
+    max_iter: int = 100
+    ftol: float = 1e-8
+    cost_tol: float | None = None
+    decrement_tol: float | None = 0.05
+    lm_init: float = 1e-3
+
+
+@dataclass
+class ExperimentSettings:
+    """One validation experiment. ``data`` holds the keyword arguments of
+    :func:`~oceanda.validation.data.make_lorenz63` / ``make_pendulum``."""
+
+    system: str
+    data: dict = field(default_factory=dict)
+    n_levels: int = 5
+    update: str = "cold"
+    model: ModelSettings = field(default_factory=ModelSettings)
+    training: TrainSettings = field(default_factory=TrainSettings)
+    var4d: Var4DSettings = field(default_factory=Var4DSettings)
+    z0_inflation: list[float] = field(default_factory=lambda: [1.0])
+    n_plot: int = 3
+
+    def check(self) -> None:
+        if self.system not in SYSTEMS:
+            raise ConfigError(f"experiment.system must be one of {SYSTEMS}, got {self.system!r}")
+        if self.update not in UPDATES:
+            raise ConfigError(f"experiment.update must be one of {UPDATES}, got {self.update!r}")
+        if self.n_levels < 0:
+            raise ConfigError(f"experiment.n_levels must be >= 0, got {self.n_levels}")
+        if not self.z0_inflation or min(self.z0_inflation) <= 0:
+            raise ConfigError(f"experiment.z0_inflation must be a non-empty list of positive factors, "
+                              f"got {self.z0_inflation}")
+        self.training.check()
+
+
+# --------------------------------------------------------------------------- pieces
+def make_data(settings: ExperimentSettings) -> ToyData:
+    maker = make_lorenz63 if settings.system == "lorenz63" else make_pendulum
+    try:
+        return maker(**settings.data)
+    except TypeError as exc:
+        raise ConfigError(f"experiment.data: {exc}") from None
+
+
+def model_step(data: ToyData) -> Callable:
+    """``x -> (m(x), dm/dx)`` of the true system (physical units)."""
+    if data.system == "lorenz63":
+        return lambda x: lorenz63.step_and_jacobian(x, data.dt)
+    return lambda x: pendulum.step_and_jacobian(x, data.dt)
+
+
+def background(data: ToyData) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and covariance of the initial state (physical units): L63, the empirical
+    moments of the training windows' first states (the attractor's); pendulum, the moments
+    of the uniform initial-condition distribution."""
+    if data.system == "lorenz63":
+        x0 = data.raw_train_x[:, 0]
+        return x0.mean(0), torch.cov(x0.T)
+    q_max, p_max = data.ic_box
+    return torch.zeros(2, dtype=torch.float64), torch.diag(torch.tensor([q_max ** 2 / 3, p_max ** 2 / 3],
+                                                                        dtype=torch.float64))
+
+
+def build_var4d(data: ToyData, s: Var4DSettings) -> WeakConstraint4DVar:
+    xb, Bc = background(data)
+    return WeakConstraint4DVar(
+        model_step(data), data.model_noise_var * torch.eye(data.phi, dtype=torch.float64), data.R_raw,
+        xb, Bc, max_iter=s.max_iter, ftol=s.ftol, cost_tol=s.cost_tol, decrement_tol=s.decrement_tol,
+        lm_init=s.lm_init,
+    )
+
+
+class FirstGuess:
+    """``z0`` of every pair, normalised ``(N, d)`` float64 (see module docstring)."""
+
+    def __init__(self, data: ToyData, inflation: list[float]):
+        self.data = data
+        self.description = ""
+        if data.system == "lorenz63":
+            one = data.train.process == 0  # each training trajectory once
+            self.prior = EmpiricalGaussian.fit(data.train.x[one].reshape(int(one.sum()), -1))
+            self.description = "MAP under the empirical mean and covariance of the training trajectories"
+            self.inflation = None
+        else:
+            best = None
+            for c in inflation:  # model-noise inflation of the linear prior, chosen on training pairs
+                self.inflation = c
+                self.prior = self._linear_prior(c)
+                err = float((self(data.train) - data.train.flat()[0]).pow(2).mean().sqrt())
+                log.info("pendulum z0: inflation %g -> train RMSE %.4f", c, err)
+                if best is None or err < best[0]:
+                    best = (err, c)
+            self.inflation = best[1]
+            self.prior = self._linear_prior(best[1])
+            self.description = (f"MAP under the linearised (damped oscillator) Gaussian prior, model-noise "
+                                f"variance x{best[1]:g} (chosen on the training pairs)")
+
+    def _linear_prior(self, c):
+        d = self.data
+        M = pendulum.linear_step_matrix(d.dt)
+        m0, P0 = background(d)
+        Qm = c * d.model_noise_var * torch.eye(2, dtype=torch.float64)
+        return LinearMarkovPrior(M, Qm, m0, P0, d.T)
+
+    def __call__(self, pairs: PairSet) -> torch.Tensor:
+        d = self.data
+        x, y, mask = pairs.flat()
+        if d.system == "lorenz63":
+            return self.prior.map(y, mask, d.R_norm)
+        N = len(pairs)
+        yraw = torch.where(pairs.mask, d.norm.to_raw(pairs.y), torch.zeros_like(pairs.y)).reshape(N, -1)
+        zr = self.prior.map(yraw, mask, d.R_raw)
+        return d.norm.to_norm(zr.reshape(N, d.T, d.phi)).reshape(N, -1)
+
+
+def _timed(fn, repeat: int = 3):
+    """``(fn(), median wall time of `repeat` calls)``; every method is timed the same way."""
+    ts = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        ts.append(time.perf_counter() - t0)
+    return out, sorted(ts)[len(ts) // 2]
+
+
+def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).pow(2).mean().sqrt())
+
+
+# --------------------------------------------------------------------------- experiment
+@dataclass
+class ExperimentResult:
+    metrics: dict
+    estimates: dict  #: method -> normalised (N, T, phi)
+    var4d_runs: dict  #: "var4d"/"neural_var4d" -> Var4DResult
+    data: ToyData
+    histories: dict
+    extra: dict
+
+
+def train_models(settings: ExperimentSettings, data: ToyData, z0_train: torch.Tensor, dtype=torch.float32,
+                 progress: bool = True):
+    """Train the neural prior (objective (3.5)) and the unconditional ablation."""
+    from tqdm.auto import tqdm
+
+    levels = temperature_levels(settings.n_levels)
+    x, y, mask = data.train.flat()
+    out = {}
+    histories = {}
+    for name, conditional in (("neural", True), ("cold_diffusion", False)):
+        prior = new_prior(settings, data, conditional)
+        torch.manual_seed(settings.training.seed + (0 if conditional else 1))
+        bar = tqdm(total=settings.training.epochs, desc=f"train {name}", disable=not progress, leave=False)
+
+        def on_epoch(e, loss, bar=bar):
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4g}")
+
+        histories[name] = train_incremental(
+            prior, x.to(dtype), z0_train.to(dtype), y.to(dtype), mask, data.R_norm, levels,
+            settings.training, conditional=conditional, on_epoch=on_epoch,
+        )
+        bar.close()
+        out[name] = prior
+    return out, histories
+
+
+def new_prior(settings: ExperimentSettings, data: ToyData, conditional: bool) -> NeuralBandPrior:
+    m = settings.model
+    return NeuralBandPrior(data.T, data.phi, m.bandwidth, m.width, m.depth, m.emb_dim, precision=conditional)
+
+
+def save_checkpoint(path: Path, settings: ExperimentSettings, priors: dict, histories: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save({
+        "version": CHECKPOINT_VERSION,
+        "system": settings.system,
+        "model": asdict(settings.model),
+        "n_levels": settings.n_levels,
+        "data": dict(settings.data),
+        "state_dicts": {k: v.state_dict() for k, v in priors.items()},
+        "histories": histories,
+    }, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: Path, settings: ExperimentSettings, data: ToyData):
+    """Networks saved by :func:`save_checkpoint`; checks they fit this experiment."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"checkpoint {path}: no such file")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input error
+        raise InputError(f"checkpoint {path}: cannot read it ({exc})") from None
+    if not isinstance(ck, dict) or ck.get("version") != CHECKPOINT_VERSION:
+        raise InputError(f"checkpoint {path}: not an oceanda validate checkpoint (version {CHECKPOINT_VERSION})")
+    if ck["system"] != settings.system:
+        raise InputError(f"checkpoint {path} was trained on {ck['system']!r}, not {settings.system!r}")
+    if ck["data"] != dict(settings.data):
+        log.warning("checkpoint %s was trained with data settings %s (now %s)", path, ck["data"], settings.data)
+    settings.model = ModelSettings(**ck["model"])
+    settings.n_levels = ck["n_levels"]
+    priors = {}
+    for name, sd in ck["state_dicts"].items():
+        prior = new_prior(settings, data, name == "neural")
+        try:
+            prior.load_state_dict(sd)
+        except RuntimeError as exc:
+            raise InputError(f"checkpoint {path}: network {name!r} does not fit T={data.T}, "
+                             f"phi={data.phi}: {exc}") from None
+        prior.eval()
+        priors[name] = prior
+    return priors, ck.get("histories", {})
+
+
+def run_experiment(
+    settings: ExperimentSettings,
+    out_dir: Path | None = None,
+    checkpoint: Path | None = None,
+    progress: bool = True,
+    dtype: torch.dtype = torch.float32,
+) -> ExperimentResult:
+    """Run one experiment end to end (module docstring). Saves ``model.pt`` in ``out_dir``
+    when training (nothing else is written here: see :mod:`oceanda.validation.report`)."""
+    from tqdm.auto import tqdm
+
+    settings.check()
+    torch.manual_seed(settings.training.seed)
+    data = make_data(settings)
+    log.info("%s: %d training pairs (%d processes), %d test pairs (%d held-out processes)", settings.system,
+             len(data.train), len(data.processes_train), len(data.test), len(data.processes_test))
+    fg = FirstGuess(data, settings.z0_inflation)
+    z0_train = fg(data.train)
+    (z0_test, t_z0) = _timed(lambda: fg(data.test))
+    if checkpoint is not None:
+        priors, histories = load_checkpoint(Path(checkpoint), settings, data)
+        log.info("loaded networks from %s (training skipped)", checkpoint)
+    else:
+        priors, histories = train_models(settings, data, z0_train, dtype, progress)
+        if out_dir is not None:
+            save_checkpoint(Path(out_dir) / "model.pt", settings, priors, histories)
+    levels = temperature_levels(settings.n_levels)
+    N, T, phi = data.test.x.shape
+    x, y, mask = data.test.flat()
+    yd, z0d = y.to(dtype), z0_test.to(dtype)
+
+    def neural_pass(update, conditional=True, prior=None):
+        prior = prior or priors["neural"]
+        return incremental_assimilation(prior, z0d, yd, mask, data.R_norm, levels, update=update,
+                                        conditional=conditional).double()
+
+    # warm-up (numba compilation, allocator) on a few windows, not timed
+    incremental_assimilation(priors["neural"], z0d[:2], yd[:2], mask[:2], data.R_norm, levels)
+    est, times = {"z0": z0_test}, {"z0": t_z0}
+    est["neural"], times["neural"] = _timed(lambda: neural_pass(settings.update))
+    updates, update_notes = {}, {}
+    for u in UPDATES:
+        try:
+            updates[u] = rmse(neural_pass(u), x)
+        except NumericalError as exc:  # the update as printed can leave the training range and blow up
+            updates[u], update_notes[u] = math.nan, f"diverged: {exc}"
+    est["cold_diffusion"], times["cold_diffusion"] = _timed(
+        lambda: neural_pass(settings.update, conditional=False, prior=priors["cold_diffusion"]))
+
+    var = build_var4d(data, settings.var4d)
+    yraw = torch.where(data.test.mask, data.norm.to_raw(data.test.y), torch.zeros_like(data.test.y))
+    to_raw = lambda a: data.norm.to_raw(a.double().reshape(-1, T, phi))  # noqa: E731
+    var.solve(to_raw(z0_test[:2]), yraw[:2], data.test.mask[:2])  # warm-up
+    runs: dict[str, Var4DResult] = {}
+    for name, start in (("var4d", est["z0"]), ("neural_var4d", est["neural"])):
+        bar = tqdm(total=3 * settings.var4d.max_iter, desc=f"4D-Var {name}", disable=not progress, leave=False)
+
+        def prog(k, n_active, bar=bar):
+            bar.update(1)
+            bar.set_postfix(active=n_active)
+
+        runs[name], times[name] = _timed(lambda start=start, prog=prog: var.solve(to_raw(start), yraw,
+                                                                                  data.test.mask, prog))
+        bar.close()
+        est[name] = data.norm.to_norm(runs[name].x).reshape(N, -1)
+    times["neural_var4d"] += times["neural"]
+
+    metrics = {}
+    for m in METHODS:
+        xr = to_raw(est[m])
+        metrics[m] = {
+            "rmse": rmse(est[m], x),
+            "rmse_raw": rmse(xr, data.norm.to_raw(data.test.x)),
+            "time_per_window_ms": 1e3 * times[m] / N,
+        }
+        if m in runs:
+            it = runs[m].iters.double()
+            metrics[m]["gn_iters_median"] = float(it.median())
+            metrics[m]["gn_iters_mean"] = float(it.mean())
+            metrics[m]["converged_fraction"] = float(runs[m].converged.double().mean())
+            metrics[m]["cost_median"] = float(runs[m].cost.median())
+    cost_truth = var.cost(data.norm.to_raw(data.test.x), yraw, data.test.mask)
+    extra = {
+        "update_rmse": updates,
+        "update_used": settings.update,
+        "update_notes": update_notes,
+        "levels": levels,
+        "z0": fg.description,
+        "cost_truth_median": float(cost_truth.median()),
+        "n_test_windows": N,
+        "n_train_pairs": len(data.train),
+        "processes_train": data.processes_train,
+        "processes_test": data.processes_test,
+        "obs_std_norm": data.obs_std_norm,
+        "obs_std_raw": data.obs_std_raw,
+        "model_noise_var": data.model_noise_var,
+        "normaliser": {"mean": data.norm.mean.tolist(), "std": data.norm.std.tolist()},
+        "device": "cpu",
+        "torch_threads": torch.get_num_threads(),
+        # distinct local minima: final costs differing by more than 1 (J is half a chi-square;
+        # stopping within decrement_tol of a minimum moves J by far less)
+        "minima": {
+            "polish_lower_fraction": float((runs["neural_var4d"].cost < runs["var4d"].cost - 1.0).double().mean()),
+            "z0_lower_fraction": float((runs["var4d"].cost < runs["neural_var4d"].cost - 1.0).double().mean()),
+        },
+    }
+    if data.test_seen is not None:  # diagnostic: same held-out trajectories, training processes
+        xs, ys, ms = data.test_seen.flat()
+        zs = fg(data.test_seen)
+        extra["seen_processes"] = {
+            "z0": rmse(zs, xs),
+            "neural": rmse(incremental_assimilation(priors["neural"], zs.to(dtype), ys.to(dtype), ms, data.R_norm,
+                                                    levels, update=settings.update), xs),
+            "cold_diffusion": rmse(incremental_assimilation(priors["cold_diffusion"], zs.to(dtype), ys.to(dtype), ms,
+                                                            data.R_norm, levels, update=settings.update,
+                                                            conditional=False), xs),
+        }
+    if data.system == "pendulum":  # windows outside the linear regime: max |q| > 45 degrees
+        qmax = data.norm.to_raw(data.test.x)[..., 0].abs().amax(-1)
+        big = qmax > math.pi / 4
+        extra["large_angle"] = {"threshold_rad": math.pi / 4, "n_windows": int(big.sum()),
+                                **{m: rmse(est[m][big], x[big]) for m in METHODS}}
+        extra["small_angle"] = {"n_windows": int((~big).sum()),
+                                **{m: rmse(est[m][~big], x[~big]) for m in METHODS}}
+    estimates = {m: est[m].reshape(N, T, phi) for m in METHODS}
+    return ExperimentResult(metrics, estimates, runs, data, histories, extra)
