@@ -1,0 +1,167 @@
+"""Matheron conditional ensembles: exact posterior draws for linear reconstructions, and the
+``spde_oi`` method (posterior mean vs dense, calibrated 200-member ensemble)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from oceanda.assim.base import PatchBatch
+from oceanda.assim.ensemble import matheron_members, spread_skill
+from oceanda.assim.registry import build_method
+from oceanda.errors import ConfigError
+from oceanda.priors.spde import SPDEPrior, tau_for_std
+
+
+def test_matheron_members_have_the_exact_posterior_covariance():
+    rng = np.random.default_rng(0)
+    n = 12
+    M = rng.standard_normal((n, n))
+    P = M @ M.T / n + 0.5 * np.eye(n)
+    mu = rng.standard_normal(n)
+    mask = rng.random(n) < 0.5
+    R = 0.3
+    Hm = np.eye(n)[mask]
+    K = P @ Hm.T @ np.linalg.inv(Hm @ P @ Hm.T + R * np.eye(mask.sum()))
+    post_cov = (np.eye(n) - K @ Hm) @ P
+
+    def reconstruct(Y):  # exact Kalman-form posterior mean, NaN outside the mask ignored
+        return mu + (np.nan_to_num(Y[:, mask]) - mu[mask]) @ K.T
+
+    y = rng.standard_normal(n)
+    N = 20000
+    S = rng.multivariate_normal(mu, P, size=N)
+    X, xm = matheron_members(reconstruct, y, mask, R, S, rng=1, include_mean=True)
+    np.testing.assert_allclose(xm, reconstruct(np.where(mask, y, np.nan)[None])[0])
+    C = np.cov(X.T)
+    se = np.sqrt((np.outer(np.diag(post_cov), np.diag(post_cov)) + post_cov**2) / N)
+    assert np.abs((C - post_cov) / se).max() < 5
+    z = (X.mean(0) - xm) / np.sqrt(np.diag(post_cov) / N)
+    assert np.abs(z).max() < 5
+    # torch in, torch out
+    Xt = matheron_members(lambda Y: torch.as_tensor(reconstruct(Y.numpy())), torch.as_tensor(y),
+                          torch.as_tensor(mask), R, torch.as_tensor(S[:5]), rng=1)
+    assert isinstance(Xt, torch.Tensor) and Xt.shape == (5, n)
+
+
+def _nadir_mask(T, ny, nx, rng, tracks=2):
+    mask = np.zeros((T, ny, nx), bool)
+    for k in range(T):
+        for _ in range(tracks):
+            j0, slope = rng.integers(0, nx), rng.choice([-0.6, 0.6])
+            ii = np.arange(ny)
+            jj = np.round(j0 + slope * ii).astype(int)
+            ok = (jj >= 0) & (jj < nx)
+            mask[k, ii[ok], jj[ok]] = True
+    return mask
+
+
+CFG = dict(kappa=0.5, gamma=25.0, std=0.1, noise_std=0.02, mean=0.0, dt=1.0, alpha=2,
+           length_unit_m=1000.0)
+
+
+def _setup(ny=10, nx=12, T=5):
+    dx = np.full((ny, nx), 5000.0) * np.cos(np.deg2rad(np.linspace(33, 34, ny)))[:, None]
+    dy = np.full((ny, nx), 5550.0)
+    ocean = np.ones((ny, nx), bool)
+    ocean[4:6, 0:2] = False
+    km = dict(dx=dx / 1000, dy=dy / 1000, ocean=ocean)
+    area = float(np.mean((km["dx"] * km["dy"])[ocean]))
+    prior = SPDEPrior(km["dx"], km["dy"], ocean, T=T, dt=1.0, alpha=2, kappa=0.5, gamma=25.0,
+                      tau=tau_for_std(0.1, 0.5, 25.0, area))
+    return dx, dy, ocean, prior
+
+
+def test_spde_oi_mean_and_ensemble_match_exact_posterior():
+    dx, dy, ocean, prior = _setup()
+    T, (ny, nx) = prior.T, prior.shape
+    rng = np.random.default_rng(3)
+    method = build_method("spde_oi", members=200, **CFG)
+    Q = prior.precision_dense().numpy()
+    skill_num = skill_den = 0.0
+    for rep in range(4):
+        truth = prior.sample(1, rng=100 + rep)[0]
+        mask = _nadir_mask(T, ny, nx, rng) & ocean[None]
+        obs = np.where(mask, truth + 0.02 * rng.standard_normal(truth.shape), np.nan)
+        mean, std, members = method.patch(obs, ocean, dx, dy, seed=rep)
+        D = np.diag(mask.reshape(-1) / 0.02**2)
+        Ppost = np.linalg.inv(Q + D)
+        ref = Ppost @ (D @ np.nan_to_num(obs).reshape(-1))
+        ref_std = np.sqrt(np.diag(Ppost)).reshape(T, ny, nx)
+        # posterior mean: exact to the CG tolerance
+        assert np.abs(mean.reshape(-1) - ref).max() < 1e-6 * np.abs(ref).max()
+        # ensemble std vs exact posterior std: relative MC error 1/sqrt(2 (N - 1))
+        z = (std / ref_std - 1.0) * np.sqrt(2 * 199)
+        assert np.abs(z).max() < 5.0, np.abs(z).max()
+        # members' mean vs exact mean within MC error
+        zm = (members.mean(0) - mean) / (ref_std / np.sqrt(200))
+        assert np.abs(zm).max() < 5.0
+        m = members.mean(0)
+        skill_num += float((members.var(0, ddof=1)).sum())
+        skill_den += float(((m - truth) ** 2).sum())
+        if rep == 0:
+            r0 = spread_skill(members, truth)
+    ratio = np.sqrt(skill_num / skill_den)
+    assert 0.85 < ratio < 1.15, ratio  # measured 1.008 (4 truths x 200 members)
+    assert r0 > 0
+
+
+def test_spde_oi_patch_batch_is_deterministic_and_batch_independent():
+    dx, dy, ocean, prior = _setup(6, 7, 3)
+    T, (ny, nx) = prior.T, prior.shape
+    rng = np.random.default_rng(0)
+    obs = np.where(_nadir_mask(T, ny, nx, rng), 0.1, np.nan)[None].repeat(2, 0)
+    obs[1] *= -1
+
+    def batch(sel):
+        b = len(sel)
+        return PatchBatch(
+            obs=torch.as_tensor(obs[sel], dtype=torch.float32),
+            ocean=torch.as_tensor(ocean)[None].repeat(b, 1, 1),
+            lon=torch.as_tensor(np.array([np.arange(nx) + 10.0 * i for i in sel]),
+                                dtype=torch.float32),
+            lat=torch.as_tensor(np.array([np.arange(ny) + 30.0 for _ in sel]),
+                                dtype=torch.float32),
+            time=torch.zeros(b, T), dx_m=torch.as_tensor(dx, dtype=torch.float32)[None]
+            .repeat(b, 1, 1), dy_m=torch.as_tensor(dy, dtype=torch.float32)[None].repeat(b, 1, 1))
+
+    method = build_method("spde_oi", members=8, return_members=True, **CFG)
+    both = method(batch([0, 1]))
+    alone = method(batch([1]))
+    assert both.mean.shape == (2, T, ny, nx) and both.members.shape == (2, 8, T, ny, nx)
+    torch.testing.assert_close(both.members[1], alone.members[0])
+    torch.testing.assert_close(both.std[1], alone.std[0])
+    plain = build_method("spde_oi", **CFG)(batch([0]))
+    assert plain.std is None and plain.members is None
+    torch.testing.assert_close(plain.mean[0], both.mean[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [dict(kappa=0.0), dict(noise_std=0.0), dict(members=1),
+                                 dict(dt=-1.0), dict(mean="median")])
+def test_spde_oi_bad_config(bad):
+    with pytest.raises(ConfigError):
+        build_method("spde_oi", **dict(CFG, **bad))
+
+
+def test_spde_truth_stream_matches_prior_statistics():
+    from types import SimpleNamespace
+
+    from oceanda.priors.spde_truth import spde_truth
+
+    ny = nx = 40
+    grid = SimpleNamespace(dx_m=np.full((ny, nx), 5000.0), dy_m=np.full((ny, nx), 5000.0),
+                           ocean=np.ones((ny, nx), bool))
+    grid.ocean[:3, :3] = False
+    fields = list(spde_truth(grid, 30, 0, dict(kappa=0.5, gamma=25.0, std=0.1), "cpu", None))
+    X = np.stack(fields)
+    assert X.shape == (30, ny, nx) and X.dtype == np.float32
+    assert np.isnan(X[:, :3, :3]).all() and np.isfinite(X[:, 3:, 3:]).all()
+    # same seed, same stream; the first field is the stationary draw of the prior
+    again = next(iter(spde_truth(grid, 1, 0, dict(kappa=0.5, gamma=25.0, std=0.1), "cpu", None)))
+    np.testing.assert_array_equal(again, X[0])
+    # interior std ~ 0.1 (continuum formula; 30 correlated days: loose check)
+    s = float(np.nanstd(X[:, 10:30, 10:30]))
+    assert 0.05 < s < 0.2, s
+    with pytest.raises(ConfigError, match="truth.speed"):
+        spde_truth(grid, 2, 0, dict(speed=1.0), "cpu", None)
