@@ -1,0 +1,338 @@
+"""4DVarNet speed: oceanda's model vs a faithful re-implementation of the public starter.
+
+Both models have the SAME size (prior: bilinear AE, hidden 32, downsample 2; ConvLSTM
+hidden 48; 10 solver steps; lr_grad 0.2 — the starter's ``config/xp/base.yaml``) and the
+SAME weights (the reference's state dict is converted to ours), so the outputs agree to
+float32 rounding (the max abs difference is reported). Measured on one 15x240x240 patch:
+
+- inference: the reference as the starter runs it in evaluation (``GradSolver.forward``
+  with ``create_graph=True`` and a detach per step); ours under ``torch.inference_mode``
+  with the closed-form gradient of J and a hand-written vjp of Phi;
+- a training step: forward with the graph kept + the starter's loss
+  (50 MSE + 1000 MSE(sobel) + prior cost) + backward + Adam step.
+
+The reference ``Ref*`` classes mirror 4dvarnet-starter ``src/models.py``
+(``BilinAEPriorCost``, ``ConvLstmGradModel``, ``BaseObsCost``, ``GradSolver``) op for op.
+Timings: the minimum of ``--repeat`` runs after one warm-up (wall and process CPU time), the two models interleaved
+so that load from other processes hits both alike; torch threads = 2 and 1.
+
+On a machine shared with other jobs, compare the CPU-time columns (wall time with 2
+OpenMP threads on an oversubscribed machine is dominated by thread descheduling).
+
+usage: OMP_NUM_THREADS=2 python hpc/bench/fourdvarnet.py [--threads 2 1] [--repeat 3]
+       [--size 240] [--compile] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from oceanda.assim.fourdvarnet import FourDVarNet, count_parameters
+
+
+# ---------------------------------------------------------------- reference (the starter)
+
+
+class RefBilinAEPriorCost(nn.Module):
+    def __init__(self, dim_in, dim_hidden, kernel_size=3, downsamp=None, bilin_quad=True):
+        super().__init__()
+        self.bilin_quad = bilin_quad
+        p = kernel_size // 2
+        self.conv_in = nn.Conv2d(dim_in, dim_hidden, kernel_size=kernel_size, padding=p)
+        self.conv_hidden = nn.Conv2d(dim_hidden, dim_hidden, kernel_size=kernel_size, padding=p)
+        self.bilin_1 = nn.Conv2d(dim_hidden, dim_hidden, kernel_size=kernel_size, padding=p)
+        self.bilin_21 = nn.Conv2d(dim_hidden, dim_hidden, kernel_size=kernel_size, padding=p)
+        self.bilin_22 = nn.Conv2d(dim_hidden, dim_hidden, kernel_size=kernel_size, padding=p)
+        self.conv_out = nn.Conv2d(2 * dim_hidden, dim_in, kernel_size=kernel_size, padding=p)
+        self.down = nn.AvgPool2d(downsamp) if downsamp is not None else nn.Identity()
+        self.up = nn.UpsamplingBilinear2d(scale_factor=downsamp) if downsamp is not None else nn.Identity()
+
+    def forward_ae(self, x):
+        x = self.down(x)
+        x = self.conv_in(x)
+        x = self.conv_hidden(F.relu(x))
+        nonlin = self.bilin_21(x) ** 2 if self.bilin_quad else (self.bilin_21(x) * self.bilin_22(x))
+        x = self.conv_out(torch.cat([self.bilin_1(x), nonlin], dim=1))
+        return self.up(x)
+
+    def forward(self, state):
+        return F.mse_loss(state, self.forward_ae(state))
+
+
+class RefBaseObsCost(nn.Module):
+    def forward(self, state, obs):
+        msk = obs.isfinite()
+        return F.mse_loss(state[msk], obs.nan_to_num()[msk])
+
+
+class RefConvLstmGradModel(nn.Module):
+    def __init__(self, dim_in, dim_hidden, kernel_size=3, dropout=0.1):
+        super().__init__()
+        self.dim_hidden = dim_hidden
+        self.gates = nn.Conv2d(dim_in + dim_hidden, 4 * dim_hidden, kernel_size=kernel_size,
+                               padding=kernel_size // 2)
+        self.conv_out = nn.Conv2d(dim_hidden, dim_in, kernel_size=kernel_size, padding=kernel_size // 2)
+        self.dropout = nn.Dropout(dropout)
+        self._state = []
+        self.down = nn.Identity()
+        self.up = nn.Identity()
+
+    def reset_state(self, inp):
+        size = [inp.shape[0], self.dim_hidden, *inp.shape[-2:]]
+        self._grad_norm = None
+        self._state = [self.down(torch.zeros(size, device=inp.device)),
+                       self.down(torch.zeros(size, device=inp.device))]
+
+    def forward(self, x):
+        if self._grad_norm is None:
+            self._grad_norm = (x ** 2).mean().sqrt()
+        x = x / self._grad_norm
+        hidden, cell = self._state
+        x = self.dropout(x)
+        x = self.down(x)
+        gates = self.gates(torch.cat((x, hidden), 1))
+        in_gate, remember_gate, out_gate, cell_gate = gates.chunk(4, 1)
+        in_gate, remember_gate, out_gate = map(torch.sigmoid, [in_gate, remember_gate, out_gate])
+        cell_gate = torch.tanh(cell_gate)
+        cell = (remember_gate * cell) + (in_gate * cell_gate)
+        hidden = out_gate * torch.tanh(cell)
+        self._state = hidden, cell
+        return self.up(self.conv_out(hidden))
+
+
+class RefGradSolver(nn.Module):
+    def __init__(self, prior_cost, obs_cost, grad_mod, n_step, lr_grad=0.2):
+        super().__init__()
+        self.prior_cost, self.obs_cost, self.grad_mod = prior_cost, obs_cost, grad_mod
+        self.n_step, self.lr_grad = n_step, lr_grad
+
+    def solver_step(self, state, obs, step):
+        var_cost = self.prior_cost(state) + self.obs_cost(state, obs)
+        grad = torch.autograd.grad(var_cost, state, create_graph=True)[0]
+        gmod = self.grad_mod(grad)
+        return state - (1 / (step + 1) * gmod + self.lr_grad * (step + 1) / self.n_step * grad)
+
+    def forward(self, obs):
+        with torch.set_grad_enabled(True):
+            state = obs.nan_to_num().detach().requires_grad_(True)
+            self.grad_mod.reset_state(obs)
+            for step in range(self.n_step):
+                state = self.solver_step(state, obs, step=step)
+                if not self.training:
+                    state = state.detach().requires_grad_(True)
+        return state
+
+
+def sobel(x):
+    """kornia.filters.sobel (normalized, replicate border, magnitude with eps 1e-6)."""
+    kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], dtype=x.dtype) / 8.0
+    k = torch.stack([kx, kx.T]).unsqueeze(1).to(x.device)
+    b, c, h, w = x.shape
+    xp = F.pad(x.reshape(b * c, 1, h, w), (1, 1, 1, 1), mode="replicate")
+    g = F.conv2d(xp, k).reshape(b, c, 2, h, w)
+    return torch.sqrt(g[:, :, 0] ** 2 + g[:, :, 1] ** 2 + 1e-6)
+
+
+def ref_training_loss(solver, obs, tgt, weight):
+    out = solver(obs)
+    def wmse(err):
+        e = err * weight[None]
+        ok = err.isfinite() & ~((torch.ones_like(err) * weight[None]) == 0.0)
+        return F.mse_loss(e[ok], torch.zeros_like(e[ok]))
+    loss = wmse(out - tgt)
+    gloss = wmse(sobel(out) - sobel(tgt))
+    pc = solver.prior_cost(out)
+    return 50 * loss + 1000 * gloss + pc
+
+
+def our_training_loss(model, obs, tgt, weight):
+    out = model(obs)
+    w = weight[None]
+    def wmse(err):
+        return ((err * w) ** 2).sum() / torch.count_nonzero(w.expand_as(err))
+    return 50 * wmse(out - tgt) + 1000 * wmse(sobel(out) - sobel(tgt)) + model.prior_cost(out)
+
+
+# ---------------------------------------------------------------- weights transfer
+
+
+def copy_reference_weights(ref: RefGradSolver, ours: FourDVarNet) -> None:
+    """Load the reference's weights into ours (same maths, re-packed tensors)."""
+    rp, op = ref.prior_cost, ours.prior
+    with torch.no_grad():
+        for name in ("conv_in", "conv_hidden", "conv_out"):
+            getattr(op, name).weight.copy_(getattr(rp, name).weight)
+            getattr(op, name).bias.copy_(getattr(rp, name).bias)
+        ws = [rp.bilin_1, rp.bilin_21] + ([] if op.quadratic else [rp.bilin_22])
+        op.bilin.weight.copy_(torch.cat([m.weight for m in ws]))
+        op.bilin.bias.copy_(torch.cat([m.bias for m in ws]))
+        rg, og = ref.grad_mod, ours.grad_mod
+        t = og.n_time
+        og.gates_x.weight.copy_(rg.gates.weight[:, :t])
+        og.gates_x.bias.copy_(rg.gates.bias)
+        og.gates_h.weight.copy_(rg.gates.weight[:, t:])
+        og.conv_out.weight.copy_(rg.conv_out.weight)
+        og.conv_out.bias.copy_(rg.conv_out.bias)
+
+
+def build_pair(n_time=15, prior_hidden=32, lstm_hidden=48, n_steps=10, seed=0):
+    torch.manual_seed(seed)
+    ref = RefGradSolver(RefBilinAEPriorCost(n_time, prior_hidden, downsamp=2), RefBaseObsCost(),
+                        RefConvLstmGradModel(n_time, lstm_hidden), n_steps, lr_grad=0.2)
+    ours = FourDVarNet(n_time, prior_hidden=prior_hidden, lstm_hidden=lstm_hidden,
+                       n_steps=n_steps, lr_grad=0.2)
+    copy_reference_weights(ref, ours)
+    return ref, ours
+
+
+def synthetic_patch(n_time=15, size=240, seed=1, frac_obs=0.03):
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(0, 6.28, size), torch.linspace(0, 6.28, size), indexing="ij")
+    t = torch.arange(n_time, dtype=torch.float32)[:, None, None]
+    tgt = (torch.sin(xx + 0.1 * t) * torch.cos(yy - 0.05 * t)).unsqueeze(0)
+    obs = torch.where(torch.rand(tgt.shape, generator=g) < frac_obs, tgt, torch.full_like(tgt, float("nan")))
+    return obs, tgt
+
+
+# ---------------------------------------------------------------- timing
+
+
+def _time(fn):
+    """(wall seconds, CPU seconds of this process) of one call. On a shared machine the CPU
+    time is the robust figure (it does not count time spent descheduled)."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - w0, time.process_time() - c0
+
+
+def run(threads=(2, 1), repeat=3, size=240, do_compile=False):
+    obs, tgt = synthetic_patch(size=size)
+    weight = torch.ones(tgt.shape[1:])
+    c = min(20, size // 4)  # the anchor's crop of 20 cells
+    weight[:, :c, :] = 0
+    weight[:, -c:, :] = 0
+    weight[:, :, :c] = 0
+    weight[:, :, -c:] = 0
+    tw = 1 - (2 * torch.arange(15) - 15).abs() / 15.0
+    weight = weight * tw[:, None, None]
+    ref, ours = build_pair()
+    rows, info = [], {}
+
+    ref.eval(), ours.eval()
+    out_ref = ref(obs).detach()
+    with torch.inference_mode():
+        out_ours = ours(obs)
+    info["max_abs_diff_inference"] = float((out_ref - out_ours).abs().max())
+    info["ref_rms_output"] = float(out_ref.pow(2).mean().sqrt())
+    info["params_ref"] = count_parameters(ref) - ref.prior_cost.bilin_22.weight.numel() - ref.prior_cost.bilin_22.bias.numel()
+    info["params_ours"] = count_parameters(ours)
+
+    def inf_ref():
+        ref(obs)
+
+    def inf_ours():
+        with torch.inference_mode():
+            ours(obs)
+
+    def make_train(model, lossfn):
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+        def go():
+            model.train()
+            # dropout off so both models compute the same thing
+            for m in model.modules():
+                if isinstance(m, nn.Dropout):
+                    m.p = 0.0
+            opt.zero_grad(set_to_none=True)
+            loss = lossfn(model, obs, tgt, weight)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            opt.step()
+        return go
+
+    ref_tr, ours_tr = build_pair()
+    # one training loss evaluation agrees too
+    for m in list(ref_tr.modules()) + list(ours_tr.modules()):
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    ref_tr.train(), ours_tr.train()
+    lr_ = ref_training_loss(ref_tr, obs, tgt, weight)
+    lo_ = our_training_loss(ours_tr, obs, tgt, weight)
+    info["train_loss_ref"], info["train_loss_ours"] = float(lr_.detach()), float(lo_.detach())
+    gr = torch.autograd.grad(lr_, ref_tr.grad_mod.conv_out.weight)[0]
+    go_ = torch.autograd.grad(lo_, ours_tr.grad_mod.conv_out.weight)[0]
+    info["rel_diff_param_grad"] = float((gr - go_).norm() / gr.norm())
+
+    cases = [("inference", inf_ref, inf_ours),
+             ("train step", make_train(ref_tr, ref_training_loss), make_train(ours_tr, our_training_loss))]
+    if do_compile:
+        comp = torch.compile(ours)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            comp.eval()
+            comp(obs)
+        info["compile_s_inference"] = time.perf_counter() - t0
+
+        def inf_comp():
+            with torch.inference_mode():
+                comp(obs)
+        cases.append(("inference compiled", inf_ref, inf_comp))
+        comp_tr = torch.compile(ours_tr)
+        train_comp = make_train(comp_tr, our_training_loss)
+        t0 = time.perf_counter()
+        train_comp()
+        info["compile_s_train"] = time.perf_counter() - t0
+        cases.append(("train compiled", cases[1][1], train_comp))
+    for nt in threads:
+        torch.set_num_threads(nt)
+        for name, fr, fo in cases:
+            fr(), fo()  # warm-up at this thread count
+            tr, to = [], []
+            for _ in range(repeat):  # interleaved: load from other processes hits both alike
+                tr.append(_time(fr))
+                to.append(_time(fo))
+            rw, rc = min(t[0] for t in tr), min(t[1] for t in tr)
+            ow, oc = min(t[0] for t in to), min(t[1] for t in to)
+            rows.append(dict(case=name, threads=nt, ref_wall_s=rw, ours_wall_s=ow, ref_cpu_s=rc,
+                             ours_cpu_s=oc, speedup_wall=rw / ow, speedup_cpu=rc / oc))
+    return rows, info
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, nargs="+", default=[2, 1])
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--size", type=int, default=240)
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile(ours)")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    rows, info = run(tuple(a.threads), a.repeat, a.size, a.compile)
+    print(f"4DVarNet, one 15x{a.size}x{a.size} patch, 10 steps, prior hidden 32, LSTM hidden 48")
+    print(f"params ref {info['params_ref']} ours {info['params_ours']}; "
+          f"max |out_ref - out_ours| = {info['max_abs_diff_inference']:.2e} "
+          f"(output rms {info['ref_rms_output']:.3f}); training loss ref {info['train_loss_ref']:.6f} "
+          f"ours {info['train_loss_ours']:.6f}; param-grad rel diff {info['rel_diff_param_grad']:.2e}")
+    for k in ("compile_s_inference", "compile_s_train"):
+        if k in info:
+            print(f"torch.compile first call ({k[10:]}): {info[k]:.1f} s")
+    print("min over --repeat interleaved runs; wall = elapsed, cpu = CPU time of the process")
+    print(f"{'case':<20}{'threads':>8}{'ref wall':>10}{'ours wall':>10}{'x wall':>8}"
+          f"{'ref cpu':>10}{'ours cpu':>10}{'x cpu':>8}")
+    for r in rows:
+        print(f"{r['case']:<20}{r['threads']:>8}{r['ref_wall_s']:>10.3f}{r['ours_wall_s']:>10.3f}"
+              f"{r['speedup_wall']:>7.2f}x{r['ref_cpu_s']:>10.3f}{r['ours_cpu_s']:>10.3f}{r['speedup_cpu']:>7.2f}x")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"rows": rows, "info": info, "torch": torch.__version__}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,619 @@
+"""4DVarNet: a trainable prior Phi, a variational cost and a ConvLSTM gradient solver step.
+
+Fablet et al. (2021), "Learning variational data assimilation models and solvers"
+(JAMES), and the SPDE extension in ``shared/papers/001_*``. On a patch of normalised SSH
+``x`` of shape ``(B, T, H, W)`` (time as channels), with observations ``y`` on the
+observed cells ``Omega`` (a boolean ``mask``, varying per sample) and an ocean mask
+``ocean`` ``(B, H, W)``, the inner variational cost of sample ``b`` is
+
+.. math::
+
+    J_b(x) = \\frac{w_{obs}}{n_{obs,b}} \\sum_{(t,i) \\in \\Omega_b} (x_{ti} - y_{ti})^2
+           + \\frac{\\lambda}{T n_{ocean,b}} \\sum_{t, i \\in ocean_b} (x_{ti} - \\Phi(x)_{ti})^2
+
+and ``J = sum_b J_b``, so that the gradient of one sample never depends on the rest of the
+batch (a batch of one reproduces the anchor's ``F.mse_loss`` normalisation exactly).
+Land is masked: land cells enter neither term, the state on land is held at zero (the
+normalised mean) and the gradient is zeroed there.
+
+Gradient (closed form for the observation term, one vector-Jacobian product for Phi):
+
+.. math::
+
+    \\nabla_x J_b = \\frac{2 w_{obs}}{n_{obs}} \\mathbb 1_\\Omega (x - y)
+        + \\frac{2 \\lambda}{T n_{ocean}} \\left(r - J_\\Phi(x)^T r\\right),
+    \\qquad r = \\mathbb 1_{ocean} (x - \\Phi(x)),
+
+then multiplied by ``1_ocean``. ``create_graph=True`` keeps the graph of ``J_Phi^T r``
+for end-to-end training (the solver output depends on Phi's weights through it).
+
+Solver step k (of n), the anchor's update (4dvarnet-starter ``GradSolver.solver_step``):
+
+.. math::
+
+    x \\leftarrow x - \\left[\\frac{S(g / \\|g_0\\|)}{k + 1} + \\mathrm{lr}\\,\\frac{k+1}{n}\\, g\\right],
+    \\qquad g = \\nabla_x J(x),
+
+``S`` a 2-D ConvLSTM whose hidden state is carried from step to step, ``||g_0||`` the RMS of
+the first gradient (per sample, over ocean cells). The unrolled loop is
+:mod:`oceanda.assim.unroll`.
+
+Implementation notes (same arithmetic as the anchor; ``hpc/bench/fourdvarnet.py`` compares
+both side by side with the same weights):
+
+- the two bilinear branches of Phi (``bilin_1`` and ``bilin_21``/``bilin_22``) are one
+  convolution with stacked output channels; the ConvLSTM's gate convolution on
+  ``cat(g, h)`` is skipped for ``h`` at step 0 where ``h = 0``; ``tanh(z) = 2 sigmoid(2z) - 1``
+  (torch's CPU sigmoid is several times faster than its tanh);
+- Phi's vector-Jacobian product is written by hand (transposed convolutions, pooling and
+  upsampling adjoints), so that inference runs without autograd (``torch.inference_mode``);
+  the observation term's gradient is closed-form (no boolean indexing);
+- the state is kept in ``channels_last`` memory format (oneDNN's native layout).
+
+Measured on 2 shared CPU cores the model is FLOP-bound by the ConvLSTM gate convolution
+(~80 % of the multiply-adds, the same in both implementations): inference is ~1.1-1.2x the
+starter's time, a training step on par (see the benchmark's table for the current figures).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from oceanda.assim.base import PatchBatch, PatchResult
+from oceanda.assim.registry import register
+from oceanda.errors import ConfigError, InputError
+
+__all__ = [
+    "BilinAEPrior",
+    "UNetPrior",
+    "ConvLSTMGradModulator",
+    "LSTMState",
+    "VariationalCost",
+    "SolverStep",
+    "FourDVarNet",
+    "build_prior",
+    "ModelConfig",
+    "build_model",
+    "read_checkpoint",
+    "FourDVarNetMethod",
+]
+
+CHECKPOINT_FORMAT = "oceanda-4dvarnet"
+CHECKPOINT_VERSION = 1
+
+#: training path: Phi's vjp by autograd (create_graph) instead of the hand-written one
+_AUTOGRAD_VJP_IN_TRAINING = False
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _pool_adjoint(r: Tensor, k: int) -> Tensor:
+    """Adjoint of ``avg_pool2d(., k)`` (input sizes divisible by ``k``): ``P^T r``."""
+    if k == 1:
+        return r
+    return F.interpolate(r, scale_factor=k, mode="nearest") / (k * k)
+
+
+def _upsample(x: Tensor, k: int) -> Tensor:
+    """Bilinear upsampling by ``k`` with ``align_corners=True`` (``nn.UpsamplingBilinear2d``)."""
+    if k == 1:
+        return x
+    return F.interpolate(x, scale_factor=k, mode="bilinear", align_corners=True)
+
+
+def _upsample_adjoint(r: Tensor, k: int, size: tuple[int, int]) -> Tensor:
+    """Adjoint of :func:`_upsample` applied to ``r`` (``U^T r``), ``size`` the coarse shape."""
+    if k == 1:
+        return r
+    return torch.ops.aten.upsample_bilinear2d_backward(
+        r, list(r.shape[-2:]), [r.shape[0], r.shape[1], *size], True, float(k), float(k)
+    )
+
+
+def _conv_t(r: Tensor, weight: Tensor) -> Tensor:
+    """Adjoint of a stride-1 'same' 2-D convolution with ``weight`` (odd kernel): ``C^T r``."""
+    return F.conv_transpose2d(r, weight, padding=weight.shape[-1] // 2)
+
+
+def _ocean4d(ocean: Tensor | None, like: Tensor) -> Tensor | None:
+    """``(B, H, W)`` bool ocean mask -> ``(B, 1, H, W)`` float in ``like``'s dtype/device."""
+    if ocean is None:
+        return None
+    return ocean.to(device=like.device, dtype=like.dtype).unsqueeze(1)
+
+
+# ----------------------------------------------------------------------------- priors
+
+
+class BilinAEPrior(nn.Module):
+    """The anchor's bilinear auto-encoder prior ``Phi`` (4dvarnet-starter ``BilinAEPriorCost``).
+
+    ``x (B, T, H, W) -> Phi(x) (B, T, H, W)``, time as channels; ``H, W`` divisible by
+    ``downsample``. Ops: average-pool by ``downsample``; ``h = C_hid(relu(C_in(.)))``;
+    ``z = C_out([C_1 h, (C_21 h)^2])`` (``quadratic=True``, the anchor's default) or
+    ``C_out([C_1 h, C_21 h * C_22 h])``; bilinear upsampling (align_corners). All
+    convolutions ``kernel_size`` 'same'. Parameters: ``conv_in (hidden, T)``, ``conv_hidden``,
+    ``bilin`` (the stacked ``C_1, C_21[, C_22]``, ``(2 or 3) * hidden`` outputs), ``conv_out``.
+    """
+
+    def __init__(self, n_time: int, hidden: int = 32, kernel_size: int = 3,
+                 downsample: int = 2, quadratic: bool = True) -> None:
+        super().__init__()
+        pad = kernel_size // 2
+        self.n_time, self.hidden, self.downsample, self.quadratic = n_time, hidden, downsample, quadratic
+        self.conv_in = nn.Conv2d(n_time, hidden, kernel_size, padding=pad)
+        self.conv_hidden = nn.Conv2d(hidden, hidden, kernel_size, padding=pad)
+        self.bilin = nn.Conv2d(hidden, (2 if quadratic else 3) * hidden, kernel_size, padding=pad)
+        self.conv_out = nn.Conv2d(2 * hidden, n_time, kernel_size, padding=pad)
+
+    def _forward_parts(self, x: Tensor):
+        k, n = self.downsample, self.hidden
+        a = F.avg_pool2d(x, k) if k > 1 else x
+        h1 = self.conv_in(a)
+        h2 = self.conv_hidden(torch.relu(h1))
+        b = self.bilin(h2)
+        if self.quadratic:
+            b1, b2 = b.split(n, dim=1)
+            nonlin = b2 * b2
+        else:
+            b1, b2, b3 = b.split(n, dim=1)
+            nonlin = b2 * b3
+        z = self.conv_out(torch.cat([b1, nonlin], dim=1))
+        return _upsample(z, k), (a.shape[-2:], h1, b)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``Phi(x)``, shape of ``x``."""
+        return self._forward_parts(x)[0]
+
+    def forward_vjp(self, x: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
+        """``(Phi(x), J_Phi(x)^T r)`` by hand (no autograd graph is needed for the vjp)."""
+        phi, (size, h1, b) = self._forward_parts(x)
+        return phi, self.vjp_from_parts(r, size, h1, b)
+
+    def vjp_from_parts(self, r: Tensor, size, h1: Tensor, b: Tensor) -> Tensor:
+        k, n = self.downsample, self.hidden
+        rz = _upsample_adjoint(r, k, tuple(size))
+        rc = _conv_t(rz, self.conv_out.weight)  # (B, 2n, h, w): [d b1, d nonlin]
+        rc1, rc2 = rc.split(n, dim=1)
+        if self.quadratic:
+            rb = torch.cat([rc1, 2.0 * rc2 * b.split(n, dim=1)[1]], dim=1)
+        else:
+            _, b2, b3 = b.split(n, dim=1)
+            rb = torch.cat([rc1, rc2 * b3, rc2 * b2], dim=1)
+        rh2 = _conv_t(rb, self.bilin.weight)
+        rh1 = _conv_t(rh2, self.conv_hidden.weight) * (h1 > 0).to(rh2.dtype)
+        ra = _conv_t(rh1, self.conv_in.weight)
+        return _pool_adjoint(ra, k)
+
+
+class _DoubleConv(nn.Sequential):
+    def __init__(self, cin: int, cout: int, k: int) -> None:
+        super().__init__(nn.Conv2d(cin, cout, k, padding=k // 2), nn.ReLU(),
+                         nn.Conv2d(cout, cout, k, padding=k // 2), nn.ReLU())
+
+
+class UNetPrior(nn.Module):
+    """A UNet prior ``Phi``: ``depth`` levels of (two 3x3 conv + ReLU), average-pool by 2
+    going down, bilinear upsampling + skip concatenation going up, a linear 1x1 head.
+
+    ``x (B, T, H, W) -> Phi(x)``, time as channels; ``H, W`` divisible by ``2**depth``.
+    Widths ``hidden * 2**level``. Receptive-field radius about ``2 * 2**(depth+1)`` cells:
+    patch overlaps should exceed it. Its vjp is taken by autograd.
+    """
+
+    def __init__(self, n_time: int, hidden: int = 32, depth: int = 2, kernel_size: int = 3) -> None:
+        super().__init__()
+        self.n_time, self.hidden, self.depth = n_time, hidden, depth
+        widths = [hidden * 2**i for i in range(depth + 1)]
+        self.down = nn.ModuleList()
+        cin = n_time
+        for w in widths:
+            self.down.append(_DoubleConv(cin, w, kernel_size))
+            cin = w
+        self.up = nn.ModuleList(
+            _DoubleConv(widths[i + 1] + widths[i], widths[i], kernel_size) for i in reversed(range(depth))
+        )
+        self.head = nn.Conv2d(widths[0], n_time, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        skips = []
+        h = x
+        for i, block in enumerate(self.down):
+            h = block(h)
+            if i < self.depth:
+                skips.append(h)
+                h = F.avg_pool2d(h, 2)
+        for block in self.up:
+            s = skips.pop()
+            h = block(torch.cat([F.interpolate(h, size=s.shape[-2:], mode="bilinear",
+                                               align_corners=False), s], dim=1))
+        return self.head(h)
+
+    def forward_vjp(self, x: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            phi = self(xg)
+            (v,) = torch.autograd.grad(phi, xg, grad_outputs=r)
+        return phi.detach(), v
+
+
+def build_prior(kind: str, n_time: int, hidden: int = 32, **kwargs) -> nn.Module:
+    """Prior factory: ``kind`` in ``{"bilin_ae", "unet"}``; other kwargs to the class."""
+    if kind == "bilin_ae":
+        return BilinAEPrior(n_time, hidden, **kwargs)
+    if kind == "unet":
+        return UNetPrior(n_time, hidden, **kwargs)
+    raise ConfigError(f"model.prior.kind={kind!r}: expected 'bilin_ae' or 'unet'")
+
+
+# ----------------------------------------------------------------------------- ConvLSTM
+
+
+@dataclass
+class LSTMState:
+    """Hidden and cell state ``(B, hidden, h, w)`` of the ConvLSTM, and the per-sample
+    gradient scale ``norm (B, 1, 1, 1)`` fixed at the first step."""
+
+    hidden: Tensor | None = None
+    cell: Tensor | None = None
+    norm: Tensor | None = None
+
+
+class ConvLSTMGradModulator(nn.Module):
+    """2-D ConvLSTM gradient modulator ``S`` (4dvarnet-starter ``ConvLstmGradModel``).
+
+    ``g (B, T, H, W)`` -> ``S(g / ||g_0||) (B, T, H, W)``: dropout, optional average-pool by
+    ``downsample``, gates ``[i, f, o, c~] = C_x g + C_h h + b`` (the anchor's single conv on
+    ``cat(g, h)``, split in two), ``c <- f c + i c~``, ``h <- o tanh(c)`` (sigmoid on i, f, o,
+    tanh on c~), output ``C_out h`` upsampled back. Functional: the state is passed in and out.
+    """
+
+    def __init__(self, n_time: int, hidden: int = 48, kernel_size: int = 3,
+                 dropout: float = 0.1, downsample: int = 1) -> None:
+        super().__init__()
+        pad = kernel_size // 2
+        self.n_time, self.hidden_dim, self.downsample = n_time, hidden, downsample
+        self.gates_x = nn.Conv2d(n_time, 4 * hidden, kernel_size, padding=pad)
+        self.gates_h = nn.Conv2d(hidden, 4 * hidden, kernel_size, padding=pad, bias=False)
+        self.conv_out = nn.Conv2d(hidden, n_time, kernel_size, padding=pad)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, g: Tensor, state: LSTMState, ocean: Tensor | None = None) -> tuple[Tensor, LSTMState]:
+        """One step. ``ocean`` ``(B, 1, H, W)`` float restricts the RMS used for ``||g_0||``."""
+        norm = state.norm
+        if norm is None:
+            sq = g * g
+            if ocean is None:
+                ms = sq.mean(dim=(1, 2, 3), keepdim=True)
+            else:
+                n = ocean.sum(dim=(1, 2, 3), keepdim=True).clamp_min(1.0) * g.shape[1]
+                ms = (sq * ocean).sum(dim=(1, 2, 3), keepdim=True) / n
+            norm = ms.sqrt().clamp_min(torch.finfo(g.dtype).tiny ** 0.5)
+        u = self.dropout(g / norm)
+        k = self.downsample
+        if k > 1:
+            u = F.avg_pool2d(u, k)
+        # tanh(z) = 2 sigmoid(2 z) - 1: torch's CPU sigmoid is several times faster than its
+        # tanh, so the cell-candidate rows of the gate weights are doubled (exact in floating
+        # point) and ONE sigmoid covers all four gates.
+        n = self.hidden_dim
+        scale = torch.ones(4 * n, 1, 1, 1, dtype=u.dtype, device=u.device)
+        scale[3 * n:] = 2.0
+        wx, bias = self.gates_x.weight * scale, self.gates_x.bias * scale.view(-1)
+        if state.hidden is None:  # h = 0: only the input part of the gate convolution
+            gates = F.conv2d(u, wx, bias, padding=self.gates_x.padding)
+        else:  # one convolution on cat(u, h), as the anchor (cheaper than two + an add)
+            w = torch.cat([wx, self.gates_h.weight * scale], dim=1)
+            gates = F.conv2d(torch.cat([u, state.hidden], dim=1), w, bias, padding=self.gates_x.padding)
+        i, f, o, sc = torch.sigmoid(gates).split(n, dim=1)  # split: one cat in backward
+        c_new = 2.0 * sc - 1.0  # tanh of the cell-candidate pre-activation
+        cell = i * c_new if state.cell is None else torch.addcmul(i * c_new, f, state.cell)
+        hidden = torch.addcmul(-o, o, torch.sigmoid(2.0 * cell), value=2.0)  # o tanh(cell)
+        out = self.conv_out(hidden)
+        if k > 1:
+            out = _upsample(out, k)
+        return out, LSTMState(hidden, cell, norm)
+
+
+# ----------------------------------------------------------------------------- cost
+
+
+class VariationalCost(nn.Module):
+    """``J(x) = w_obs ||x - y||^2_Omega / n_obs + lambda ||1_ocean (x - Phi(x))||^2 / (T n_ocean)``
+    per sample, summed over the batch (see the module docstring); ``prior`` is ``Phi``."""
+
+    def __init__(self, prior: nn.Module, lam: float = 1.0, w_obs: float = 1.0) -> None:
+        super().__init__()
+        self.prior, self.lam, self.w_obs = prior, float(lam), float(w_obs)
+
+    @staticmethod
+    def _counts(mask: Tensor, ocean4: Tensor | None, x: Tensor) -> tuple[Tensor, Tensor]:
+        n_obs = mask.sum(dim=(1, 2, 3), keepdim=True).to(x.dtype).clamp_min(1.0)
+        if ocean4 is None:
+            n_oc = torch.full_like(n_obs, float(x.shape[-1] * x.shape[-2]))
+        else:
+            n_oc = ocean4.sum(dim=(1, 2, 3), keepdim=True).clamp_min(1.0)
+        return n_obs, n_oc * x.shape[1]
+
+    def forward(self, x: Tensor, y: Tensor, mask: Tensor, ocean: Tensor | None = None) -> Tensor:
+        """``J(x)`` (scalar, differentiable by autograd); ``y`` may hold NaN off ``mask``."""
+        oc = _ocean4d(ocean, x)
+        if oc is not None:
+            mask = mask & (oc > 0)
+        n_obs, n_pr = self._counts(mask, oc, x)
+        d = torch.where(mask, x - torch.nan_to_num(y), torch.zeros_like(x))
+        r = x - self.prior(x)
+        if oc is not None:
+            r = r * oc
+        jo = (d * d).sum(dim=(1, 2, 3), keepdim=True) / n_obs
+        jp = (r * r).sum(dim=(1, 2, 3), keepdim=True) / n_pr
+        return (self.w_obs * jo + self.lam * jp).sum()
+
+    def prior_cost(self, x: Tensor, ocean: Tensor | None = None) -> Tensor:
+        """Batch mean of ``||1_ocean (x - Phi(x))||^2 / (T n_ocean)`` (a training regulariser)."""
+        oc = _ocean4d(ocean, x)
+        r = x - self.prior(x)
+        if oc is not None:
+            r = r * oc
+            n = oc.sum(dim=(1, 2, 3)).clamp_min(1.0) * x.shape[1]
+        else:
+            n = torch.full((x.shape[0],), float(x[0].numel()), dtype=x.dtype, device=x.device)
+        return ((r * r).sum(dim=(1, 2, 3)) / n).mean()
+
+    def grad(self, x: Tensor, y: Tensor, mask: Tensor, ocean4: Tensor | None,
+             create_graph: bool = False) -> Tensor:
+        """``1_ocean * grad_x J(x)`` (closed form + Phi's vjp; see the module docstring).
+
+        ``y`` must be NaN-free here (zeros off the mask); ``mask`` bool ``(B, T, H, W)``
+        already restricted to ocean; ``ocean4`` ``(B, 1, H, W)`` float or None.
+        With ``create_graph`` the result is differentiable w.r.t. ``x`` and Phi's weights.
+        """
+        n_obs, n_pr = self._counts(mask, ocean4, x)
+        maskf = mask.to(x.dtype)
+        g_obs = (2.0 * self.w_obs) * maskf * (x - y) / n_obs
+        prior = self.prior
+        if isinstance(prior, BilinAEPrior) and not (create_graph and _AUTOGRAD_VJP_IN_TRAINING):
+            phi, (size, h1, b) = prior._forward_parts(x)
+            r = x - phi
+            if ocean4 is not None:
+                r = r * ocean4
+            v = prior.vjp_from_parts(r, size, h1, b)
+        else:  # generic prior: vjp by autograd (also inside inference_mode)
+            with torch.inference_mode(False), torch.enable_grad():
+                xg = x if (create_graph and x.requires_grad) else x.clone().detach().requires_grad_(True)
+                phi = prior(xg)
+                r = xg - phi if create_graph else (xg - phi).detach()
+                if ocean4 is not None:
+                    r = r * ocean4
+                (v,) = torch.autograd.grad(phi, xg, grad_outputs=r, create_graph=create_graph)
+            if not create_graph:
+                v = v.detach()
+        g = g_obs + (2.0 * self.lam) * (r - v) / n_pr
+        if ocean4 is not None:
+            g = g * ocean4
+        return g
+
+
+# ----------------------------------------------------------------------------- solver step
+
+
+class SolverStep(nn.Module):
+    """One 4DVarNet solver step (the anchor's update; see the module docstring).
+
+    ``forward(x, lstm, k, y, mask, ocean4, create_graph)`` -> ``(x_new, lstm_new)`` with ``x``
+    ``(B, T, H, W)``, ``y`` zero-filled observations, ``mask`` bool observed ocean cells,
+    ``ocean4`` ``(B, 1, H, W)`` float or None, ``k`` the 0-based step index.
+    """
+
+    def __init__(self, cost: VariationalCost, grad_mod: ConvLSTMGradModulator,
+                 n_steps: int, lr_grad: float = 0.2) -> None:
+        super().__init__()
+        self.cost, self.grad_mod = cost, grad_mod
+        self.n_steps, self.lr_grad = int(n_steps), float(lr_grad)
+
+    def forward(self, x: Tensor, lstm: LSTMState, k: int, y: Tensor, mask: Tensor,
+                ocean4: Tensor | None, create_graph: bool = False) -> tuple[Tensor, LSTMState]:
+        g = self.cost.grad(x, y, mask, ocean4, create_graph=create_graph)
+        gm, lstm = self.grad_mod(g, lstm, ocean4)
+        upd = gm / (k + 1) + (self.lr_grad * (k + 1) / self.n_steps) * g
+        if ocean4 is not None:
+            upd = upd * ocean4
+        return x - upd, lstm
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class FourDVarNet(nn.Module):
+    """Prior + ConvLSTM solver, unrolled ``n_steps`` times (:class:`oceanda.assim.unroll.UnrolledSolver`).
+
+    ``forward(obs, ocean=None, x0=None)``: ``obs (B, T, H, W)`` normalised observations,
+    NaN where unobserved; ``ocean (B, H, W)`` bool (None: all ocean); ``x0`` optional first
+    guess (e.g. a normalised OI analysis), else the observations with NaN -> 0.
+    Returns the reconstruction ``(B, T, H, W)`` (zero on land). Under ``torch.is_grad_enabled()``
+    and ``self.training`` the graph through all steps is kept (``create_graph``) for training;
+    otherwise the solver runs without autograd (call it under ``torch.inference_mode()``).
+    """
+
+    def __init__(self, n_time: int, prior: nn.Module | None = None, prior_hidden: int = 32,
+                 lstm_hidden: int = 48, n_steps: int = 10, lr_grad: float = 0.2,
+                 lam: float = 1.0, w_obs: float = 1.0, dropout: float = 0.1,
+                 lstm_downsample: int = 1, channels_last: bool = True) -> None:
+        super().__init__()
+        from oceanda.assim.unroll import UnrolledSolver
+
+        self.n_time = int(n_time)
+        prior = prior if prior is not None else BilinAEPrior(n_time, prior_hidden)
+        self.cost = VariationalCost(prior, lam=lam, w_obs=w_obs)
+        self.grad_mod = ConvLSTMGradModulator(n_time, lstm_hidden, dropout=dropout,
+                                              downsample=lstm_downsample)
+        self.step = SolverStep(self.cost, self.grad_mod, n_steps, lr_grad)
+        self.solver = UnrolledSolver(self.step, n_steps)
+        self.channels_last = bool(channels_last)
+
+    @property
+    def prior(self) -> nn.Module:
+        return self.cost.prior
+
+    def forward(self, obs: Tensor, ocean: Tensor | None = None, x0: Tensor | None = None) -> Tensor:
+        mask = torch.isfinite(obs)
+        if ocean is not None:
+            mask = mask & ocean.unsqueeze(1)
+        y = torch.where(mask, obs, torch.zeros_like(obs))
+        x = y if x0 is None else torch.where(torch.isfinite(x0), x0, torch.zeros_like(x0))
+        ocean4 = _ocean4d(ocean, obs)
+        if ocean4 is not None:
+            x = x * ocean4
+        if self.channels_last and obs.dim() == 4:
+            fmt = torch.channels_last
+            x, y, mask = x.contiguous(memory_format=fmt), y.contiguous(memory_format=fmt), mask.contiguous(memory_format=fmt)
+        create_graph = self.training and torch.is_grad_enabled()
+        out = self.solver(x, y, mask, ocean4, create_graph=create_graph)
+        return out.contiguous()
+
+    def prior_cost(self, x: Tensor, ocean: Tensor | None = None) -> Tensor:
+        return self.cost.prior_cost(x, ocean)
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of trainable scalars of ``module``."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+
+# ----------------------------------------------------------------------------- config, checkpoints
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a 4DVarNet (stored in checkpoints). Anchor: bilinear AE hidden 32,
+    ConvLSTM hidden 48, 10 steps, lr_grad 0.2, T = 15."""
+
+    n_time: int = 15
+    prior: str = "bilin_ae"        # bilin_ae | unet
+    prior_hidden: int = 32
+    prior_downsample: int = 2      # bilin_ae only
+    unet_depth: int = 2            # unet only
+    lstm_hidden: int = 48
+    lstm_downsample: int = 1
+    n_steps: int = 10
+    lr_grad: float = 0.2
+    lam: float = 1.0
+    w_obs: float = 1.0
+    dropout: float = 0.1
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        bad = sorted(set(d) - known)
+        if bad:
+            raise ConfigError(f"unknown model config keys {bad}; known: {sorted(known)}")
+        return cls(**d)
+
+
+def build_model(cfg: ModelConfig) -> FourDVarNet:
+    """The :class:`FourDVarNet` of ``cfg`` (fresh weights from torch's current RNG)."""
+    if cfg.prior == "bilin_ae":
+        prior = build_prior("bilin_ae", cfg.n_time, cfg.prior_hidden, downsample=cfg.prior_downsample)
+    else:
+        prior = build_prior(cfg.prior, cfg.n_time, cfg.prior_hidden, depth=cfg.unet_depth)
+    return FourDVarNet(cfg.n_time, prior=prior, lstm_hidden=cfg.lstm_hidden, n_steps=cfg.n_steps,
+                       lr_grad=cfg.lr_grad, lam=cfg.lam, w_obs=cfg.w_obs, dropout=cfg.dropout,
+                       lstm_downsample=cfg.lstm_downsample)
+
+
+def read_checkpoint(path: str | os.PathLike, expect: ModelConfig | None = None) -> dict[str, Any]:
+    """Read and validate a 4DVarNet checkpoint (written by ``oceanda train``).
+
+    Returns its dict plus ``model`` (a :class:`FourDVarNet` with the weights loaded) and
+    ``model_cfg``. Raises :class:`InputError` naming ``path`` when the file is missing,
+    unreadable (truncated / corrupted), not a 4DVarNet checkpoint, of another version, has a
+    bad normalisation, holds weights that do not fit its own model config, or (``expect``)
+    was trained for another architecture.
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise InputError(f"checkpoint {p}: no such file")
+    try:
+        ck = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a damaged file
+        raise InputError(f"checkpoint {p}: cannot be read (corrupted or not a torch file: "
+                         f"{type(exc).__name__}: {str(exc)[:200]})") from None
+    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
+        raise InputError(f"checkpoint {p}: not an oceanda 4DVarNet checkpoint")
+    if ck.get("version") != CHECKPOINT_VERSION:
+        raise InputError(f"checkpoint {p}: version {ck.get('version')} not supported "
+                         f"(expected {CHECKPOINT_VERSION})")
+    for key in ("model_config", "state_dict", "norm"):
+        if key not in ck:
+            raise InputError(f"checkpoint {p}: missing '{key}'")
+    try:
+        cfg = ModelConfig.from_dict(ck["model_config"])
+    except (ConfigError, TypeError) as exc:
+        raise InputError(f"checkpoint {p}: bad model config: {exc}") from None
+    norm = ck["norm"]
+    if not (isinstance(norm, dict) and math.isfinite(norm.get("mean", math.nan))
+            and math.isfinite(norm.get("std", math.nan)) and norm["std"] > 0):
+        raise InputError(f"checkpoint {p}: bad normalisation {norm!r} (need finite mean, std > 0)")
+    if expect is not None:
+        diff = {k: (v, getattr(cfg, k)) for k, v in asdict(expect).items() if getattr(cfg, k) != v}
+        if diff:
+            raise InputError(f"checkpoint {p} does not fit the config: "
+                             + ", ".join(f"{k}: config {a!r} vs checkpoint {b!r}" for k, (a, b) in diff.items()))
+    try:
+        model = build_model(cfg)
+        model.load_state_dict(ck["state_dict"])
+    except (RuntimeError, ConfigError) as exc:
+        raise InputError(f"checkpoint {p}: weights do not match its model config: "
+                         f"{str(exc)[:300]}") from None
+    ck["model"] = model
+    ck["model_cfg"] = cfg
+    return ck
+
+
+@register("4dvarnet")
+class FourDVarNetMethod:
+    """``oceanda infer method=4dvarnet method.checkpoint=PATH``: a trained 4DVarNet per patch.
+
+    Observations are normalised with the checkpoint's training statistics, reconstructed
+    under ``torch.inference_mode`` and de-normalised; land stays at the mean (ignored by
+    the blender). The patch length must equal the model's ``n_time``; H and W must be
+    divisible by the prior's downsampling. Deterministic and batch-independent (every
+    normalisation in the solver is per patch).
+    """
+
+    def __init__(self, checkpoint: str) -> None:
+        ck = read_checkpoint(checkpoint)
+        self.model = ck["model"].eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.cfg: ModelConfig = ck["model_cfg"]
+        self.mean, self.std = float(ck["norm"]["mean"]), float(ck["norm"]["std"])
+        self.checkpoint = str(checkpoint)
+
+    def __call__(self, batch: PatchBatch) -> PatchResult:
+        B, T, H, W = batch.shape
+        if T != self.cfg.n_time:
+            raise InputError(f"patch length {T} days does not fit the 4DVarNet checkpoint "
+                             f"{self.checkpoint} (trained on {self.cfg.n_time}-day windows): set "
+                             f"patch.size[0]={self.cfg.n_time}")
+        k = self.cfg.prior_downsample if self.cfg.prior == "bilin_ae" else 2 ** self.cfg.unet_depth
+        k = max(k, self.cfg.lstm_downsample)
+        if H % k or W % k:
+            raise InputError(f"patch of {H} x {W} cells: 4DVarNet needs sizes divisible by {k}")
+        dev = batch.obs.device
+        if next(self.model.parameters()).device != dev:
+            self.model.to(dev)
+        obs = (batch.obs.to(torch.float32) - self.mean) / self.std
+        with torch.inference_mode():
+            out = self.model(obs, batch.ocean.to(torch.bool))
+        return PatchResult(mean=(out * self.std + self.mean).to(batch.obs.dtype))

@@ -1,0 +1,148 @@
+"""Train 4DVarNet on OSSE patches (supervised or semi-supervised), data-parallel over MPI ranks.
+
+usage:
+  oceanda train truth_path=OSSE/truth.zarr obs_path=OSSE/obs.zarr out_dir=DIR [key=value ...]
+  oceanda train ... model=4dvarnet_unet train.epochs=50 val_period=[2012-10-22,2012-12-02]
+  mpiexec -n 4 oceanda train ... train.batch_size=1      # global batch = 4 (gloo on CPU, NCCL on GPU)
+  oceanda train ... resume=true                          # continue from DIR/checkpoint.pt
+  oceanda train truth_path=null obs_path=... out_dir=... train.mode=semi   # no truth: held-out observations
+
+Reads the truth / observations (zarr or netCDF with the names of oceanda.data.names),
+normalises with the training-period statistics, cuts patches (configs/patch: size, stride;
+its crop and triangle weight the loss), keeps the validation period and gap_days on each
+side out of training, and trains with Adam + cosine schedule + gradient clipping. Writes
+DIR/checkpoint.pt after every epoch (model + normalisation + config + optimizer state),
+DIR/best_checkpoint.pt (best validation RMSE [m]) and DIR/history.json. A checkpoint is
+used by `oceanda infer method=4dvarnet method.checkpoint=DIR/best_checkpoint.pt`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from oceanda.errors import ConfigError, InputError
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+log = logging.getLogger("oceanda.train")
+
+
+def _plain(v: Any) -> Any:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+
+
+def load_arrays(truth_path: str | None, obs_path: str, box=None, period=None):
+    """``(truth | None, obs, ocean, times)`` numpy arrays of the OSSE (validated, aligned)."""
+    from oceanda.data import io
+    from oceanda.data import names as N
+
+    obs_ds = io.open_dataset(obs_path, [N.SSH_OBS], optional=[N.OCEAN])
+    obs_ds = io.select_window(obs_ds, period=period, box=box, what=str(obs_path))
+    truth = None
+    if truth_path is not None:
+        tr = io.open_dataset(truth_path, [N.SSH], optional=[N.OCEAN])
+        tr = io.select_window(tr, period=period, box=box, what=str(truth_path))
+        io.check_aligned(tr, obs_ds, names=("truth", "obs"))
+        truth = np.asarray(tr[N.SSH].values, np.float32)
+    if N.OCEAN in obs_ds:
+        ocean = np.asarray(obs_ds[N.OCEAN].values) > 0
+    elif truth_path is not None and N.OCEAN in tr:
+        ocean = np.asarray(tr[N.OCEAN].values) > 0
+    else:
+        ocean = np.ones(obs_ds[N.SSH_OBS].shape[1:], bool) if truth is None else np.isfinite(truth).all(0)
+    obs = np.asarray(obs_ds[N.SSH_OBS].values, np.float32)
+    if truth is not None:
+        bad = ocean & ~np.isfinite(truth).all(0)
+        if bad.any():
+            raise InputError(f"truth {truth_path}: {int(bad.sum())} ocean cells hold NaN")
+    return truth, obs, ocean, obs_ds[N.TIME].values
+
+
+def _val_indices(times: np.ndarray, val_period, val_fraction: float) -> tuple[int, int]:
+    n = len(times)
+    if val_period is None:
+        k = max(1, int(round(n * float(val_fraction))))
+        return n - k, k
+    if len(val_period) != 2:
+        raise ConfigError(f"val_period must be [start, end], got {val_period}")
+    t = times.astype("datetime64[D]") if np.issubdtype(times.dtype, np.datetime64) else times
+    lo, hi = (np.datetime64(str(v), "D") if np.issubdtype(times.dtype, np.datetime64) else float(v)
+              for v in val_period)
+    idx = np.flatnonzero((t >= lo) & (t <= hi))
+    if idx.size == 0:
+        raise ConfigError(f"val_period {val_period} holds no day of the data ({times[0]}..{times[-1]})")
+    return int(idx[0]), int(idx[-1] - idx[0] + 1)
+
+
+def run(cfg: DictConfig) -> int:
+    import torch
+
+    from oceanda.data.patches import PatchGeometry
+    from oceanda.parallel.device import bind_device
+    from oceanda.train.data import Normalisation, PatchDataset, patch_starts, time_split
+    from oceanda.train.fourdvarnet import ModelConfig, TrainConfig, build_model, fit, init_distributed
+    from oceanda.parallel.comm import get_comm
+
+    model_cfg = ModelConfig.from_dict(dict(_plain(cfg.model)))
+    train_cfg = TrainConfig.from_dict(dict(_plain(cfg.train)))
+    patch = _plain(cfg.patch)
+    geom = PatchGeometry(size=tuple(patch["size"]), stride=tuple(patch["stride"]), crop=tuple(patch["crop"]),
+                         anchor=patch.get("anchor", "centre"), time_weight=patch.get("time_weight", "triangle"),
+                         space_weight=patch.get("space_weight", "crop"), taper=patch.get("taper", 20))
+    if model_cfg.n_time != geom.size[0]:
+        raise ConfigError(f"model.n_time={model_cfg.n_time} differs from patch.size[0]={geom.size[0]}")
+    for n in geom.size[1:]:
+        k = model_cfg.prior_downsample if model_cfg.prior == "bilin_ae" else 2 ** model_cfg.unet_depth
+        if n % k or n % model_cfg.lstm_downsample:
+            raise ConfigError(f"patch.size {geom.size}: H and W must be divisible by the prior's "
+                              f"downsampling ({k}) and model.lstm_downsample")
+    truth_path = cfg.truth_path
+    if truth_path is None and train_cfg.mode == "supervised":
+        raise ConfigError("truth_path=null needs train.mode=semi (supervised training needs the truth)")
+    out_dir = Path(str(cfg.out_dir)).expanduser()
+    comm = get_comm()
+    device = bind_device(comm, str(cfg.system.get("device", "auto")), cfg.system.get("threads", 1))
+    dist = init_distributed(device)
+
+    truth, obs, ocean, times = load_arrays(truth_path, str(cfg.obs_path), _plain(cfg.box), _plain(cfg.dates))
+    v0, nv = _val_indices(times, _plain(cfg.val_period), cfg.val_fraction)
+    train_days, val_days = time_split(len(times), v0, nv, int(cfg.gap_days))
+    stride = tuple(_plain(cfg.stride) or geom.stride)
+    tr_starts = patch_starts(train_days, ocean.shape, geom.size, stride)
+    va_starts = patch_starts(val_days, ocean.shape, geom.size, (1, *stride[1:]))
+    norm = Normalisation.fit(truth if truth is not None else obs, ocean, train_days)
+    weight = geom.weights().full().astype(np.float32)
+    common = dict(size=geom.size, weight=weight, norm=norm, holdout=float(cfg.holdout), seed=train_cfg.seed)
+    train_ds = PatchDataset(truth, obs, ocean, tr_starts, aug=int(cfg.aug), mode=train_cfg.mode, **common)
+    val_ds = None
+    if len(va_starts):
+        val_ds = PatchDataset(truth, obs, ocean, va_starts, aug=0, mode=train_cfg.mode, **common)
+    if dist.rank == 0:
+        log.info("training on %d patches (%d days, aug x%d), validating on %d patches (%d days); "
+                 "normalisation mean %.4f m std %.4f m; %d rank(s), device %s",
+                 len(train_ds), len(train_days), int(cfg.aug) + 1, 0 if val_ds is None else len(val_ds),
+                 len(val_days), norm.mean, norm.std, dist.world, device)
+    torch.manual_seed(train_cfg.seed)
+    model = build_model(model_cfg)
+    extra = {"truth": None if truth_path is None else str(truth_path), "obs": str(cfg.obs_path),
+             "val_days": [int(val_days[0]), int(val_days[-1])], "gap_days": int(cfg.gap_days),
+             "patch": patch}
+    history = fit(model, model_cfg, train_ds, val_ds, norm, train_cfg, out_dir / "checkpoint.pt",
+                  resume=bool(cfg.resume), device=device, dist=dist, progress=bool(cfg.progress), extra=extra)
+    if dist.rank == 0:
+        from oceanda.data.io import write_json_atomic
+
+        write_json_atomic(out_dir / "history.json", history)
+        last = history[-1] if history else {}
+        print(json.dumps({k: v for k, v in last.items() if isinstance(v, (int, float))}))
+    if dist.world > 1:
+        torch.distributed.destroy_process_group()
+    return 0

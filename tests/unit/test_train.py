@@ -1,0 +1,340 @@
+"""4DVarNet training: patches, normalisation, augmentation, time split, losses, checkpoints,
+resume, the CLI on tiny synthetic zarrs, and data-parallel equivalence under mpiexec."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from oceanda.errors import InputError
+from oceanda.train.data import Normalisation, PatchDataset, patch_starts, time_split
+from oceanda.train.fourdvarnet import (
+    ModelConfig,
+    TrainConfig,
+    build_model,
+    fit,
+    load_checkpoint,
+    loss_terms,
+    save_checkpoint,
+    train_step,
+    weighted_mse,
+)
+
+NT, NY, NX = 30, 16, 20
+SIZE = (5, 8, 8)
+
+
+def synthetic(seed=0):
+    rng = np.random.default_rng(seed)
+    t = np.arange(NT)[:, None, None]
+    y = np.arange(NY)[None, :, None]
+    x = np.arange(NX)[None, None, :]
+    truth = (0.3 * np.sin(0.4 * x + 0.1 * t) * np.cos(0.3 * y - 0.05 * t) + 0.5).astype(np.float32)
+    ocean = np.ones((NY, NX), bool)
+    ocean[:3, :4] = False
+    truth = np.where(ocean, truth, np.nan).astype(np.float32)
+    obs = np.full_like(truth, np.nan)
+    for d in range(NT):  # one diagonal "track" per day
+        c = (3 * d) % NX
+        for i in range(NY):
+            j = (c + i) % NX
+            obs[d, i, j] = truth[d, i, j] + 0.01 * rng.standard_normal()
+    obs[:, ~ocean] = np.nan
+    return truth, obs, ocean
+
+
+def small_model_cfg(**kw):
+    d = dict(n_time=SIZE[0], prior_hidden=4, lstm_hidden=4, n_steps=2, dropout=0.0)
+    d.update(kw)
+    return ModelConfig(**d)
+
+
+def dataset(mode="supervised", aug=0, days=None):
+    truth, obs, ocean = synthetic()
+    days = np.arange(NT) if days is None else days
+    norm = Normalisation.fit(truth, ocean, days)
+    w = np.ones(SIZE, np.float32)
+    starts = patch_starts(days, ocean.shape, SIZE, (1, 8, 6))
+    return PatchDataset(truth if mode == "supervised" else None, obs, ocean, starts, SIZE, w, norm,
+                        aug=aug, mode=mode, seed=1), (truth, obs, ocean, norm)
+
+
+def test_normalisation_uses_training_days_and_ocean_only():
+    truth, obs, ocean = synthetic()
+    days = np.arange(10)
+    n = Normalisation.fit(truth, ocean, days)
+    v = truth[:10][:, ocean]
+    assert n.mean == pytest.approx(float(v.mean()), rel=1e-6)
+    assert n.std == pytest.approx(float(v.std()), rel=1e-6)
+    np.testing.assert_allclose(n.invert(n.apply(truth[0, ocean])), truth[0, ocean], rtol=1e-6)
+
+
+def test_time_split_gap_and_patches_never_touch_validation():
+    train, val = time_split(100, 40, 20, 7)
+    assert val.min() == 40 and val.max() == 59
+    assert set(train).isdisjoint(range(33, 67))
+    st = patch_starts(train, (16, 20), (15, 8, 8), (1, 8, 6))
+    for t0, y, x in st:
+        days = set(range(t0, t0 + 15))
+        assert days <= set(train.tolist())
+        assert y + 8 <= 16 and x + 8 <= 20
+    # every row / column covered, windows of each segment: 33-15+1 + 33-15+1
+    assert len({(t, ) for t, _, _ in st}) == (33 - 15 + 1) + (100 - 67 - 15 + 1)
+    assert {x for _, _, x in st} == {0, 6, 12}
+
+
+def test_augmented_item_is_truth_through_another_windows_mask():
+    ds, (truth, obs, ocean, norm) = dataset(aug=2)
+    n = len(ds.starts)
+    assert len(ds) == 3 * n
+    it0, it1 = ds[0], ds[n]
+    j = int(ds.perm[0])
+    t, y, x = ds.starts[j]
+    other = obs[t:t + SIZE[0], y:y + SIZE[1], x:x + SIZE[2]]
+    t0, y0, x0 = ds.starts[0]
+    tw = norm.apply(truth[t0:t0 + SIZE[0], y0:y0 + SIZE[1], x0:x0 + SIZE[2]])
+    oc = ocean[y0:y0 + SIZE[1], x0:x0 + SIZE[2]]
+    expect = np.where(np.isfinite(other) & oc, tw, np.nan)
+    np.testing.assert_allclose(it1["obs"].numpy(), expect, rtol=1e-6)
+    np.testing.assert_array_equal(it0["tgt"].numpy(), it1["tgt"].numpy())
+    # the original item: the real observations
+    np.testing.assert_allclose(it0["obs"].numpy(),
+                               np.where(oc, norm.apply(obs[t0:t0 + 5, y0:y0 + 8, x0:x0 + 8]), np.nan), rtol=1e-6)
+
+
+def test_semi_supervised_items_partition_the_observations():
+    ds, (truth, obs, ocean, norm) = dataset(mode="semi")
+    ds.holdout = 0.5
+    it = ds[3]
+    o, t = np.isfinite(it["obs"].numpy()), np.isfinite(it["tgt"].numpy())
+    t0, y0, x0 = ds.starts[3]
+    full = np.isfinite(obs[t0:t0 + 5, y0:y0 + 8, x0:x0 + 8])
+    assert not (o & t).any()
+    np.testing.assert_array_equal(o | t, full)
+    assert t.any() and o.any()
+
+
+def test_weighted_mse_matches_manual_and_ignores_nan_and_zero_weight():
+    err = torch.tensor([[[[1.0, 2.0], [float("nan"), 4.0]]]])
+    w = torch.tensor([[[[1.0, 0.5], [1.0, 0.0]]]])
+    # counted cells: (1, w1), (2, w .5) -> (1 + 1) / 2
+    torch.testing.assert_close(weighted_mse(err, w), torch.tensor([1.0]))
+
+
+def test_training_reduces_loss_and_checkpoint_roundtrip(tmp_path):
+    ds, (_, _, _, norm) = dataset()
+    cfg = small_model_cfg()
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    tcfg = TrainConfig(epochs=4, batch_size=2, lr=1e-2, max_batches=6)
+    b = {k: torch.stack([ds[i][k] for i in range(4)]) for k in ds[0]}
+    with torch.no_grad():
+        before = float(loss_terms(model.train(), b, tcfg)["total"])
+    val = torch.utils.data.Subset(ds, range(8))
+    hist = fit(model, cfg, ds, val, norm, tcfg, tmp_path / "ck.pt", progress=False)
+    with torch.no_grad():
+        after = float(loss_terms(model.train(), b, tcfg)["total"])
+    assert after < before
+    assert len(hist) == 4 and all(np.isfinite(h["val_rmse"]) for h in hist)
+    ck = load_checkpoint(tmp_path / "ck.pt", expect=cfg)
+    assert ck["epoch"] == 3 and ck["normalisation"] == norm
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(ck["model"].state_dict()[k], v.cpu())
+    assert (tmp_path / "best_ck.pt").is_file()
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_resume_continues_where_it_stopped(tmp_path):
+    """Killed after epoch 1 of 2, resumed: the same weights as the uninterrupted run."""
+    ds, (_, _, _, norm) = dataset()
+    cfg = small_model_cfg()
+    tcfg = TrainConfig(epochs=2, batch_size=2, lr=1e-2, max_batches=2)
+    torch.manual_seed(0)
+    m_full = build_model(cfg)
+    fit(m_full, cfg, ds, None, norm, tcfg, tmp_path / "a.pt", progress=False)
+
+    class Killed(PatchDataset):
+        def set_epoch(self, epoch):
+            if epoch == 1:
+                raise _Interrupt
+            super().set_epoch(epoch)
+
+    ds.__class__ = Killed
+    torch.manual_seed(0)
+    with pytest.raises(_Interrupt):
+        fit(build_model(cfg), cfg, ds, None, norm, tcfg, tmp_path / "b.pt", progress=False)
+    assert load_checkpoint(tmp_path / "b.pt")["epoch"] == 0
+    ds.__class__ = PatchDataset
+    torch.manual_seed(123)  # other initial weights: they must be overwritten by the checkpoint
+    m3 = build_model(cfg)
+    hist = fit(m3, cfg, ds, None, norm, tcfg, tmp_path / "b.pt", resume=True, progress=False)
+    assert [h["epoch"] for h in hist] == [0, 1]
+    for k, v in m_full.state_dict().items():
+        torch.testing.assert_close(m3.state_dict()[k], v, rtol=1e-6, atol=1e-7)
+
+
+def test_bad_checkpoints_raise_input_error(tmp_path):
+    ds, (_, _, _, norm) = dataset()
+    cfg = small_model_cfg()
+    model = build_model(cfg)
+    p = save_checkpoint(tmp_path / "ok.pt", model, cfg, norm)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2])
+    with pytest.raises(InputError, match="cannot be read"):
+        load_checkpoint(bad)
+    with pytest.raises(InputError, match="no such file"):
+        load_checkpoint(tmp_path / "missing.pt")
+    with pytest.raises(InputError, match="does not fit the config"):
+        load_checkpoint(p, expect=small_model_cfg(lstm_hidden=8))
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"a": 1}, foreign)
+    with pytest.raises(InputError, match="not an oceanda 4DVarNet checkpoint"):
+        load_checkpoint(foreign)
+    ck = torch.load(p, weights_only=True)
+    ck["model_config"]["prior_hidden"] = 6  # weights no longer fit
+    torch.save(ck, tmp_path / "mismatch.pt")
+    with pytest.raises(InputError, match="weights do not match"):
+        load_checkpoint(tmp_path / "mismatch.pt")
+    ck = torch.load(p, weights_only=True)
+    ck["norm"] = {"mean": 0.0, "std": 0.0}
+    torch.save(ck, tmp_path / "norm.pt")
+    with pytest.raises(InputError, match="normalisation"):
+        load_checkpoint(tmp_path / "norm.pt")
+
+
+def _write_zarrs(root: Path):
+    import pandas as pd
+    import xarray as xr
+
+    truth, obs, ocean = synthetic()
+    coords = {"time": pd.date_range("2012-10-01", periods=NT), "lat": 30 + 0.05 * np.arange(NY),
+              "lon": -60 + 0.05 * np.arange(NX)}
+    dims = ("time", "lat", "lon")
+    xr.Dataset({"ssh": (dims, truth), "ocean": (("lat", "lon"), ocean.astype(np.int8))},
+               coords=coords).to_zarr(root / "truth.zarr")
+    xr.Dataset({"ssh_obs": (dims, obs), "ocean": (("lat", "lon"), ocean.astype(np.int8))},
+               coords=coords).to_zarr(root / "obs.zarr")
+
+
+CLI_ARGS = ["model=4dvarnet_small", "model.n_steps=2", "model.prior_hidden=4", "model.lstm_hidden=4",
+            "patch.size=[5,8,8]", "patch.stride=[1,6,6]", "patch.crop=[1,1]", "gap_days=2",
+            "train.epochs=1", "train.batch_size=2", "train.max_batches=2", "progress=false"]
+
+
+def test_cli_train_writes_checkpoint_and_history(tmp_path):
+    from oceanda.cli import main
+
+    _write_zarrs(tmp_path)
+    args = ["train", f"truth_path={tmp_path / 'truth.zarr'}", f"obs_path={tmp_path / 'obs.zarr'}",
+            f"out_dir={tmp_path / 'run'}", *CLI_ARGS]
+    assert main(args) == 0
+    ck = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert ck["model_cfg"].n_time == 5 and ck["extra"]["gap_days"] == 2
+    hist = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert len(hist) == 1 and np.isfinite(hist[0]["val_rmse"])
+    # a mismatching resume is refused with a clear error (exit 2)
+    assert main(args + ["resume=true", "model.lstm_hidden=6"]) == 2
+
+
+def test_cli_semi_supervised_without_truth(tmp_path):
+    from oceanda.cli import main
+
+    _write_zarrs(tmp_path)
+    assert main(["train", "truth_path=null", f"obs_path={tmp_path / 'obs.zarr'}", f"out_dir={tmp_path / 'r'}",
+                 "train.mode=semi", *CLI_ARGS]) == 0
+    assert main(["train", "truth_path=null", f"obs_path={tmp_path / 'obs.zarr'}", f"out_dir={tmp_path / 'r2'}",
+                 *CLI_ARGS]) == 2
+
+
+def data_parallel_run(dist):
+    """Two steps on patches [0, 5] (float64), split over ``dist.world`` ranks; rank 0's
+    weights and last (all-reduced, clipped) gradients."""
+    from oceanda.train.fourdvarnet import _collate, make_optimizer
+
+    ds, _ = dataset()
+    torch.manual_seed(0)
+    model = build_model(small_model_cfg()).double()  # float64: Adam's first steps ~ lr sign(g)
+    tcfg = TrainConfig(batch_size=2 // dist.world, lr=1e-2)
+    opt, _ = make_optimizer(model, tcfg)
+    idx = np.array([0, 5])
+    for _ in range(2):
+        mine = idx[dist.rank * tcfg.batch_size:(dist.rank + 1) * tcfg.batch_size]
+        b = {k: v.double() if v.is_floating_point() else v for k, v in _collate(ds, mine).items()}
+        train_step(model, opt, b, tcfg, dist)
+    state = dict(model.state_dict())
+    state.update({"grad." + n: p.grad.clone() for n, p in model.named_parameters()})
+    return state
+
+
+MPI_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    sys.path.insert(0, {testdir!r})
+    from test_train import data_parallel_run
+    from oceanda.train.fourdvarnet import init_distributed
+    torch.set_num_threads(1)
+    dist = init_distributed()
+    assert dist.world == 2, dist
+    state = data_parallel_run(dist)
+    if dist.rank == 0:
+        torch.save(state, sys.argv[1])
+    torch.distributed.destroy_process_group()
+""")
+
+
+@pytest.mark.mpi
+def test_data_parallel_step_equals_single_process_on_concatenated_batch(tmp_path):
+    from oceanda.train.fourdvarnet import DistContext
+
+    script = tmp_path / "dp.py"
+    script.write_text(MPI_SCRIPT.format(testdir=str(Path(__file__).parent)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([shutil.which("mpiexec"), "-n", "2", sys.executable, str(script), str(tmp_path / "two.pt")],
+                   check=True, env=env, timeout=300)
+    a, b = data_parallel_run(DistContext()), torch.load(tmp_path / "two.pt")
+    assert any(k.startswith("grad.") for k in a) and a.keys() == b.keys()
+    for k in a:  # weights after two steps and the last gradients
+        torch.testing.assert_close(a[k], b[k], rtol=1e-9, atol=1e-11)
+
+
+def _patch_batch(obs, ocean):
+    from oceanda.assim.base import PatchBatch
+
+    B, T, H, W = obs.shape
+    return PatchBatch(obs=obs, ocean=ocean, lon=torch.zeros(B, W), lat=torch.zeros(B, H),
+                      time=torch.zeros(B, T), dx_m=torch.ones(B, H, W), dy_m=torch.ones(B, H, W))
+
+
+def test_registered_4dvarnet_method_reproduces_the_model_in_physical_units(tmp_path):
+    from oceanda.assim.registry import build_method
+
+    ds, (truth, obs, ocean, norm) = dataset()
+    cfg = small_model_cfg()
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    p = save_checkpoint(tmp_path / "m.pt", model, cfg, norm)
+    method = build_method("4dvarnet", checkpoint=str(p))
+    raw = torch.from_numpy(obs[None, :SIZE[0], :8, :8].copy())
+    oc = torch.from_numpy(ocean[None, :8, :8].copy())
+    res = method(_patch_batch(raw, oc))
+    with torch.inference_mode():
+        ref = model(norm.apply(raw), oc) * norm.std + norm.mean
+    torch.testing.assert_close(res.mean, ref)
+    assert res.mean.shape == raw.shape
+    with pytest.raises(InputError, match="patch length"):
+        method(_patch_batch(torch.from_numpy(obs[None, :4, :8, :8].copy()), oc))
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="cannot be read"):
+        build_method("4dvarnet", checkpoint=str(bad))
