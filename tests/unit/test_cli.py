@@ -30,7 +30,7 @@ def test_console_script_runs_as_module():
 
 @pytest.fixture
 def user_configs(tmp_path):
-    (tmp_path / "evaluate.yaml").write_text("truth: ???\nanalysis: ???\nbox: [1, 2]\nref: ${box}\n")
+    (tmp_path / "evaluate.yaml").write_text("truth_path: ???\nanalysis: ???\nbox: [1, 2]\nref: ${box}\n")
     return tmp_path
 
 
@@ -63,3 +63,18 @@ def test_log_handler_follows_swapped_stderr(capsys):
     assert "first message" in capsys.readouterr().err
     logging.getLogger("oceanda.test").info("second message")
     assert "second message" in capsys.readouterr().err
+
+
+def test_path_aliases_do_not_clash_with_generate_groups():
+    """``obs``/``truth`` are config groups of generate; infer/evaluate take them as paths."""
+    from oceanda.cli import apply_aliases, compose
+
+    assert apply_aliases("infer", ["obs=a.zarr", "truth=b.zarr", "method=oi"]) == [
+        "obs_path=a.zarr", "truth_path=b.zarr", "method=oi"]
+    assert apply_aliases("generate", ["obs=4nadirs"]) == ["obs=4nadirs"]
+    cfg = compose("evaluate", ["truth=t.zarr", "analysis=a.zarr"])
+    assert cfg.truth_path == "t.zarr" and cfg.analysis == "a.zarr"
+    cfg = compose("infer", ["obs=o.zarr", "truth=t.zarr"])
+    assert cfg.obs_path == "o.zarr" and cfg.truth_path == "t.zarr"
+    cfg = compose("generate", ["obs=4nadirs_swot"])
+    assert "swot" in str(cfg.obs).lower()

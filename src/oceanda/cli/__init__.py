@@ -44,6 +44,27 @@ APPS: dict[str, str] = {
 }
 
 
+#: app -> {key a user types: config key}. ``obs``, ``truth`` and ``period`` are config
+#: *groups* of ``generate`` (observation sets, truth generators, named periods), so the apps
+#: that take paths or a ``[start, end]`` list store them as ``obs_path`` / ``truth_path`` /
+#: ``dates``; users may write either spelling.
+ALIASES: dict[str, dict[str, str]] = {
+    "infer": {"obs": "obs_path", "truth": "truth_path", "period": "dates"},
+    "train": {"obs": "obs_path", "truth": "truth_path", "period": "dates"},
+    "evaluate": {"truth": "truth_path", "period": "dates"},
+}
+
+
+def apply_aliases(app: str, overrides: list[str]) -> list[str]:
+    """Rewrite ``obs=PATH`` into ``obs_path=PATH`` etc. for ``app`` (see :data:`ALIASES`)."""
+    table = ALIASES.get(app, {})
+    out = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        out.append(f"{table[key]}={value}" if sep and key in table else item)
+    return out
+
+
 def available_apps() -> dict[str, str]:
     """The apps whose module is installed, in :data:`APPS` order."""
     return {
@@ -74,7 +95,7 @@ def compose(app: str, overrides: list[str], user_dir: str | None = None) -> Dict
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    overrides = list(overrides)
+    overrides = apply_aliases(app, overrides)
     if user_dir is not None:
         path = Path(user_dir).expanduser().resolve()
         if not path.is_dir():

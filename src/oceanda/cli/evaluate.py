@@ -157,7 +157,7 @@ def _list_or_none(cfg: DictConfig, key: str, length: int) -> list[Any] | None:
 
 def run(cfg: DictConfig) -> int:
     """``oceanda evaluate``: print the leaderboard row, write scores.json and figures."""
-    period = _list_or_none(cfg, "period", 2)
+    period = _list_or_none(cfg, "dates", 2)
     box = _list_or_none(cfg, "box", 4)
     if box is not None:
         try:
@@ -169,7 +169,7 @@ def run(cfg: DictConfig) -> int:
         detrend = None
     elif detrend not in ("linear", "constant"):
         raise ConfigError(f"detrend must be linear, constant or none, got {detrend!r}")
-    result = evaluate_paths(cfg.truth, cfg.analysis, period=period, box=box, out_dir=cfg.get("out_dir"),
+    result = evaluate_paths(cfg.truth_path, cfg.analysis, period=period, box=box, out_dir=cfg.get("out_dir"),
                             figures=bool(cfg.get("figures", True)), name=cfg.get("name"), detrend=detrend)
     ev = result["evaluation"]
     print(f"evaluated {ev['shape'][N.TIME]} days x {ev['shape'][N.LAT]} x {ev['shape'][N.LON]} cells, "
