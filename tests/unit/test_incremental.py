@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from oceanda.linalg import band_to_dense
 from oceanda.assim.incremental import incremental_assimilation, temperature_levels
 from oceanda.errors import ConfigError, InputError
 from oceanda.priors.empirical import EmpiricalGaussian
@@ -13,15 +14,6 @@ from oceanda.priors.neural_band import NeuralBandPrior, sinusoidal_embedding
 from oceanda.train.incremental import TrainSettings, level_loss, train_incremental
 
 DT = torch.float64
-
-
-def _dense_sym(band):
-    n, k1 = band.shape[-2:]
-    A = torch.zeros(*band.shape[:-2], n, n, dtype=band.dtype)
-    for j in range(k1):
-        i = torch.arange(j, n)
-        A[..., i, i - j] = band[..., j:, j]
-    return A + A.transpose(-1, -2) - torch.diag_embed(A.diagonal(dim1=-2, dim2=-1))
 
 
 def _dense_lower(raw, k):
@@ -69,7 +61,7 @@ def test_map_operator_equals_dense_reference_solve():
     # the precision really is banded with bandwidth 2*phi and equals L L^T
     _, Qb = prior(z, s)
     assert Qb.shape == (4, prior.d, 2 * 3 + 1)
-    torch.testing.assert_close(_dense_sym(Qb), L @ L.transpose(-1, -2), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(band_to_dense(Qb), L @ L.transpose(-1, -2), rtol=1e-10, atol=1e-10)
 
 
 def test_map_gradients_implicit_diff_match_dense_autograd():

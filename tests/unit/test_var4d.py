@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from oceanda.linalg import band_to_dense
 from oceanda.assim.var4d import WeakConstraint4DVar
 from oceanda.dynamics import lorenz63
 from oceanda.priors.empirical import (
@@ -16,15 +17,6 @@ from oceanda.priors.empirical import (
 )
 
 DT = torch.float64
-
-
-def _dense_from_band(band):
-    n, k1 = band.shape[-2:]
-    A = torch.zeros(*band.shape[:-2], n, n, dtype=band.dtype)
-    for j in range(k1):
-        i = torch.arange(j, n)
-        A[..., i, i - j] = band[..., j:, j]
-    return A + A.transpose(-1, -2) - torch.diag_embed(A.diagonal(dim1=-2, dim2=-1))
 
 
 def _rts_smoother(F, Qm, m0, P0, y, mask, R):
@@ -80,7 +72,7 @@ def test_block_tridiagonal_band_layout():
         dense[:, t * phi:(t + 1) * phi, (t + 1) * phi:(t + 2) * phi] = S[:, t].transpose(-1, -2)
     band = block_tridiagonal_to_band(D, S)
     assert band.shape == (2, T * phi, 2 * phi)
-    torch.testing.assert_close(_dense_from_band(band), dense, rtol=0, atol=0)
+    torch.testing.assert_close(band_to_dense(band), dense, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -145,7 +137,7 @@ def test_gradient_and_gauss_newton_hessian_match_autograd():
 
     Jr = torch.autograd.functional.jacobian(resid, xp[0].reshape(-1))
     G = block_tridiagonal_to_band(D, S)[:1]
-    torch.testing.assert_close(_dense_from_band(G)[0], Jr.T @ Jr, rtol=1e-10, atol=1e-8)
+    torch.testing.assert_close(band_to_dense(G)[0], Jr.T @ Jr, rtol=1e-10, atol=1e-8)
 
 
 def test_markov_blocks_constant_model_match_dense():
@@ -158,7 +150,7 @@ def test_markov_blocks_constant_model_match_dense():
     for k in range(1, T):
         Lm[k * phi:(k + 1) * phi, (k - 1) * phi:k * phi] = -t(F)
     Sinv = torch.block_diag(torch.linalg.inv(t(P0)), *[torch.linalg.inv(t(Qm))] * (T - 1))
-    torch.testing.assert_close(_dense_from_band(block_tridiagonal_to_band(D, S)), Lm.T @ Sinv @ Lm,
+    torch.testing.assert_close(band_to_dense(block_tridiagonal_to_band(D, S)), Lm.T @ Sinv @ Lm,
                                rtol=1e-12, atol=1e-10)
 
 
