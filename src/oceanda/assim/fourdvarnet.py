@@ -59,7 +59,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,7 @@ from torch import Tensor, nn
 
 from oceanda.assim.base import PatchBatch, PatchResult
 from oceanda.assim.registry import register
+from oceanda.config_dataclass import dataclass_from_dict
 from oceanda.errors import ConfigError, InputError
 
 __all__ = [
@@ -513,11 +514,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in fields(cls)}
-        bad = sorted(set(d) - known)
-        if bad:
-            raise ConfigError(f"unknown model config keys {bad}; known: {sorted(known)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "model config")
 
 
 def build_model(cfg: ModelConfig) -> FourDVarNet:

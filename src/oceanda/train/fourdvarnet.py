@@ -37,7 +37,7 @@ import os
 import socket
 import tempfile
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,8 @@ from oceanda.assim.fourdvarnet import (
     build_model,
     read_checkpoint,
 )
-from oceanda.errors import ConfigError, InputError
+from oceanda.config_dataclass import dataclass_from_dict
+from oceanda.errors import InputError
 from oceanda.train.data import Normalisation
 
 log = logging.getLogger("oceanda.train")
@@ -83,11 +84,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        bad = sorted(set(d) - known)
-        if bad:
-            raise ConfigError(f"unknown train config keys {bad}; known: {sorted(known)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "train config")
 
 
 # ----------------------------------------------------------------------------- distributed
