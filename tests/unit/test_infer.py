@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import xarray as xr
 
 from oceanda.cli import main
@@ -224,3 +225,38 @@ def test_std_and_members_are_blended_and_written(osse, tmp_path):
     assert out[N.SSH_MEMBERS].dims == (N.MEMBER, N.TIME, N.LAT, N.LON) and mem.shape[0] == 3
     for i in range(3):
         np.testing.assert_allclose(mem[i][:, ocean], t[:, ocean] + 0.01 * i, rtol=0, atol=1e-14)
+
+
+def test_methods_get_the_grid_metric_factors(osse, tmp_path):
+    """The cell sizes handed to a method (``dx_m``, ``dy_m``) are the domain grid's WGS84
+    metric factors (:class:`oceanda.data.grid.Grid`) on the patch's cells."""
+    from oceanda.assim.base import PatchResult
+    from oceanda.assim.registry import register
+    from oceanda.data.grid import Grid
+    from oceanda.testing import IdentityMethod
+
+    seen = []
+
+    @register("_record_metrics")
+    class Recorder(IdentityMethod):
+        def __call__(self, batch):
+            seen.append({k: getattr(batch, k).double().numpy().copy() for k in ("lon", "lat", "dx_m", "dy_m")})
+            return PatchResult(mean=torch.nan_to_num(batch.obs))
+
+    assert main(["infer", f"obs_path={osse['full']}", f"out_dir={tmp_path}", "method=identity",
+                 "method.name=_record_metrics", *PATCH]) == 0
+    truth = xr.open_zarr(osse["truth"])
+    lon, lat = truth[N.LON].values, truth[N.LAT].values
+    grid = Grid(lon=lon, lat=lat, ocean=truth[N.OCEAN].values.astype(bool))
+    checked = 0
+    for rec in seen:
+        for b in range(rec["lon"].shape[0]):
+            ix = np.searchsorted(lon, rec["lon"][b])
+            iy = np.searchsorted(lat, rec["lat"][b])
+            inx = (ix < lon.size) & np.isclose(lon[np.minimum(ix, lon.size - 1)], rec["lon"][b], rtol=0, atol=1e-9)
+            iny = (iy < lat.size) & np.isclose(lat[np.minimum(iy, lat.size - 1)], rec["lat"][b], rtol=0, atol=1e-9)
+            sub = np.ix_(iy[iny], ix[inx])
+            np.testing.assert_allclose(rec["dx_m"][b][np.ix_(iny, inx)], grid.dx_m[sub], rtol=1e-9, atol=0)
+            np.testing.assert_allclose(rec["dy_m"][b][np.ix_(iny, inx)], grid.dy_m[sub], rtol=1e-9, atol=0)
+            checked += int(inx.sum() * iny.sum())
+    assert checked > 0

@@ -46,6 +46,7 @@ import torch
 
 from oceanda.assim.base import PatchBatch
 from oceanda.data import names as N
+from oceanda.data.grid import Grid
 from oceanda.data.patches import Box, PatchSet
 from oceanda.data.store import extend_coord
 from oceanda.errors import NumericalError
@@ -53,7 +54,6 @@ from oceanda.parallel.layout import Layout, box_size
 
 TAG_PROGRESS = 11
 TAG_HALO = 12
-EARTH_RADIUS_M = 6371.0e3
 
 #: test hook: ``OCEANDA_FAIL_AFTER_TILES=N`` makes rank ``OCEANDA_FAIL_RANK`` (default 0)
 #: die (``os._exit(17)``) right after saving its N-th computed tile (simulated crash)
@@ -90,15 +90,6 @@ def _rank_logger(log_dir: str | os.PathLike | None, rank: int) -> logging.Logger
     else:
         logger.addHandler(logging.NullHandler())
     return logger
-
-
-def _metrics(lon: np.ndarray, lat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Spherical cell sizes [m] ``dx = a cos(lat) dlon``, ``dy = a dlat`` (H, W)."""
-    dlon = np.gradient(lon) if len(lon) > 1 else np.ones(1)
-    dlat = np.gradient(lat) if len(lat) > 1 else np.ones(1)
-    dy = EARTH_RADIUS_M * np.deg2rad(np.abs(dlat))[:, None] * np.ones((1, len(lon)))
-    dx = EARTH_RADIUS_M * np.cos(np.deg2rad(lat))[:, None] * np.deg2rad(np.abs(dlon))[None, :]
-    return dx, dy
 
 
 class _Progress:
@@ -163,7 +154,8 @@ def _compute_tile(a: int, *, obs, ocean: np.ndarray, patches: PatchSet, layout: 
     lon_box = extend_coord(lon, *fbox[2])
     lat_box = extend_coord(lat, *fbox[1])
     t_box = extend_coord(tdays, *fbox[0])
-    dx_box, dy_box = _metrics(lon_box, lat_box)
+    box_grid = Grid(lon=lon_box, lat=lat_box, ocean=ocean_box)  # WGS84 metric factors
+    dx_box, dy_box = box_grid.dx_m, box_grid.dy_m
 
     shape = tuple(hi - lo for lo, hi in sup)
     acc: dict[str, np.ndarray] = {"den": np.zeros(shape)}
