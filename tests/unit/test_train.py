@@ -300,8 +300,9 @@ def test_data_parallel_step_equals_single_process_on_concatenated_batch(tmp_path
     script = tmp_path / "dp.py"
     script.write_text(MPI_SCRIPT.format(testdir=str(Path(__file__).parent)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([shutil.which("mpiexec"), "-n", "2", sys.executable, str(script), str(tmp_path / "two.pt")],
-                   check=True, env=env, timeout=300)
+    run = subprocess.run([shutil.which("mpiexec"), "-n", "2", sys.executable, str(script), str(tmp_path / "two.pt")],
+                         env=env, timeout=300, capture_output=True, text=True)
+    assert run.returncode == 0, f"mpiexec -n 2 exited {run.returncode}:\n{run.stdout[-4000:]}\n{run.stderr[-4000:]}"
     a, b = data_parallel_run(DistContext()), torch.load(tmp_path / "two.pt")
     assert any(k.startswith("grad.") for k in a) and a.keys() == b.keys()
     for k in a:  # weights after two steps and the last gradients
