@@ -282,14 +282,14 @@ MPI_SCRIPT = textwrap.dedent("""
     import sys, torch
     sys.path.insert(0, {testdir!r})
     from test_train import data_parallel_run
-    from oceanda.train.fourdvarnet import init_distributed
+    from oceanda.train.fourdvarnet import init_distributed, shutdown_distributed
     torch.set_num_threads(1)
     dist = init_distributed()
     assert dist.world == 2, dist
     state = data_parallel_run(dist)
     if dist.rank == 0:
         torch.save(state, sys.argv[1])
-    torch.distributed.destroy_process_group()
+    shutdown_distributed()
 """)
 
 

@@ -88,7 +88,8 @@ def run(cfg: DictConfig) -> int:
     from oceanda.data.patches import PatchGeometry
     from oceanda.parallel.device import bind_device
     from oceanda.train.data import Normalisation, PatchDataset, patch_starts, time_split
-    from oceanda.train.fourdvarnet import ModelConfig, TrainConfig, build_model, fit, init_distributed
+    from oceanda.train.fourdvarnet import (ModelConfig, TrainConfig, build_model, fit, init_distributed,
+                                           shutdown_distributed)
     from oceanda.parallel.comm import get_comm
 
     model_cfg = ModelConfig.from_dict(dict(_plain(cfg.model)))
@@ -144,5 +145,5 @@ def run(cfg: DictConfig) -> int:
         last = history[-1] if history else {}
         print(json.dumps({k: v for k, v in last.items() if isinstance(v, (int, float))}))
     if dist.world > 1:
-        torch.distributed.destroy_process_group()
+        shutdown_distributed()
     return 0

@@ -63,7 +63,7 @@ log = logging.getLogger("oceanda.train")
 # ----------------------------------------------------------------------------- configs
 
 __all__ = ["ModelConfig", "build_model", "TrainConfig", "fit", "train_step", "load_checkpoint",
-           "save_checkpoint", "init_distributed", "DistContext"]
+           "save_checkpoint", "init_distributed", "shutdown_distributed", "DistContext"]
 
 
 @dataclass
@@ -138,6 +138,21 @@ def init_distributed(device: torch.device | None = None, backend: str = "auto") 
         torch.distributed.init_process_group(backend, init_method=addr, rank=comm.rank,
                                              world_size=comm.size)
     return DistContext(comm.rank, comm.size, backend)
+
+
+def shutdown_distributed() -> None:
+    """Leave torch.distributed cleanly: barrier, then destroy the process group.
+
+    Without the barrier the rank that hosts the TCP store (rank 0) may tear it down while
+    another rank's gloo threads still talk to it, and that rank dies at exit with
+    ``terminate called without an active exception`` (SIGABRT, mpiexec exit 6).
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+        from oceanda.parallel.comm import get_comm
+
+        get_comm().barrier()
 
 
 # ----------------------------------------------------------------------------- losses
