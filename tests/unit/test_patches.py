@@ -1,4 +1,5 @@
-"""Patch geometry and blend weights: coverage, normalisation, land skipping, errors."""
+"""Patch geometry and blend weights: coverage, normalisation, land skipping, errors; modes
+(mapping / near-real-time / forecast lead), observation cut-off, trained-mode checks."""
 
 from __future__ import annotations
 
@@ -96,3 +97,83 @@ def test_checker_detects_uncovered_cells():
     holey = replace(ps, starts=ps.starts[1:])  # drop one patch: its cells are uncovered
     with pytest.raises(AssertionError, match="not covered"):
         check_tiling(holey, ocean)
+
+
+# ----------------------------------------------------------------------------- modes
+
+
+def _forecast(lead=2, **kw):
+    d = dict(size=(5, 10, 10), stride=(1, 8, 8), crop=(1, 1), anchor="end", time_weight="anchor",
+             lead=lead)
+    d.update(kw)
+    return PatchGeometry(**d)
+
+
+def test_modes_and_forecast_geometry():
+    assert PatchGeometry().mode == "mapping" and PatchGeometry().obs_days == (0, 15)
+    nrt = _forecast(lead=0)
+    assert nrt.mode == "nrt" and nrt.obs_days == (0, 5)
+    g = _forecast(lead=2)
+    assert g.mode == "forecast" and g.obs_days == (0, 3)
+    # the reconstructed (weighted) day is the window's last day, as in near-real-time
+    assert g.weights().support[0] == (4, 5) and g.anchor_offset == 4
+    ps = make_patches(g, (6, 12, 12), np.ones((12, 12), bool))
+    np.testing.assert_array_equal(ps.starts, make_patches(nrt, (6, 12, 12), np.ones((12, 12), bool)).starts)
+    check_tiling(ps, np.ones((12, 12), bool))
+    assert g.mode_record() == {"mode": "forecast", "anchor": "end", "lead": 2, "n_time": 5,
+                               "time_weight": "anchor"}
+
+
+def test_mask_obs_drops_exactly_the_last_lead_days():
+    import torch
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 5, 4, 4))
+    g = _forecast(lead=2)
+    m = g.mask_obs(x)
+    assert np.isnan(m[:, 3:]).all()
+    np.testing.assert_array_equal(m[:, :3], x[:, :3])
+    assert np.isfinite(x).all()  # the input is not modified
+    t = torch.from_numpy(x)
+    mt = g.mask_obs(t)
+    np.testing.assert_array_equal(mt.numpy(), m)
+    assert torch.isfinite(t).all()
+    assert _forecast(lead=0).mask_obs(x) is x  # no copy when nothing is dropped
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(lead=2, anchor="centre", time_weight="triangle"), "needs patch.anchor=end"),
+    (dict(lead=5), "leaves no observed day"),
+    (dict(lead=-1), "lead must be >= 0"),
+    (dict(lead=1.5), "integer"),
+    (dict(lead=True), "integer"),
+])
+def test_forecast_geometry_errors(kw, message):
+    with pytest.raises(ConfigError, match=message):
+        _forecast(**kw)
+
+
+def test_check_trained_mode():
+    from oceanda.data.patches import check_trained_mode, mode_record_from_patch
+
+    mapping = PatchGeometry(size=(5, 10, 10), stride=(1, 8, 8), crop=(1, 1))
+    f2, f4, nrt = _forecast(2), _forecast(4), _forecast(0)
+    assert check_trained_mode(None, f2) == []
+    assert check_trained_mode(f2.mode_record(), f2) == []
+    with pytest.raises(ConfigError, match=r"checkpoint ck.pt was trained for forecast .*lead=2.* "
+                                          r"the patches are forecast .*lead=4.*patch=forecast2"):
+        check_trained_mode(f2.mode_record(), f4, "checkpoint ck.pt")
+    with pytest.raises(ConfigError, match="trained for mapping.*patches are nrt.*patch=anchor"):
+        check_trained_mode(mapping.mode_record(), nrt)
+    with pytest.raises(ConfigError, match="trained for nrt.*patch=nrt"):
+        check_trained_mode(nrt.mode_record(), mapping)
+    diffs = check_trained_mode(mapping.mode_record(), f2, allow_mismatch=True)
+    assert len(diffs) == 1 and "mapping" in diffs[0]
+    # the window length is never negotiable
+    long = PatchGeometry(size=(7, 10, 10), stride=(1, 8, 8), crop=(1, 1))
+    with pytest.raises(ConfigError, match="trained on 5-day windows but patch.size.0.=7"):
+        check_trained_mode(mapping.mode_record(), long, allow_mismatch=True)
+    # records derived from the patch dicts of older checkpoints (no anchor / lead keys)
+    assert mode_record_from_patch({"size": [5, 10, 10]}) == mapping.mode_record() | {"time_weight": "triangle"}
+    assert mode_record_from_patch({"size": [5, 8, 8], "anchor": "end", "time_weight": "anchor"}) == nrt.mode_record()
+    assert mode_record_from_patch(None) is None and mode_record_from_patch({"a": 1}) is None

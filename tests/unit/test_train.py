@@ -339,3 +339,148 @@ def test_registered_4dvarnet_method_reproduces_the_model_in_physical_units(tmp_p
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(InputError, match="cannot be read"):
         build_method("4dvarnet", checkpoint=str(bad))
+
+
+# ----------------------------------------------------------------------------- modes
+
+
+def _geom(mode):
+    from oceanda.data.patches import PatchGeometry
+
+    kw = dict(size=SIZE, stride=(1, 6, 6), crop=(1, 1))
+    if mode != "mapping":
+        kw.update(anchor="end", time_weight="anchor", lead={"nrt": 0, "forecast2": 2}[mode])
+    return PatchGeometry(**kw)
+
+
+def mode_dataset(mode, kind="supervised", aug=0):
+    truth, obs, ocean = synthetic()
+    g = _geom(mode)
+    norm = Normalisation.fit(truth, ocean)
+    starts = patch_starts(np.arange(NT), ocean.shape, SIZE, (1, 8, 6))
+    return PatchDataset(truth if kind == "supervised" else None, obs, ocean, starts, SIZE,
+                        g.weights().full().astype(np.float32), norm, aug=aug, mode=kind, seed=1,
+                        lead=g.lead)
+
+
+def test_forecast_items_drop_the_last_lead_days_only():
+    ref = mode_dataset("nrt", aug=1)
+    ds = mode_dataset("forecast2", aug=1)
+    assert len(ds) == len(ref)
+    dropped = 0
+    for i in range(0, len(ds), 3):  # real and augmented items
+        a, b = ref[i], ds[i]
+        np.testing.assert_array_equal(b["obs"][:3].numpy(), a["obs"][:3].numpy())
+        assert torch.isnan(b["obs"][3:]).all()
+        dropped += int(torch.isfinite(a["obs"][3:]).sum())
+        for k in ("tgt", "weight", "ocean"):
+            np.testing.assert_array_equal(b[k].numpy(), a[k].numpy())
+    assert dropped > 0
+    # the loss weight sits on the target (last) day only
+    w = ds[0]["weight"].numpy()
+    assert (w[:-1] == 0).all() and (w[-1] > 0).any()
+    # semi-supervised: the dropped days' observations are all targets, never inputs
+    semi = mode_dataset("forecast2", kind="semi")
+    it = semi[2]
+    t0, y0, x0 = semi.starts[2]
+    _, obs, _ = synthetic()
+    seen = np.isfinite(obs[t0:t0 + 5, y0:y0 + 8, x0:x0 + 8])
+    np.testing.assert_array_equal(np.isfinite(it["tgt"][3:].numpy()), seen[3:])
+    assert not torch.isfinite(it["obs"][3:]).any()
+
+
+def test_mapping_items_unchanged_by_the_lead_option():
+    """lead=0 is the default path: the same items bit for bit (mapping training as before)."""
+    ds, _ = dataset(aug=1)
+    truth, obs, ocean = synthetic()
+    same = PatchDataset(truth, obs, ocean, ds.starts, SIZE, ds.weight, ds.norm, aug=1, seed=1, lead=0)
+    for i in (0, len(ds.starts) + 1):
+        for k in ds[i]:
+            np.testing.assert_array_equal(same[i][k].numpy(), ds[i][k].numpy())
+    with pytest.raises(Exception, match="lead=5"):
+        PatchDataset(truth, obs, ocean, ds.starts, SIZE, ds.weight, ds.norm, lead=5)
+
+
+def test_nrt_loss_ignores_the_target_before_the_last_day():
+    ds = mode_dataset("nrt")
+    b = {k: torch.stack([ds[i][k] for i in range(2)]) for k in ds[0]}
+    torch.manual_seed(0)
+    model = build_model(small_model_cfg()).eval()
+    cfg = TrainConfig(w_prior=0.0)
+    with torch.no_grad():
+        ref = loss_terms(model, b, cfg)
+        b2 = dict(b, tgt=b["tgt"].clone())
+        b2["tgt"][:, :-1] += 5.0  # other days' truth does not enter an NRT loss
+        same = loss_terms(model, b2, cfg)
+        b2["tgt"][:, -1] += 1.0
+        other = loss_terms(model, b2, cfg)
+    torch.testing.assert_close(same["total"], ref["total"], rtol=0, atol=0)
+    assert float(other["total"]) > float(ref["total"])
+
+
+MODE_ARGS = {"nrt": ["patch.anchor=end", "patch.time_weight=anchor"],
+             "forecast2": ["patch.anchor=end", "patch.time_weight=anchor", "patch.lead=2"]}
+
+
+@pytest.mark.parametrize("mode", ["nrt", "forecast2"])
+def test_cli_trains_each_mode_and_records_it(tmp_path, mode, capsys):
+    from oceanda.cli import main
+    from oceanda.train.fourdvarnet import checkpoint_mode
+
+    _write_zarrs(tmp_path)
+    args = ["train", f"truth_path={tmp_path / 'truth.zarr'}", f"obs_path={tmp_path / 'obs.zarr'}",
+            f"out_dir={tmp_path / 'run'}", *CLI_ARGS, *MODE_ARGS[mode]]
+    assert main(args) == 0
+    ck = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert checkpoint_mode(ck) == _geom(mode).mode_record() | {"n_time": 5}
+    assert np.isfinite(json.loads((tmp_path / "run" / "history.json").read_text())[0]["val_rmse"])
+    # resuming with patches of another mode is refused, naming the checkpoint
+    capsys.readouterr()
+    other = [a for a in args if not a.startswith("patch.lead")] + (["patch.lead=1"] if mode == "nrt" else [])
+    assert main(other + ["resume=true", "train.epochs=2"]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint.pt was trained for patch mode" in err and "Traceback" not in err
+
+
+def test_checkpoint_mode_of_older_checkpoints(tmp_path):
+    from oceanda.train.fourdvarnet import checkpoint_mode
+
+    ds, (_, _, _, norm) = dataset()
+    cfg = small_model_cfg()
+    model = build_model(cfg)
+    p = save_checkpoint(tmp_path / "a.pt", model, cfg, norm)
+    assert checkpoint_mode(load_checkpoint(p)) is None
+    p = save_checkpoint(tmp_path / "b.pt", model, cfg, norm, extra={"patch": {"size": [5, 8, 8], "stride": [1, 6, 6]}})
+    assert checkpoint_mode(load_checkpoint(p))["mode"] == "mapping"
+
+
+def test_checkpoint_normalisation_and_shape_errors(tmp_path, capsys):
+    from oceanda.cli import main
+
+    ds, (_, _, _, norm) = dataset()
+    cfg = small_model_cfg()
+    p = save_checkpoint(tmp_path / "ok.pt", build_model(cfg), cfg, norm)
+    for name, change, message in [
+        ("nonorm", lambda ck: ck.pop("norm"), "ck_nonorm.pt: missing 'norm'"),
+        ("nanmean", lambda ck: ck["norm"].update(mean=float("nan")), "ck_nanmean.pt: bad normalisation"),
+        ("nanstd", lambda ck: ck["norm"].update(std=float("nan")), "ck_nanstd.pt: bad normalisation"),
+        ("nostd", lambda ck: ck["norm"].pop("std"), "ck_nostd.pt: bad normalisation"),
+        ("nostate", lambda ck: ck.pop("state_dict"), "ck_nostate.pt: missing 'state_dict'"),
+        ("hidden", lambda ck: ck["model_config"].update(lstm_hidden=6), "ck_hidden.pt: weights do not match"),
+        ("ntime", lambda ck: ck["model_config"].update(n_time=7), "ck_ntime.pt: weights do not match"),
+    ]:
+        ck = torch.load(p, weights_only=True)
+        change(ck)
+        torch.save(ck, tmp_path / f"ck_{name}.pt")
+        with pytest.raises(InputError, match=message):
+            load_checkpoint(tmp_path / f"ck_{name}.pt")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(os.urandom(4096))
+    with pytest.raises(InputError, match="garbage.pt: cannot be read"):
+        load_checkpoint(garbage)
+    # the model's window length must be the patch's (oceanda train)
+    _write_zarrs(tmp_path)
+    capsys.readouterr()
+    assert main(["train", f"truth_path={tmp_path / 'truth.zarr'}", f"obs_path={tmp_path / 'obs.zarr'}",
+                 f"out_dir={tmp_path / 'run'}", *CLI_ARGS, "model.n_time=4"]) == 2
+    assert "model.n_time=4 differs from patch.size[0]=5" in capsys.readouterr().err

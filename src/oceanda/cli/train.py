@@ -6,6 +6,7 @@ usage:
   mpiexec -n 4 oceanda train ... train.batch_size=1      # global batch = 4 (gloo on CPU, NCCL on GPU)
   oceanda train ... resume=true                          # continue from DIR/checkpoint.pt
   oceanda train truth_path=null obs_path=... out_dir=... train.mode=semi   # no truth: held-out observations
+  oceanda train ... patch=nrt          # near-real-time model (or patch=forecast2 / forecast4: lead 2 / 4 days)
 
 Reads the truth / observations (zarr or netCDF with the names of oceanda.data.names),
 normalises with the training-period statistics, cuts patches (configs/patch: size, stride;
@@ -14,6 +15,12 @@ side out of training, and trains with Adam + cosine schedule + gradient clipping
 DIR/checkpoint.pt after every epoch (model + normalisation + config + optimizer state),
 DIR/best_checkpoint.pt (best validation RMSE [m]) and DIR/history.json. A checkpoint is
 used by `oceanda infer method=4dvarnet method.checkpoint=DIR/best_checkpoint.pt`.
+
+Modes follow the patch (configs/patch): mapping (patch=anchor: the loss on the whole window,
+triangle-weighted around its centre), near-real-time (patch=nrt: the loss on the window's
+last day) and forecast (patch=forecast2|forecast4: the loss on the last day, the
+observations of the last 2|4 days removed from the input as at inference). The checkpoint
+records the mode; `oceanda infer` refuses it with patches of another mode.
 """
 
 from __future__ import annotations
@@ -97,7 +104,8 @@ def run(cfg: DictConfig) -> int:
     patch = _plain(cfg.patch)
     geom = PatchGeometry(size=tuple(patch["size"]), stride=tuple(patch["stride"]), crop=tuple(patch["crop"]),
                          anchor=patch.get("anchor", "centre"), time_weight=patch.get("time_weight", "triangle"),
-                         space_weight=patch.get("space_weight", "crop"), taper=patch.get("taper", 20))
+                         space_weight=patch.get("space_weight", "crop"), taper=patch.get("taper", 20),
+                         lead=patch.get("lead", 0) or 0)
     if model_cfg.n_time != geom.size[0]:
         raise ConfigError(f"model.n_time={model_cfg.n_time} differs from patch.size[0]={geom.size[0]}")
     for n in geom.size[1:]:
@@ -121,21 +129,22 @@ def run(cfg: DictConfig) -> int:
     va_starts = patch_starts(val_days, ocean.shape, geom.size, (1, *stride[1:]))
     norm = Normalisation.fit(truth if truth is not None else obs, ocean, train_days)
     weight = geom.weights().full().astype(np.float32)
-    common = dict(size=geom.size, weight=weight, norm=norm, holdout=float(cfg.holdout), seed=train_cfg.seed)
+    common = dict(size=geom.size, weight=weight, norm=norm, holdout=float(cfg.holdout), seed=train_cfg.seed,
+                  lead=geom.lead)
     train_ds = PatchDataset(truth, obs, ocean, tr_starts, aug=int(cfg.aug), mode=train_cfg.mode, **common)
     val_ds = None
     if len(va_starts):
         val_ds = PatchDataset(truth, obs, ocean, va_starts, aug=0, mode=train_cfg.mode, **common)
     if dist.rank == 0:
         log.info("training on %d patches (%d days, aug x%d), validating on %d patches (%d days); "
-                 "normalisation mean %.4f m std %.4f m; %d rank(s), device %s",
+                 "mode %s; normalisation mean %.4f m std %.4f m; %d rank(s), device %s",
                  len(train_ds), len(train_days), int(cfg.aug) + 1, 0 if val_ds is None else len(val_ds),
-                 len(val_days), norm.mean, norm.std, dist.world, device)
+                 len(val_days), geom.mode, norm.mean, norm.std, dist.world, device)
     torch.manual_seed(train_cfg.seed)
     model = build_model(model_cfg)
     extra = {"truth": None if truth_path is None else str(truth_path), "obs": str(cfg.obs_path),
              "val_days": [int(val_days[0]), int(val_days[-1])], "gap_days": int(cfg.gap_days),
-             "patch": patch}
+             "patch": patch, "mode": geom.mode_record()}
     history = fit(model, model_cfg, train_ds, val_ds, norm, train_cfg, out_dir / "checkpoint.pt",
                   resume=bool(cfg.resume), device=device, dist=dist, progress=bool(cfg.progress), extra=extra)
     if dist.rank == 0:

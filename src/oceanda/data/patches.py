@@ -11,6 +11,11 @@ Patches are laid out regularly:
   stride skips it); the window is ``[a - T//2, a - T//2 + T)`` when ``anchor="centre"``
   (mapping: the reconstructed day is the centre) and ``[a - T + 1, a + 1)`` when
   ``anchor="end"`` (near-real-time: only past observations);
+* forecast (``lead = L > 0``, needs ``anchor="end"``): the window still ends on the anchor
+  (target) day ``a``, but its last ``L`` days carry no observation: the runtime drops every
+  observation of a day later than ``a - L`` before the method sees the patch
+  (:attr:`PatchGeometry.obs_days`), so the target day is a forecast ``L`` days after the
+  last observation used;
 * space: starts ``-c + k s`` (``c`` the crop, ``s`` the stride) for ``k = 0 .. K-1`` with the
   smallest ``K`` such that the last patch's weighted interior reaches the domain's end.
 
@@ -21,6 +26,17 @@ Blend weights are separable, ``w(t, i, j) = wt(t) wy(i) wx(j)`` (:class:`BlendWe
   centre, or the end day for near-real-time);
 * space ``"crop"``: 1 on ``[c, H - c)``, 0 on a border of ``c`` cells; ``"taper"``: 0 on the
   border, then a ``sin^2`` ramp of ``r`` cells to 1 (smooth, still zero on the border).
+
+Modes (:attr:`PatchGeometry.mode`, recorded in 4DVarNet checkpoints so that inference can
+refuse a model trained for another one, :func:`check_trained_mode`):
+
+==========  ==================  ============================================================
+mode        geometry            reconstructed day, observations used
+==========  ==================  ============================================================
+mapping     anchor=centre       the window's centre day; observations before and after it
+nrt         anchor=end          the window's last day; observations up to that day
+forecast    anchor=end, lead L  the window's last day; observations up to ``L`` days before
+==========  ==================  ============================================================
 
 The blended analysis is ``sum_p w_p out_p / sum_p w_p`` (cell-wise over the patches ``p``
 covering the cell). Patches whose weighted support holds no ocean cell are skipped.
@@ -95,6 +111,8 @@ class PatchGeometry:
         time_weight: ``"triangle"`` or ``"anchor"`` (anchor day only; forced by ``"end"``).
         space_weight: ``"crop"`` or ``"taper"`` (smooth ``sin^2`` ramp of ``taper`` cells).
         taper: ramp width in cells for ``space_weight="taper"``.
+        lead: forecast lead in days (``0 <= lead < T``; ``> 0`` needs ``anchor="end"``): the
+            last ``lead`` days of every window are stripped of their observations.
     """
 
     size: tuple[int, int, int] = (15, 240, 240)
@@ -104,8 +122,12 @@ class PatchGeometry:
     time_weight: str = "triangle"
     space_weight: str = "crop"
     taper: int = 20
+    lead: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.lead, bool) or not isinstance(self.lead, (int, np.integer)):
+            raise ConfigError(f"patch.lead must be an integer number of days >= 0, got {self.lead!r}")
+        object.__setattr__(self, "lead", int(self.lead))
         object.__setattr__(self, "size", tuple(int(v) for v in self.size))
         object.__setattr__(self, "stride", tuple(int(v) for v in self.stride))
         object.__setattr__(self, "crop", tuple(int(v) for v in self.crop))
@@ -122,6 +144,14 @@ class PatchGeometry:
         if self.anchor == "end" and self.time_weight != "anchor":
             raise ConfigError("patch.anchor=end (near-real-time) needs patch.time_weight=anchor: "
                               "a triangle would blend in observations after the analysed day")
+        if self.lead < 0:
+            raise ConfigError(f"patch.lead must be >= 0 days, got {self.lead}")
+        if self.lead and self.anchor != "end":
+            raise ConfigError(f"patch.lead={self.lead} (forecast) needs patch.anchor=end: the "
+                              "forecast day is the last day of the window")
+        if self.lead >= self.size[0]:
+            raise ConfigError(f"patch.lead={self.lead} leaves no observed day in a window of "
+                              f"{self.size[0]} days (patch.size[0]): need lead < size[0]")
         if self.space_weight not in ("crop", "taper"):
             raise ConfigError(f"patch.space_weight must be 'crop' or 'taper', got {self.space_weight!r}")
         _, H, W = self.size
@@ -147,6 +177,36 @@ class PatchGeometry:
         """Index of the anchor day inside the window (``T//2`` or ``T - 1``)."""
         T = self.size[0]
         return T // 2 if self.anchor == "centre" else T - 1
+
+    @property
+    def obs_days(self) -> Range:
+        """Patch-local half-open range ``[0, T - lead)`` of the days whose observations
+        reach the method (all ``T`` days unless forecasting)."""
+        return 0, self.size[0] - self.lead
+
+    @property
+    def mode(self) -> str:
+        """``"mapping"`` (centre day), ``"nrt"`` (last day) or ``"forecast"`` (last day,
+        ``lead`` days after the last observation)."""
+        if self.lead:
+            return "forecast"
+        return "mapping" if self.anchor == "centre" else "nrt"
+
+    def mode_record(self) -> dict[str, object]:
+        """What a model trained on these patches depends on: ``{"mode", "anchor", "lead",
+        "n_time", "time_weight"}`` (stored in checkpoints, compared by
+        :func:`check_trained_mode`)."""
+        return {"mode": self.mode, "anchor": self.anchor, "lead": self.lead,
+                "n_time": self.size[0], "time_weight": self.time_weight}
+
+    def mask_obs(self, obs):
+        """``obs (..., T, H, W)`` with the last ``lead`` days set to NaN (a copy when
+        ``lead > 0``; numpy arrays and torch tensors)."""
+        if not self.lead:
+            return obs
+        out = obs.clone() if hasattr(obs, "clone") else np.array(obs, copy=True)
+        out[..., self.obs_days[1]:, :, :] = float("nan")
+        return out
 
     def weights(self) -> BlendWeights:
         """The blend weights of every patch (all patches share them)."""
@@ -277,3 +337,54 @@ def make_patches(geometry: PatchGeometry, shape: tuple[int, int, int],
     starts[:, 1:] = np.tile(space, (len(st[0]), 1))
     starts.setflags(write=False)
     return PatchSet(geometry=geometry, shape=(nt, ny, nx), starts=starts)
+
+
+def mode_record_from_patch(patch: dict | None) -> dict[str, object] | None:
+    """The :meth:`PatchGeometry.mode_record` of a patch config dict (as stored by older
+    checkpoints in ``extra["patch"]``); ``None`` when ``patch`` is not a mapping."""
+    if not isinstance(patch, dict) or "size" not in patch:
+        return None
+    lead = int(patch.get("lead", 0) or 0)
+    anchor = str(patch.get("anchor", "centre"))
+    return {"mode": "forecast" if lead else ("mapping" if anchor == "centre" else "nrt"),
+            "anchor": anchor, "lead": lead, "n_time": int(list(patch["size"])[0]),
+            "time_weight": str(patch.get("time_weight", "triangle"))}
+
+
+def _describe(rec: dict) -> str:
+    lead = int(rec.get("lead", 0) or 0)
+    return f"{rec.get('mode')} (anchor={rec.get('anchor')}, lead={lead} days, {rec.get('n_time')}-day windows)"
+
+
+def check_trained_mode(trained: dict | None, geometry: PatchGeometry, source: str = "the model",
+                       allow_mismatch: bool = False) -> list[str]:
+    """Compare the patch mode a model was trained for (``trained``, a
+    :meth:`PatchGeometry.mode_record`; ``None``: unknown, nothing to check) with the
+    inference ``geometry``.
+
+    The window length must always match. A different mode (mapping / nrt / forecast, the
+    anchor day or the lead) raises unless ``allow_mismatch``, in which case the differences
+    are returned (for a warning). Returns ``[]`` when everything matches.
+
+    Raises:
+        ConfigError: naming ``source``, both modes and the setting to change.
+    """
+    if not trained:
+        return []
+    want = geometry.mode_record()
+    n_time = trained.get("n_time")
+    if n_time is not None and int(n_time) != want["n_time"]:
+        raise ConfigError(f"{source} was trained on {int(n_time)}-day windows but patch.size[0]="
+                          f"{want['n_time']}: set patch.size[0]={int(n_time)}")
+    diffs = [k for k in ("anchor", "lead") if k in trained and trained[k] != want[k]]
+    if not diffs:
+        return []
+    msg = (f"{source} was trained for {_describe(trained)} but the patches are "
+           f"{_describe(want)}")
+    if not allow_mismatch:
+        lead = int(trained.get("lead", 0) or 0)
+        hint = {"mapping": "patch=anchor (or a patch with anchor=centre)",
+                "nrt": "patch=nrt (or a patch with anchor=end, lead=0)"}.get(
+            str(trained.get("mode")), f"patch=forecast{lead} (or a patch with anchor=end, lead={lead})")
+        raise ConfigError(f"{msg}: use {hint}, or allow_mode_mismatch=true to apply it anyway")
+    return [msg]

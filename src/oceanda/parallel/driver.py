@@ -25,6 +25,13 @@ in an order fixed by the tiles and the canonical patch order (patches within a t
 then tiles), never by the rank count; methods are per-patch deterministic and batches are
 formed within a tile.
 
+Modes (:attr:`oceanda.data.patches.PatchGeometry.mode`): mapping, near-real-time and
+forecast differ only in the patch geometry: the anchor (reconstructed) day of each window
+and, for a forecast of lead ``L``, the observations of the window's last ``L`` days, which
+are dropped here before the method sees the patch. :func:`check_method` (called by
+:func:`run_inference` before any work; callers may call it before creating outputs)
+refuses a trained method whose checkpoint records another mode.
+
 Feedback: rank 0 draws one tqdm bar for all ranks' patches (other ranks report with
 non-blocking messages), each rank logs to ``log_dir/rankNNNN.log``, and a summary (patches,
 time, patches/s, ocean cells/s, time shares, peak memory) is gathered on rank 0.
@@ -47,9 +54,9 @@ import torch
 from oceanda.assim.base import PatchBatch
 from oceanda.data import names as N
 from oceanda.data.grid import Grid
-from oceanda.data.patches import Box, PatchSet
+from oceanda.data.patches import Box, PatchGeometry, PatchSet, check_trained_mode, mode_record_from_patch
 from oceanda.data.store import extend_coord
-from oceanda.errors import NumericalError
+from oceanda.errors import InputError, NumericalError
 from oceanda.parallel.layout import Layout, box_size
 
 TAG_PROGRESS = 11
@@ -132,6 +139,50 @@ class _Progress:
             self.comm.waitall(self.requests)
 
 
+def trained_mode(method) -> dict | None:
+    """The patch mode a trained method was trained for (a
+    :meth:`~oceanda.data.patches.PatchGeometry.mode_record`), or ``None`` when unknown.
+
+    Taken from ``method.trained_mode`` when the method exposes it, else from the checkpoint
+    file named by ``method.checkpoint`` (``extra["mode"]``, or ``extra["patch"]`` of
+    checkpoints written before modes were recorded). Methods without a checkpoint (OI,
+    SPDE-OI) have no mode: they work in any.
+    """
+    rec = getattr(method, "trained_mode", None)
+    if isinstance(rec, dict):
+        return rec
+    path = getattr(method, "checkpoint", None)
+    if not isinstance(path, (str, os.PathLike)) or not Path(path).expanduser().is_file():
+        return None
+    try:
+        ck = torch.load(Path(path).expanduser(), map_location="cpu", weights_only=True)
+    except Exception as exc:  # the method read it already: a file changed under us
+        raise InputError(f"checkpoint {path}: cannot be read (corrupted or not a torch file: "
+                         f"{type(exc).__name__}: {str(exc)[:200]})") from None
+    extra = ck.get("extra") if isinstance(ck, dict) else None
+    if not isinstance(extra, dict):
+        return None
+    rec = extra.get("mode")
+    return rec if isinstance(rec, dict) else mode_record_from_patch(extra.get("patch"))
+
+
+def check_method(method, geometry: PatchGeometry, allow_mode_mismatch: bool = False,
+                 log: logging.Logger | None = None) -> list[str]:
+    """Refuse a trained ``method`` whose checkpoint was trained for another patch mode or
+    window length than ``geometry`` (:func:`oceanda.data.patches.check_trained_mode`);
+    with ``allow_mode_mismatch`` log the difference instead and return it.
+
+    Raises:
+        ConfigError: naming the checkpoint, its mode and the patches' mode.
+    """
+    source = getattr(method, "checkpoint", None)
+    source = f"checkpoint {source}" if source else f"method {type(method).__name__}"
+    diffs = check_trained_mode(trained_mode(method), geometry, source, allow_mode_mismatch)
+    for d in diffs:
+        (log or logging.getLogger("oceanda.infer")).warning("allow_mode_mismatch: %s", d)
+    return diffs
+
+
 def _compute_tile(a: int, *, obs, ocean: np.ndarray, patches: PatchSet, layout: Layout, method,
                   batch_size: int, device: torch.device, lon: np.ndarray, lat: np.ndarray,
                   tdays: np.ndarray, timers: Timers, on_batch) -> dict[str, np.ndarray]:
@@ -167,7 +218,8 @@ def _compute_tile(a: int, *, obs, ocean: np.ndarray, patches: PatchSet, layout: 
         loc = [patches.starts[p] - np.array([f[0] for f in fbox]) for p in chunk]
         sl = [tuple(slice(int(o), int(o) + n) for o, n in zip(l, (T, H, W))) for l in loc]
         batch = PatchBatch(
-            obs=torch.from_numpy(np.stack([obs_box[s] for s in sl])),
+            # forecast: observations after (target day - lead) never reach the method
+            obs=torch.from_numpy(patches.geometry.mask_obs(np.stack([obs_box[s] for s in sl]))),
             ocean=torch.from_numpy(np.stack([ocean_box[s[1], s[2]] for s in sl])),
             lon=torch.from_numpy(np.stack([lon_box[s[2]] for s in sl])),
             lat=torch.from_numpy(np.stack([lat_box[s[1]] for s in sl])),
@@ -231,7 +283,8 @@ def _piece(arr: np.ndarray, sup: Box, box: Box) -> np.ndarray:
 
 def run_inference(*, obs, ocean: np.ndarray, patches: PatchSet, layout: Layout, method, store,
                   state, comm, device: torch.device | str = "cpu", batch_size: int = 8,
-                  progress: bool = True, log_dir: str | os.PathLike | None = None) -> dict:
+                  progress: bool = True, log_dir: str | os.PathLike | None = None,
+                  allow_mode_mismatch: bool = False) -> dict:
     """Run the distributed inference (see the module docstring); every rank calls it.
 
     Args:
@@ -244,12 +297,15 @@ def run_inference(*, obs, ocean: np.ndarray, patches: PatchSet, layout: Layout, 
         store: an opened :class:`oceanda.data.store.AnalysisStore` (created by rank 0).
         state: :class:`oceanda.parallel.restart.RunState` (manifest initialised).
         comm: communicator (:func:`oceanda.parallel.comm.get_comm`).
+        allow_mode_mismatch: run a trained method on patches of another mode than it was
+            trained for (:func:`check_method`; by default a :class:`ConfigError`).
 
     Returns:
         The run summary (same dict on every rank; rank 0 also finalises the store).
     """
     rank = comm.rank
     log = _rank_logger(log_dir, rank)
+    check_method(method, patches.geometry, allow_mode_mismatch, log)
     timers = Timers()
     wall0 = time.perf_counter()
     device = torch.device(device)

@@ -12,6 +12,13 @@ moved back so the domain's end is covered. Their loss weights are the inference 
 weights (:meth:`oceanda.data.patches.PatchGeometry.weights`: triangle in time x crop),
 times the ocean mask.
 
+Modes (:attr:`oceanda.data.patches.PatchGeometry.mode`): training follows the inference
+patch geometry. The loss weight is the blend weight, so near-real-time and forecast
+patches (``time_weight="anchor"``) are trained on their last (target) day only; for a
+forecast of lead ``L`` the input observations of the window's last ``L`` days are dropped
+exactly as the inference runtime drops them (``lead``). Mapping (``lead=0``) items are
+unchanged.
+
 Time split with a gap (:func:`time_split`, the data challenge's practice): the evaluation
 period ``[v0, v1)`` and ``gap`` days on each side are removed; training windows lie entirely
 in one of the remaining segments, so no training window sees an evaluation day.
@@ -116,12 +123,16 @@ class PatchDataset(torch.utils.data.Dataset):
     ``obs (T, H, W)`` input observations (NaN where unobserved), ``tgt (T, H, W)`` target
     (truth, or held-out observations in semi-supervised mode; NaN where undefined),
     ``weight (T, H, W)`` loss weight (blend weight x ocean), ``ocean (H, W)`` bool.
+
+    ``lead`` (forecast): the observations of the last ``lead`` days of every window are
+    removed from the input (in semi-supervised mode they join the target: nothing of them
+    is seen, all of them are predicted).
     """
 
     def __init__(self, truth: np.ndarray | None, obs: np.ndarray, ocean: np.ndarray,
                  starts: np.ndarray, size: tuple[int, int, int], weight: np.ndarray,
                  norm: Normalisation, aug: int = 0, mode: str = "supervised",
-                 holdout: float = 0.2, seed: int = 0) -> None:
+                 holdout: float = 0.2, seed: int = 0, lead: int = 0) -> None:
         if mode not in ("supervised", "semi"):
             raise ConfigError(f"train.mode must be 'supervised' or 'semi', got {mode!r}")
         if mode == "supervised" and truth is None:
@@ -132,6 +143,9 @@ class PatchDataset(torch.utils.data.Dataset):
             raise InputError(f"truth {truth.shape} and obs {obs.shape} do not have the same shape")
         if len(starts) == 0:
             raise InputError("no training patch fits in the training period/domain")
+        if not 0 <= int(lead) < int(size[0]):
+            raise ConfigError(f"lead={lead} days must be in [0, {int(size[0])}) (the window length)")
+        self.lead = int(lead)
         self.truth = None if truth is None else np.where(ocean, norm.apply(truth), 0.0).astype(np.float32)
         self.obs = np.where(ocean, norm.apply(obs), np.nan).astype(np.float32)
         self.ocean = np.asarray(ocean, bool)
@@ -171,6 +185,9 @@ class PatchDataset(torch.utils.data.Dataset):
                     j = int(self.perm[j])
                 seen = np.isfinite(self._window(self.obs, j))
                 obs = np.where(seen & oc[None], tgt, np.nan)
+            if self.lead:
+                obs = np.array(obs, copy=True)
+                obs[-self.lead:] = np.nan
         else:
             full = self._window(self.obs, base)
             rng = np.random.default_rng((self.seed, self.epoch, idx))
@@ -180,6 +197,8 @@ class PatchDataset(torch.utils.data.Dataset):
                 if m:
                     pick = np.concatenate([[False], rng.random(m) < self.holdout])
                     held[d] = pick[lab]
+            if self.lead:
+                held[-self.lead:] = np.isfinite(full[-self.lead:])
             obs = np.where(held, np.nan, full)
             tgt = np.where(held, full, np.nan)
         return {

@@ -26,7 +26,10 @@ CPU, NCCL on GPU).
 Checkpoints (:func:`save_checkpoint` / :func:`load_checkpoint`) hold the model config,
 weights, normalisation, training config, optimizer / scheduler state, epoch and history;
 they are written to a temporary file and renamed. A corrupted, foreign or mismatching file
-raises :class:`oceanda.errors.InputError` naming it.
+raises :class:`oceanda.errors.InputError` naming it. ``extra["mode"]`` (written by
+``oceanda train``) is the patch mode the model was trained for
+(:meth:`oceanda.data.patches.PatchGeometry.mode_record`, read back by
+:func:`checkpoint_mode`); resuming with another mode is refused.
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ log = logging.getLogger("oceanda.train")
 # ----------------------------------------------------------------------------- configs
 
 __all__ = ["ModelConfig", "build_model", "TrainConfig", "fit", "train_step", "load_checkpoint",
-           "save_checkpoint", "init_distributed", "shutdown_distributed", "DistContext"]
+           "save_checkpoint", "checkpoint_mode", "init_distributed", "shutdown_distributed", "DistContext"]
 
 
 @dataclass
@@ -244,6 +247,17 @@ def load_checkpoint(path: str | os.PathLike, expect: ModelConfig | None = None) 
     return ck
 
 
+def checkpoint_mode(ck: dict[str, Any]) -> dict[str, Any] | None:
+    """The patch mode record of a loaded checkpoint: ``extra["mode"]``, or derived from
+    ``extra["patch"]`` for checkpoints written before modes were recorded; ``None`` when
+    unknown (e.g. a checkpoint saved without ``extra``)."""
+    from oceanda.data.patches import mode_record_from_patch
+
+    extra = ck.get("extra") or {}
+    rec = extra.get("mode")
+    return rec if isinstance(rec, dict) else mode_record_from_patch(extra.get("patch"))
+
+
 # ----------------------------------------------------------------------------- loop
 
 
@@ -349,6 +363,11 @@ def fit(model: FourDVarNet, model_cfg: ModelConfig, train_ds, val_ds, norm: Norm
     ckpt = Path(checkpoint) if checkpoint is not None else None
     if resume and ckpt is not None and ckpt.is_file():
         ck = load_checkpoint(ckpt, expect=model_cfg)
+        was = (ck.get("extra") or {}).get("mode")
+        now = (extra or {}).get("mode")
+        if isinstance(was, dict) and isinstance(now, dict) and was != now:
+            raise InputError(f"checkpoint {ckpt} was trained for patch mode {was} but this run's "
+                             f"patches are {now}: resume with the same patch config or use another out_dir")
         model.load_state_dict(ck["state_dict"])
         if ck.get("optimizer"):
             opt.load_state_dict(ck["optimizer"])
