@@ -114,10 +114,14 @@ class DistContext:
 def init_distributed(device: torch.device | None = None, backend: str = "auto") -> DistContext:
     """torch.distributed from the MPI environment (serial without a launcher / one rank).
 
-    Rank and size come from :func:`oceanda.parallel.comm.get_comm`; rank 0 binds a free TCP
-    port, broadcasts ``host:port`` over MPI and every rank joins with ``init_method=tcp://``.
-    ``backend="auto"``: NCCL when ``device`` is CUDA, gloo otherwise.
+    Rank and size come from :func:`oceanda.parallel.comm.get_comm`. Rank 0 starts the
+    rendezvous ``TCPStore`` on port 0 (the OS picks a free port and the store keeps it: no
+    window in which another process could take it), broadcasts ``host:port`` over MPI and
+    the other ranks connect to it. ``backend="auto"``: NCCL when ``device`` is CUDA, gloo
+    otherwise.
     """
+    from datetime import timedelta
+
     from oceanda.parallel.comm import get_comm
 
     comm = get_comm()
@@ -125,21 +129,24 @@ def init_distributed(device: torch.device | None = None, backend: str = "auto") 
         return DistContext()
     if backend == "auto":
         backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
-    addr = None
+    if torch.distributed.is_initialized():
+        return DistContext(comm.rank, comm.size, backend)
+    timeout = timedelta(minutes=10)
+    store, where = None, None
     if comm.rank == 0:
         host = socket.gethostname()
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
         try:
-            socket.getaddrinfo(host, port)
+            socket.getaddrinfo(host, 0)
         except OSError:
             host = "127.0.0.1"
-        addr = f"tcp://{host}:{port}"
-    addr = comm.bcast(addr, root=0)
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend, init_method=addr, rank=comm.rank,
-                                             world_size=comm.size)
+        store = torch.distributed.TCPStore(host, 0, comm.size, is_master=True, timeout=timeout,
+                                           wait_for_workers=False)
+        where = (host, store.port)
+    host, port = comm.bcast(where, root=0)
+    if store is None:
+        store = torch.distributed.TCPStore(host, port, comm.size, is_master=False, timeout=timeout)
+    torch.distributed.init_process_group(backend, store=store, rank=comm.rank, world_size=comm.size,
+                                         timeout=timeout)
     return DistContext(comm.rank, comm.size, backend)
 
 
