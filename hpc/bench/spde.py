@@ -1,7 +1,9 @@
 """Benchmark: exact SPDE posterior solve and Matheron ensemble, side by side with a sparse
 direct solve (scipy ``spsolve`` of ``Q + H^T R^{-1} H``, SuperLU) in the same run.
 
-    OMP_NUM_THREADS=2 python hpc/bench/spde.py                      # 200 x 200 x 15, 200 members
+    OMP_NUM_THREADS=1 python hpc/bench/spde.py --rtol 1e-5 --baseline --baseline-rtol 1e-8 \
+        --members 0 --direct-ny 40 --coarse 0 0          # 200 x 200 x 15 vs previous solver
+    OMP_NUM_THREADS=2 python hpc/bench/spde.py --threads 2 --members 200 --members-ny 60
     python hpc/bench/spde.py --ny 100 --nx 100 --members 20 --json out.json
 
 Set-up: 1/20 deg Gulf Stream-like grid (dx = 5.57 km cos(lat), dy = 5.55 km, 33..43 N),
@@ -10,13 +12,19 @@ correlation time ~ 11 days, std 0.1 m), four synthetic nadir tracks per day (str
 one cell wide: ~2% of the cells), observation noise ``--noise-std``. Truth = a prior draw.
 
 Rows:
-- ``factor``: sparse LU of ``F = I + dt A^2`` and LDL^T of ``Q_0`` (once per DAW).
+- ``F solve lu`` / ``F solve complex``: the two factorisations of ``F = I + dt A^2`` side by
+  side (real SuperLU LU of the 13-point ``F`` vs complex LU of the 5-point
+  ``I - i sqrt(dt) A``, ``F^{-1} b = Re(...)``): factor time, factor entries, one solve.
+- ``factor``: the factor used (``--factor``) and LDL^T of ``Q_0`` (once per DAW).
 - ``posterior CG``: whitened CG to relative residual ``--rtol`` (the exact solve).
 - ``posterior 2-level CG``: PCG on ``Q + D`` with the prior and a coarse space-time grid
   (``--coarse H HT``) as balancing preconditioner; agreement with the row above.
 - ``posterior direct`` (``--direct-ny`` grid, default 60 x 60 x T): ``spsolve(Q + D)``,
   with CG on the same problem for the ratio and the agreement (max |x_cg - x_direct|
   relative to max |x_direct|).
+- ``nll+grad sparse`` (``--nll-ny``, default 100 x 100 x T): NLL of one prior draw and its
+  gradient in (kappa, gamma, tau) through the sparse log-det (exact complex-step gradient);
+  ``nll+grad dense`` on ``--nll-dense-ny`` (default 40) for the agreement of both paths.
 - ``members``: ``--members`` Matheron members = prior simulation + one block CG with N + 1
   right-hand sides, on ``--members-ny`` (default: the full grid); spread/skill vs the truth.
 Peak memory is the process's max resident set size after each row (monotone).
@@ -43,14 +51,15 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def setup(ny, nx, T, alpha, std, seed=0):
+def setup(ny, nx, T, alpha, std, seed=0, factor="auto", threads=None):
     lat = np.linspace(33.0, 43.0, ny)
     dx = np.repeat((5.566 * np.cos(np.deg2rad(lat)))[:, None], nx, 1)
     dy = np.full((ny, nx), 5.55)
     kappa, gamma = 0.55, 375.0
     area = float((dx * dy).mean())
     tau = tau_for_std(std, kappa, gamma, area) if alpha == 2 else std
-    P = SPDEPrior(dx, dy, None, T=T, dt=1.0, alpha=alpha, kappa=kappa, gamma=gamma, tau=tau)
+    P = SPDEPrior(dx, dy, None, T=T, dt=1.0, alpha=alpha, kappa=kappa, gamma=gamma, tau=tau,
+                  factor=factor, threads=threads)
     rng = np.random.default_rng(seed)
     mask = np.zeros((T, ny, nx), bool)
     for k in range(T):
@@ -78,6 +87,21 @@ def main(argv=None) -> int:
     ap.add_argument("--direct-ny", type=int, default=60)
     ap.add_argument("--coarse", type=int, nargs=2, default=[8, 2], metavar=("H", "HT"),
                     help="coarse spacing of the two-level CG row (0 0: skip the row)")
+    ap.add_argument("--factor", default="auto", choices=["auto", "complex", "lu"])
+    ap.add_argument("--threads", type=int, default=None,
+                    help="sweep threads (default 1)")
+    ap.add_argument("--split", type=int, default=1,
+                    help="split the single solve in this many frame blocks (enlarged Krylov)")
+    ap.add_argument("--block-size", type=int, default=None,
+                    help="right-hand sides per block CG in the members row (default: as many "
+                         "as fit in 1 GiB)")
+    ap.add_argument("--baseline", action="store_true",
+                    help="also time the previous solver on the full grid (real LU of F, one "
+                         "thread, no split) for the ratio")
+    ap.add_argument("--baseline-rtol", type=float, default=None,
+                    help="rtol of the baseline row (default --rtol; 1e-8 = previous default)")
+    ap.add_argument("--nll-ny", type=int, default=100, help="0: skip the NLL rows")
+    ap.add_argument("--nll-dense-ny", type=int, default=40)
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     R = a.noise_std**2
@@ -91,23 +115,69 @@ def main(argv=None) -> int:
               + "  ".join(f"{k}={v}" for k, v in extra.items()), flush=True)
 
     print(f"threads OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, "
-          f"alpha={a.alpha}, noise_std={a.noise_std}, std={a.std}, rtol={a.rtol}")
+          f"alpha={a.alpha}, noise_std={a.noise_std}, std={a.std}, rtol={a.rtol}, "
+          f"cpu_count={os.cpu_count()}, load={os.getloadavg()[0]:.2f}")
     # full-size posterior
-    P, mask, rng = setup(a.ny, a.nx, a.T, a.alpha, a.std)
     size = f"{a.ny}x{a.nx}x{a.T}"
+    if a.alpha == 2:
+        bvec = np.random.default_rng(5).standard_normal(a.ny * a.nx)
+        sol, cpu_solve = {}, {}
+        for fac in ("lu", "complex"):
+            Pf, _, _ = setup(a.ny, a.nx, a.T, a.alpha, a.std, factor=fac)
+            t = time.process_time()  # CPU seconds: robust to a shared machine
+            f = Pf._F_lu(1)
+            tf = time.process_time() - t
+            f.solve(bvec)
+            t = time.process_time()
+            for _ in range(10):
+                sol[fac] = f.solve(bvec)
+            ts = cpu_solve[fac] = (time.process_time() - t) / 10
+            extra = {}
+            if fac == "complex":
+                diff = np.abs(sol["complex"] - sol["lu"]).max() / np.abs(sol["lu"]).max()
+                extra = dict(rel_diff_vs_lu=f"{diff:.1e}",
+                             solve_speedup_vs_lu=round(cpu_solve["lu"] / ts, 2))
+            row(f"F solve {fac}", f"{a.ny}x{a.nx}", tf,
+                factor_entries=int(f.lu.L.nnz + f.lu.U.nnz), one_solve_cpu_ms=round(1e3 * ts, 2),
+                note="seconds = factor CPU time", **extra)
+            del Pf, f
+    P, mask, rng = setup(a.ny, a.nx, a.T, a.alpha, a.std, factor=a.factor, threads=a.threads)
     t = time.perf_counter()
+    c0 = time.process_time()
     P._F_lu(1)
     P._Q0_factor()
-    row("factor", size, time.perf_counter() - t, nnz_lu=int(P._F_lu(1).lu.L.nnz
-                                                          + P._F_lu(1).lu.U.nnz))
+    t_fac = time.perf_counter() - t
+    cpu_fac = time.process_time() - c0
+    row("factor", size, t_fac, factor=P.factor, threads=P.threads, cpu_s=round(cpu_fac, 2))
     truth = P.sample(1, rng=rng)[0]
     y = np.where(mask, truth + a.noise_std * rng.standard_normal(truth.shape), 0.0)
     t = time.perf_counter()
-    x, info = P.posterior_mean(y, mask, R, rtol=a.rtol, return_info=True)
+    c0 = time.process_time()
+    x, info = P.posterior_mean(y, mask, R, rtol=a.rtol, return_info=True, split=a.split)
     t_cg = time.perf_counter() - t
+    cpu_cg = time.process_time() - c0
     row("posterior CG", size, t_cg, iterations=info.iterations,
         obs_fraction=round(float(mask.mean()), 4),
-        rmse_vs_truth=round(float(np.sqrt(np.mean((x - truth) ** 2))), 4))
+        rmse_vs_truth=round(float(np.sqrt(np.mean((x - truth) ** 2))), 4),
+        cpu_s=round(cpu_cg, 2), rel_residual=f"{float(info.rel_residual.max()):.1e}",
+        split=a.split)
+
+    if a.baseline:
+        Pb, _, _ = setup(a.ny, a.nx, a.T, a.alpha, a.std, factor="lu", threads=1)
+        t = time.perf_counter()
+        c0 = time.process_time()
+        Pb._F_lu(1)
+        Pb._Q0_factor()
+        rb = a.rtol if a.baseline_rtol is None else a.baseline_rtol
+        xb, infob = Pb.posterior_mean(y, mask, R, rtol=rb, return_info=True)
+        tb = time.perf_counter() - t
+        row("posterior CG baseline", size, tb, iterations=infob.iterations,
+            note="real LU, 1 thread, incl. factor", rtol=rb,
+            cpu_s=round(time.process_time() - c0, 2),
+            rel_diff_vs_cg=f"{np.abs(xb - x).max() / np.abs(xb).max():.1e}",
+            speedup_of_factor_plus_cg=round(tb / (t_fac + t_cg), 2),
+            cpu_ratio_baseline_over_ours=round((time.process_time() - c0) / (cpu_fac + cpu_cg), 2))
+        del Pb
 
     if a.coarse[0] > 0:
         t = time.perf_counter()
@@ -121,12 +191,13 @@ def main(argv=None) -> int:
 
     # side by side with sparse direct on a smaller DAW
     dn = a.direct_ny
-    Pd, maskd, rngd = setup(dn, dn, a.T, a.alpha, a.std, seed=1)
+    Pd, maskd, rngd = setup(dn, dn, a.T, a.alpha, a.std, seed=1, factor=a.factor,
+                            threads=a.threads)
     truthd = Pd.sample(1, rng=rngd)[0]
     yd = np.where(maskd, truthd + a.noise_std * rngd.standard_normal(truthd.shape), 0.0)
     dsize = f"{dn}x{dn}x{a.T}"
     t = time.perf_counter()
-    xc, infod = Pd.posterior_mean(yd, maskd, R, rtol=a.rtol, return_info=True)
+    xc, infod = Pd.posterior_mean(yd, maskd, R, rtol=a.rtol, return_info=True, split=a.split)
     t_cgd = time.perf_counter() - t
     row("posterior CG", dsize, t_cgd, iterations=infod.iterations)
     t = time.perf_counter()
@@ -136,12 +207,54 @@ def main(argv=None) -> int:
     t_dir = time.perf_counter() - t
     err = float(np.abs(xc.reshape(-1) - xd).max() / np.abs(xd).max())
     row("posterior direct", dsize, t_dir, rel_diff_vs_cg=f"{err:.1e}",
-        ratio_direct_over_cg=round(t_dir / t_cgd, 2))
+        ratio_direct_over_cg=round(t_dir / t_cgd, 2), solver="spsolve (SuperLU, COLAMD)")
+    # a better-ordered direct solve: symmetric-mode SuperLU, minimum degree on A + A^T
+    t = time.perf_counter()
+    lu = spla.splu((Q + Dg).tocsc(), permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0,
+                   options=dict(SymmetricMode=True))
+    xd2 = lu.solve(Dg @ yd.reshape(-1))
+    t_dir2 = time.perf_counter() - t
+    err2 = float(np.abs(xc.reshape(-1) - xd2).max() / np.abs(xd2).max())
+    row("posterior direct", dsize, t_dir2, rel_diff_vs_cg=f"{err2:.1e}",
+        ratio_direct_over_cg=round(t_dir2 / t_cgd, 2),
+        solver="splu symmetric MMD(A+A^T)", factor_entries=int(lu.L.nnz + lu.U.nnz))
+    del lu
+
+    # NLL and its gradient at patch scale
+    if a.nll_ny:
+        import torch
+
+        def nll_grad(ny, method):
+            P0, _, _ = setup(ny, ny, a.T, a.alpha, a.std)
+            x = torch.as_tensor(P0.sample(1, rng=0))
+            th = [torch.tensor(v, dtype=torch.float64, requires_grad=True)
+                  for v in (0.55, 375.0, float(P0.params["tau"]))]
+            t = time.perf_counter()
+            c0 = time.process_time()
+            P1 = SPDEPrior(P0.dx, P0.dy, None, T=a.T, dt=1.0, alpha=a.alpha, kappa=th[0],
+                           gamma=th[1], tau=th[2])
+            v = P1.nll(x, logdet_method=method).sum()
+            v.backward()
+            return (float(v.detach()), np.array([float(u.grad) for u in th]),
+                    time.perf_counter() - t, time.process_time() - c0)
+
+        dn2 = a.nll_dense_ny
+        vd, gd, td, cd = nll_grad(dn2, "dense")
+        vs, gs, ts, cs = nll_grad(dn2, "sparse")
+        row("nll+grad dense", f"{dn2}x{dn2}x{a.T}", td, cpu_s=round(cd, 2))
+        row("nll+grad sparse", f"{dn2}x{dn2}x{a.T}", ts, cpu_s=round(cs, 2),
+            rel_diff_value=f"{abs(vs - vd) / abs(vd):.1e}",
+            rel_diff_grad=f"{float(np.max(np.abs(gs - gd) / np.abs(gd))):.1e}")
+        vb, gb, tb2, cb = nll_grad(a.nll_ny, "sparse")
+        row("nll+grad sparse", f"{a.nll_ny}x{a.nll_ny}x{a.T}", tb2, cpu_s=round(cb, 2),
+            params="kappa,gamma,tau",
+            dense="not possible (n > 6000)" if a.nll_ny**2 > 6000 else "possible")
 
     # members
     if a.members:
         mn = a.members_ny or a.ny
-        Pm, maskm, rngm = (P, mask, rng) if mn == a.ny else setup(mn, mn, a.T, a.alpha, a.std, 2)
+        Pm, maskm, rngm = (P, mask, rng) if mn == a.ny else setup(
+            mn, mn, a.T, a.alpha, a.std, 2, factor=a.factor, threads=a.threads)
         truthm = Pm.sample(1, rng=rngm)[0]
         ym = np.where(maskm, truthm + a.noise_std * rngm.standard_normal(truthm.shape), 0.0)
         msize = f"{mn}x{mn}x{a.T}"
@@ -149,18 +262,21 @@ def main(argv=None) -> int:
 
         def recon(Y):
             X, inf = Pm.posterior_mean(np.nan_to_num(Y), maskm, R, rtol=a.rtol,
-                                       return_info=True)
+                                       return_info=True, block_size=a.block_size)
             its.append(inf.iterations)
             return X
 
         t = time.perf_counter()
+        c_m = time.process_time()
         S = Pm.sample(a.members, rng=rngm)
         t_s = time.perf_counter() - t
         members = matheron_members(recon, ym, maskm, R, S, rng=rngm)
         t_m = time.perf_counter() - t
         ss = np.sqrt(members.var(0, ddof=1).mean() / ((members.mean(0) - truthm) ** 2).mean())
         row(f"members N={a.members}", msize, t_m, prior_sampling_s=round(t_s, 2),
-            cg_iterations=its[0], spread_skill=round(float(ss), 3))
+            cg_iterations_max_block=its[0], block_size=a.block_size or "auto",
+            cpu_s=round(time.process_time() - c_m, 2), threads=Pm.threads,
+            spread_skill=round(float(ss), 3))
 
     print("\n| row | size | seconds | peak RSS MB | notes |\n|---|---|---|---|---|")
     for r in rows:

@@ -138,7 +138,8 @@ def test_spde_oi_patch_batch_is_deterministic_and_batch_independent():
 
 
 @pytest.mark.parametrize("bad", [dict(kappa=0.0), dict(noise_std=0.0), dict(members=1),
-                                 dict(dt=-1.0), dict(mean="median")])
+                                 dict(dt=-1.0), dict(mean="median"), dict(threads=0),
+                                 dict(block_size=0), dict(factor="qr")])
 def test_spde_oi_bad_config(bad):
     with pytest.raises(ConfigError):
         build_method("spde_oi", **dict(CFG, **bad))
@@ -165,3 +166,21 @@ def test_spde_truth_stream_matches_prior_statistics():
     assert 0.05 < s < 0.2, s
     with pytest.raises(ConfigError, match="truth.speed"):
         spde_truth(grid, 2, 0, dict(speed=1.0), "cpu", None)
+
+
+def test_spde_oi_threads_and_block_size_do_not_change_the_result():
+    # threads split the sweeps / the single solve (enlarged Krylov); block_size chunks the
+    # ensemble's block CG: same members (same random draws) to the CG tolerance
+    dx, dy, ocean, prior = _setup()
+    T, (ny, nx) = prior.T, prior.shape
+    rng = np.random.default_rng(7)
+    truth = prior.sample(1, rng=1)[0]
+    mask = _nadir_mask(T, ny, nx, rng) & ocean[None]
+    obs = np.where(mask, truth + 0.02 * rng.standard_normal(truth.shape), np.nan)
+    out = []
+    for kw in (dict(threads=1, block_size=64, factor="lu"), dict(threads=2, block_size=4)):
+        m = build_method("spde_oi", members=12, **dict(CFG, rtol=1e-10, **kw))
+        out.append(m.patch(obs, ocean, dx, dy, seed=3))
+    (m1, s1, e1), (m2, s2, e2) = out
+    assert np.abs(m1 - m2).max() < 1e-7 * np.abs(m1).max()
+    assert np.abs(e1 - e2).max() < 1e-7 * np.abs(e1).max()

@@ -50,6 +50,12 @@ class SPDEOptimalInterpolation:
         coarse: ``[h, ht]`` coarse space-time spacing of the two-level CG (None: plain
             prior-preconditioned CG); see :meth:`SPDEPrior.posterior_mean`.
         length_unit_m: metres per length unit of the parameters.
+        factor: factorisation of ``F = I + dt A^alpha`` (``"auto"``: the complex first-order
+            factor for ``alpha = 2``), see :class:`SPDEPrior`.
+        threads: threads for the ensemble's sweeps (members split between threads;
+            ``None``: 1).
+        block_size: right-hand sides per block CG for the ensemble (memory: about 8 arrays
+            of ``T n block_size`` float64; ``None``: as many as fit in 1 GiB).
     """
 
     def __init__(self, kappa: float = 0.55, gamma: float = 375.0, beta: float = 0.0,
@@ -58,7 +64,8 @@ class SPDEOptimalInterpolation:
                  init: str = "stationary", noise_std: float = 0.02, mean="patch",
                  members: int = 0, return_members: bool = False, seed: int = 0,
                  rtol: float = 1e-8, maxiter: int = 5000, length_unit_m: float = 1000.0,
-                 coarse: list[int] | None = None):
+                 coarse: list[int] | None = None, factor: str = "auto",
+                 threads: int | None = None, block_size: int | None = None):
         if not noise_std > 0:
             raise ConfigError(f"spde_oi: noise_std must be > 0, got {noise_std}")
         if int(members) != members or members < 0 or members == 1:
@@ -78,6 +85,12 @@ class SPDEOptimalInterpolation:
         if coarse is not None and (len(coarse) != 2 or min(int(c) for c in coarse) < 1):
             raise ConfigError(f"spde_oi: coarse must be null or [h, ht] >= 1, got {coarse}")
         self.coarse = None if coarse is None else tuple(int(c) for c in coarse)
+        if threads is not None and (int(threads) != threads or threads < 1):
+            raise ConfigError(f"spde_oi: threads must be null or an integer >= 1, got {threads}")
+        if block_size is not None and (int(block_size) != block_size or block_size < 1):
+            raise ConfigError(f"spde_oi: block_size must be null or an integer >= 1, got "
+                              f"{block_size}")
+        self.factor, self.threads, self.block_size = factor, threads, block_size
         # validate the SPDE parameters once, on a tiny grid
         self._prior(np.ones((2, 2)), np.ones((2, 2)), np.ones((2, 2), bool), 2, 0.0)
 
@@ -86,7 +99,8 @@ class SPDEOptimalInterpolation:
         tau = self.tau if self.tau is not None else tau_for_std(
             self.std, self.params["kappa"], self.params["gamma"], area)
         return SPDEPrior(dx, dy, ocean, T=T, dt=self.dt, alpha=self.alpha, tau=tau,
-                         init=self.init, mean=mean, **self.params)
+                         init=self.init, mean=mean, factor=self.factor, threads=self.threads,
+                         **self.params)
 
     def patch(self, obs: np.ndarray, ocean: np.ndarray, dx_m: np.ndarray, dy_m: np.ndarray,
               seed: int | list[int] | None = None):
@@ -101,7 +115,8 @@ class SPDEOptimalInterpolation:
 
         def reconstruct(Y):
             return P.posterior_mean(np.where(mask[None], Y, 0.0), mask, self.R, rtol=self.rtol,
-                                    maxiter=self.maxiter, coarse=self.coarse)
+                                    maxiter=self.maxiter, coarse=self.coarse,
+                                    block_size=self.block_size)
 
         if not self.members:
             return reconstruct(y[None])[0], None, None

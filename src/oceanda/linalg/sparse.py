@@ -8,6 +8,12 @@ CPU path for exact log-determinants, SPDE sampling and the exact posterior solve
   map onto the same sparsity pattern.
 - :class:`LUFactor` wraps SuperLU (``scipy.sparse.linalg.splu``): ``solve`` applies
   ``A^{-1} b``, ``solve_t`` applies ``A^{-T} b``, ``logabsdet`` gives ``log|det A|``.
+- :class:`SquarePlusIdentityFactor` applies ``(I + c A^2)^{-1}`` through the *complex*
+  factor of the first-order matrix ``C = I - i sqrt(c) A``: ``I + c A^2 = C conj(C)``, so
+  for real ``b`` ``(I + c A^2)^{-1} b = Re(C^{-1} b)`` and ``log|det(I + c A^2)| =
+  2 log|det C|``. ``C`` has the sparsity of ``A`` (5 / 9 points instead of 13 / 25), which
+  makes the LU about 5x smaller and each solve 2-3x faster than a real LU of ``I + c A^2``
+  (200 x 200 grid: 2.0 M vs 9.9 M factor entries, see ``hpc/bench/spde.py``).
 - :class:`SPDFactor` factorises an SPD matrix ``A = G^T G`` (SuperLU in symmetric mode:
   ``P A P^T = L D L^T``, ``G = D^{1/2} L^T P``) and applies ``A^{-1} b``, ``G^{-1} b =
   A^{-1} G^T b``, ``G^{-T} b = G A^{-1} b``, ``log det A``; it raises
@@ -79,6 +85,46 @@ class LUFactor:
     def logabsdet(self) -> float:
         """``log|det A|`` (the unit-diagonal L contributes nothing)."""
         return float(np.sum(np.log(np.abs(self.lu.U.diagonal()))))
+
+
+class SquarePlusIdentityFactor:
+    """``F = I + c A^2`` (``A`` real square, ``c > 0``) applied through ``C = I - i sqrt(c) A``.
+
+    ``C`` and ``conj(C) = I + i sqrt(c) A`` commute and ``C conj(C) = F``, hence
+    ``C^{-1} = conj(C) F^{-1}`` and, for real ``b``, ``Re(C^{-1} b) = F^{-1} b`` (the
+    imaginary part is ``sqrt(c) A F^{-1} b``). Likewise ``F^{-T} b = Re(C^{-T} b)`` and
+    ``det F = |det C|^2``. One complex LU (SuperLU) of a matrix with ``A``'s sparsity.
+    Same interface as :class:`LUFactor` (``solve``, ``solve_t``, ``logabsdet``).
+    """
+
+    def __init__(self, A: sp.spmatrix, c: float, permc_spec: str = "MMD_AT_PLUS_A",
+                 single: bool = False):
+        if not c > 0:
+            raise NumericalError(f"SquarePlusIdentityFactor: c must be > 0, got {c}")
+        n = A.shape[0]
+        self.shape = A.shape
+        self.cdtype = np.complex64 if single else np.complex128
+        C = sp.csc_matrix(sp.eye(n, format="csc") - 1j * np.sqrt(c) * sp.csc_matrix(A),
+                          dtype=self.cdtype)
+        C.eliminate_zeros()
+        try:
+            self.lu = spla.splu(C, permc_spec=permc_spec)
+        except RuntimeError as exc:
+            raise NumericalError(f"sparse LU of I - i sqrt(c) A failed: {exc}") from None
+
+    def solve(self, b: np.ndarray) -> np.ndarray:
+        """``F^{-1} b`` for real ``b`` ``(n,)`` or ``(n, k)``."""
+        return np.ascontiguousarray(self.lu.solve(np.asarray(b, dtype=self.cdtype)).real,
+                                    dtype=np.float64)
+
+    def solve_t(self, b: np.ndarray) -> np.ndarray:
+        """``F^{-T} b`` for real ``b``."""
+        out = self.lu.solve(np.asarray(b, dtype=self.cdtype), trans="T").real
+        return np.ascontiguousarray(out, dtype=np.float64)
+
+    def logabsdet(self) -> float:
+        """``log|det F| = 2 log|det C|``."""
+        return float(2.0 * np.sum(np.log(np.abs(self.lu.U.diagonal().astype(np.complex128)))))
 
 
 class SPDFactor:

@@ -9,8 +9,11 @@ or *spatially varying*: its log (or value) is bilinear in a coarse ``(cy, cx)`` 
 control values, ``cy, cx >= 2``. Standard errors come from the inverse Hessian of the NLL
 at the optimum (observed Fisher information).
 
-The dense log-det restricts fitting to grids of a few thousand cells (patches); for larger
-grids fit on sub-windows.
+Log-determinant (``logdet``): ``"dense"`` (dense ``slogdet`` of the ``n x n`` blocks, exact,
+``n <= 6000``) or ``"sparse"`` (sparse factors: exact value, and for stationary parameters an
+exact gradient by the complex step, :meth:`SPDEPrior.logdet_torch`; standard errors then from
+central differences of that gradient); ``"auto"``: dense for spatially varying fits or grids
+of at most 6000 cells, sparse otherwise (e.g. 100 x 100 patches).
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ def fit_spde(
     max_iter: int = 200,
     tol: float = 1e-9,
     stderr: bool = True,
+    logdet: str = "auto",
 ) -> SPDEFit:
     """Fit SPDE parameters to trajectories ``x`` ``(N, T, ny, nx)`` by maximum likelihood.
 
@@ -66,6 +70,7 @@ def fit_spde(
         fixed: name -> value of the parameters held fixed.
         spatial: name -> ``(cy, cx)`` coarse control grid for parameters fitted as
             spatially varying fields (the others in ``fit`` are stationary).
+        logdet: ``"auto"``, ``"dense"`` or ``"sparse"`` (module docstring).
     """
     x = torch.as_tensor(np.asarray(x), dtype=torch.float64)
     if x.ndim != 4:
@@ -81,6 +86,10 @@ def fit_spde(
             raise ConfigError(f"fit_spde: spatial[{name!r}] must be a (cy, cx) grid >= 2 of "
                               "a fitted parameter")
     ny, nx = x.shape[-2:]
+    if logdet not in ("auto", "dense", "sparse"):
+        raise ConfigError(f"fit_spde: logdet must be 'auto', 'dense' or 'sparse', got {logdet!r}")
+    if logdet == "auto":
+        logdet = "dense" if (spatial or ny * nx <= 6000) else "sparse"
     raw = {}
     for name, v0 in fit.items():
         u0 = float(np.log(v0)) if name in POSITIVE else float(v0)
@@ -100,7 +109,7 @@ def fit_spde(
 
     def nll_of(raw_):
         P = SPDEPrior(dx, dy, ocean, T=T, dt=dt, alpha=alpha, init=init, **to_params(raw_))
-        return P.nll(x).sum()
+        return P.nll(x, logdet_method=logdet).sum()
 
     opt = torch.optim.LBFGS(list(raw.values()), max_iter=max_iter, tolerance_grad=tol,
                             tolerance_change=tol * 1e-3, line_search_fn="strong_wolfe")
@@ -127,7 +136,21 @@ def fit_spde(
             parts = torch.split(flat, sizes)
             return nll_of({k: p.reshape(raw[k].shape) for k, p in zip(names, parts)})
 
-        Hm = torch.autograd.functional.hessian(f, flat0)
+        if logdet == "dense":
+            Hm = torch.autograd.functional.hessian(f, flat0)
+        else:  # the sparse log-det has no second derivative: differences of the gradient
+            def grad(flat):
+                flat = flat.detach().clone().requires_grad_(True)
+                return torch.autograd.grad(f(flat), flat)[0]
+
+            h = 1e-4
+            cols = []
+            for i in range(flat0.numel()):
+                e = torch.zeros_like(flat0)
+                e[i] = h
+                cols.append((grad(flat0 + e) - grad(flat0 - e)) / (2 * h))
+            Hm = torch.stack(cols, 1)
+            Hm = 0.5 * (Hm + Hm.T)
         try:
             cov = torch.linalg.inv(Hm)
             sd = torch.sqrt(torch.clamp(torch.diagonal(cov), min=0.0))
