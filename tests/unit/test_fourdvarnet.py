@@ -264,3 +264,179 @@ def test_same_outputs_as_the_starter_reimplementation():
     with torch.inference_mode():
         out = ours(obs)
     torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- low precision
+
+
+def _obs32(B=2, seed=0):
+    x, y, mask, ocean = _data(B=B, dtype=torch.float32, seed=seed)
+    return torch.where(mask, y, torch.full_like(y, float("nan"))), ocean, x
+
+
+def test_lstm_cell_fusable_form_equals_eager_form_and_is_differentiable():
+    """The fused-kernel form of the cell (plain tanh, arithmetic in the state dtype) is the
+    eager form (sigmoid identity on pre-scaled rows) and the anchor's cell, with gradients."""
+    from oceanda.assim.fourdvarnet import _lstm_cell, _lstm_cell_fusable
+
+    g = torch.Generator().manual_seed(5)
+    n = 3
+    z = torch.randn(2, 4 * n, 5, 4, generator=g, dtype=torch.float64)
+    c0 = torch.randn(2, n, 5, 4, generator=g, dtype=torch.float64)
+    scaled = z.clone()
+    scaled[:, 3 * n:] *= 2.0  # the rows the modulator doubles
+    for cell in (None, c0):
+        h_e, c_e = _lstm_cell(scaled, cell, n, torch.float64)
+        h_f, c_f = _lstm_cell_fusable(scaled, cell, n, torch.float64)
+        i, f, o, cc = z.chunk(4, 1)
+        c_ref = torch.sigmoid(i) * torch.tanh(cc) + (0 if cell is None else torch.sigmoid(f) * cell)
+        torch.testing.assert_close(c_e, c_ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(c_f, c_ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(h_f, torch.sigmoid(o) * torch.tanh(c_ref), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(h_e, h_f, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda a, b: _lstm_cell_fusable(a, b, n, torch.float64),
+                                    (scaled.clone().requires_grad_(), c0.clone().requires_grad_()))
+
+
+def test_bf16_precision_changes_only_the_arithmetic():
+    """bf16: same state dict, output close to float32 (bf16 rounding, not garbage) but not
+    identical (the bf16 kernels really run); float64 inputs ignore it (stay exact)."""
+    obs, ocean, _ = _obs32()
+    m32 = _model().eval()
+    m16 = _model(precision="bf16").eval()
+    assert m16.state_dict().keys() == m32.state_dict().keys()
+    for a, b in zip(m16.state_dict().values(), m32.state_dict().values()):
+        assert torch.equal(a, b) and a.dtype == torch.float32
+    with torch.inference_mode():
+        a, b = m32(obs, ocean), m16(obs, ocean)
+    assert b.dtype == torch.float32 and torch.isfinite(b).all()
+    assert (b.permute(1, 0, 2, 3)[:, ~ocean] == 0).all()
+    rel = float((a - b).norm() / a.norm())
+    assert 0 < rel < 2e-2, rel
+    # float64 input: the setting is ignored, bit-identical to the float32 setting
+    m64a, m64b = _model(torch.float64).eval(), _model(torch.float64, precision="bf16").eval()
+    with torch.inference_mode():
+        torch.testing.assert_close(m64a(obs.double(), ocean), m64b(obs.double(), ocean), rtol=0, atol=0)
+    # switching back restores the exact float32 arithmetic
+    m16.set_precision("float32")
+    with torch.inference_mode():
+        torch.testing.assert_close(m16(obs, ocean), a, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("prior", ["bilin_ae", "unet"])
+def test_bf16_training_gradients_close_to_float32(prior):
+    """The bf16 training graph (casts are differentiable) gives the float32 parameter
+    gradients to bf16 accuracy, in float32, for every parameter."""
+    obs, ocean, x = _obs32(seed=2)
+    grads = {}
+    for prec in ("float32", "bf16"):
+        torch.manual_seed(0)
+        p = UNetPrior(T, hidden=4, depth=1) if prior == "unet" else None
+        model = FourDVarNet(T, prior=p, prior_hidden=4, lstm_hidden=5, n_steps=3, dropout=0.0,
+                            precision=prec).train()
+        loss = ((model(obs, ocean) - x) ** 2).mean() + model.prior_cost(x, ocean)
+        loss.backward()
+        grads[prec] = {k: v.grad for k, v in model.named_parameters()}
+    for k, g32 in grads["float32"].items():  # per tensor: bf16 rounding (8-bit mantissa)
+        g16 = grads["bf16"][k]
+        assert g16.dtype == torch.float32, k
+        assert 0 < float((g16 - g32).norm()) <= 0.1 * float(g32.norm()), k
+    flat = {p: torch.cat([g.flatten() for g in grads[p].values()]) for p in grads}
+    assert float((flat["bf16"] - flat["float32"]).norm()) <= 0.03 * float(flat["float32"].norm())
+
+
+def test_precision_option_config_and_checkpoints(tmp_path):
+    """precision / fuse_cell are validated, runtime-only (not compared with a checkpoint's
+    architecture), a checkpoint without them (written before they existed) still loads, and
+    the method can override them."""
+    from dataclasses import asdict
+
+    from oceanda.assim.fourdvarnet import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, FourDVarNetMethod,
+                                           ModelConfig, build_model, read_checkpoint)
+    from oceanda.assim.base import PatchBatch
+    from oceanda.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="precision"):
+        ModelConfig(precision="fp8")
+    with pytest.raises(ConfigError, match="precision"):
+        _model(precision="half")
+    cfg = ModelConfig(n_time=T, prior_hidden=4, lstm_hidden=5, n_steps=2)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    old = {k: v for k, v in asdict(cfg).items() if k not in ("precision", "fuse_cell")}
+    path = tmp_path / "old.pt"
+    torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "model_config": old,
+                "state_dict": model.state_dict(), "norm": {"mean": 0.5, "std": 2.0}}, path)
+    ck = read_checkpoint(path, expect=ModelConfig(**{**asdict(cfg), "precision": "bf16"}))
+    assert ck["model_cfg"].precision == "float32" and ck["model"].precision == "float32"
+    obs, ocean, _ = _obs32()
+    B = obs.shape[0]
+    batch = PatchBatch(obs=obs, ocean=ocean, lon=torch.zeros(B, W), lat=torch.zeros(B, H),
+                       time=torch.zeros(B, T), dx_m=torch.ones(B, H, W), dy_m=torch.ones(B, H, W))
+    r32 = FourDVarNetMethod(str(path))(batch).mean
+    meth = FourDVarNetMethod(str(path), precision="bf16")
+    assert meth.model.precision == "bf16"
+    r16 = meth(batch).mean
+    assert 0 < float((r16 - r32).norm() / r32.norm()) < 2e-2
+
+
+@pytest.mark.slow
+def test_fused_cell_compiled_matches_eager_forward_and_training():
+    """The torch.compile'd cell (one kernel) == the eager cell: inference output and training
+    gradients, float32 (compiles on first use: slow)."""
+    obs, ocean, x = _obs32(seed=3)
+    res = {}
+    for fuse in (False, True):
+        model = _model(dropout=0.0, fuse_cell=fuse)
+        model.eval()
+        with torch.inference_mode():
+            out = model(obs, ocean)
+        model.train()
+        loss = ((model(obs, ocean) - x) ** 2).mean()
+        loss.backward()
+        res[fuse] = (out, {k: v.grad for k, v in model.named_parameters()})
+    torch.testing.assert_close(res[True][0], res[False][0], rtol=1e-5, atol=1e-5)
+    for k, g in res[False][1].items():
+        torch.testing.assert_close(res[True][1][k], g, rtol=1e-4, atol=1e-5)
+
+
+def test_method_auto_precision_and_fused_cell_fallback(tmp_path, monkeypatch):
+    """method precision='auto' picks bf16 exactly where the device runs it natively; a bad
+    value is a ConfigError; a fused cell whose compilation fails warns and runs the eager
+    cell (same result as fuse_cell=False)."""
+    from dataclasses import asdict
+
+    import oceanda.assim.fourdvarnet as fdv
+    from oceanda.assim.base import PatchBatch
+    from oceanda.errors import ConfigError
+
+    cfg = fdv.ModelConfig(n_time=T, prior_hidden=4, lstm_hidden=5, n_steps=2)
+    torch.manual_seed(0)
+    model = fdv.build_model(cfg)
+    path = tmp_path / "m.pt"
+    torch.save({"format": fdv.CHECKPOINT_FORMAT, "version": fdv.CHECKPOINT_VERSION,
+                "model_config": asdict(cfg), "state_dict": model.state_dict(),
+                "norm": {"mean": 0.0, "std": 1.0}}, path)
+    obs, ocean, _ = _obs32()
+    B = obs.shape[0]
+    batch = PatchBatch(obs=obs, ocean=ocean, lon=torch.zeros(B, W), lat=torch.zeros(B, H),
+                       time=torch.zeros(B, T), dx_m=torch.ones(B, H, W), dy_m=torch.ones(B, H, W))
+    with pytest.raises(ConfigError, match="precision"):
+        fdv.FourDVarNetMethod(str(path), precision="int8")
+    meth = fdv.FourDVarNetMethod(str(path), precision="auto")
+    meth(batch)
+    assert meth.model.precision == ("bf16" if fdv.native_bf16("cpu") else "float32")
+
+    def broken():
+        def f(*a):
+            raise RuntimeError("no C++ compiler")
+        return f
+
+    monkeypatch.setattr(fdv, "_fused_lstm_cell", broken)
+    monkeypatch.setattr(fdv, "_FUSED_CELL_WORKS", False)
+    fused = fdv.FourDVarNetMethod(str(path), fuse_cell=True)
+    with pytest.warns(RuntimeWarning, match="fuse_cell"):
+        a = fused(batch).mean
+    assert fused.model.grad_mod.fused_cell is False
+    b = fdv.FourDVarNetMethod(str(path))(batch).mean
+    torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -50,9 +50,22 @@ both side by side with the same weights):
   the observation term's gradient is closed-form (no boolean indexing);
 - the state is kept in ``channels_last`` memory format (oneDNN's native layout).
 
-Measured on 2 shared CPU cores the model is FLOP-bound by the ConvLSTM gate convolution
-(~80 % of the multiply-adds, the same in both implementations): inference is ~1.1-1.2x the
-starter's time, a training step on par (see the benchmark's table for the current figures).
+The model is FLOP-bound by the ConvLSTM gate convolution (~80 % of the multiply-adds, the
+same in both implementations); in float32 oneDNN already runs it near the CPU's peak, so
+float32 inference is only ~1.1-1.2x the starter's time and a training step on par. Two
+runtime options (not in the state dict; :meth:`FourDVarNet.set_precision`,
+``ModelConfig.precision`` / ``fuse_cell``, ``oceanda infer method.precision=...``):
+
+- ``precision="bf16"``: the convolutions (prior, its vjp, ConvLSTM) in bfloat16 (2x the
+  multiply-add rate with AVX512-BF16 / tensor cores); the state ``x``, the gradient of J,
+  the gradient normalisation, the ConvLSTM cell state and the update stay float32, so the
+  rounding does not accumulate over the unrolled steps. Float64 inputs ignore it.
+- ``fuse_cell=True``: the ConvLSTM cell's ~10 pointwise passes over full-resolution
+  activations as one ``torch.compile`` kernel (hand-written backward recomputing the
+  activations); falls back to the eager cell if compiling fails.
+
+``hpc/bench/fourdvarnet.py`` times every setting against the starter and (``--accuracy``)
+measures what bf16 changes on a real OSSE next to the reconstruction error.
 """
 
 from __future__ import annotations
@@ -85,10 +98,14 @@ __all__ = [
     "build_model",
     "read_checkpoint",
     "FourDVarNetMethod",
+    "PRECISIONS",
+    "native_bf16",
 ]
 
 CHECKPOINT_FORMAT = "oceanda-4dvarnet"
 CHECKPOINT_VERSION = 1
+#: ModelConfig fields that do not change the weights (not compared against a checkpoint)
+_RUNTIME_FIELDS = ("precision", "fuse_cell")
 
 #: training path: Phi's vjp by autograd (create_graph) instead of the hand-written one
 _AUTOGRAD_VJP_IN_TRAINING = False
@@ -121,8 +138,47 @@ def _upsample_adjoint(r: Tensor, k: int, size: tuple[int, int]) -> Tensor:
 
 
 def _conv_t(r: Tensor, weight: Tensor) -> Tensor:
-    """Adjoint of a stride-1 'same' 2-D convolution with ``weight`` (odd kernel): ``C^T r``."""
-    return F.conv_transpose2d(r, weight, padding=weight.shape[-1] // 2)
+    """Adjoint of a stride-1 'same' 2-D convolution with ``weight`` (odd kernel): ``C^T r``.
+    Computed in ``r``'s dtype (the weight is cast to it)."""
+    return F.conv_transpose2d(r, weight.to(r.dtype), padding=weight.shape[-1] // 2)
+
+
+#: accepted values of the ``precision`` option and the convolution dtype each one selects
+PRECISIONS: dict[str, torch.dtype | None] = {"float32": None, "bf16": torch.bfloat16}
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether ``device`` runs bfloat16 convolutions natively (CUDA with bf16 support; a CPU
+    whose oneDNN has bf16 kernels, i.e. AVX512-BF16 or AMX). Elsewhere bf16 is emulated
+    and slower than float32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def _compute_dtype(precision: str) -> torch.dtype | None:
+    if precision not in PRECISIONS:
+        raise ConfigError(f"model.precision={precision!r}: expected one of {sorted(PRECISIONS)}")
+    return PRECISIONS[precision]
+
+
+def _conv(x: Tensor, conv: nn.Conv2d, dtype: torch.dtype | None, weight: Tensor | None = None,
+          bias: Tensor | None = None) -> Tensor:
+    """``conv(x)`` ('same' padding), run in ``dtype`` when given (input, weight and bias cast,
+    result in ``dtype``; differentiable, parameter gradients arrive in the parameter's dtype),
+    else in ``x``'s dtype. ``weight``/``bias`` override the module's (e.g. rescaled rows)."""
+    w = conv.weight if weight is None else weight
+    b = conv.bias if bias is None else bias
+    if dtype is not None:
+        x, w = x.to(dtype), w.to(dtype)
+        b = None if b is None else b.to(dtype)
+    return F.conv2d(x, w, b, padding=conv.padding)
 
 
 def _ocean4d(ocean: Tensor | None, like: Tensor) -> Tensor | None:
@@ -144,6 +200,11 @@ class BilinAEPrior(nn.Module):
     ``C_out([C_1 h, C_21 h * C_22 h])``; bilinear upsampling (align_corners). All
     convolutions ``kernel_size`` 'same'. Parameters: ``conv_in (hidden, T)``, ``conv_hidden``,
     ``bilin`` (the stacked ``C_1, C_21[, C_22]``, ``(2 or 3) * hidden`` outputs), ``conv_out``.
+
+    ``compute_dtype`` (attribute, not in the state dict; set by :class:`FourDVarNet`'s
+    ``precision``): ``None`` runs everything in the input's dtype; ``torch.bfloat16`` runs the
+    convolutions and the hidden activations in bfloat16, input and output (``Phi(x)`` and the
+    vjp) staying in the input's dtype.
     """
 
     def __init__(self, n_time: int, hidden: int = 32, kernel_size: int = 3,
@@ -155,20 +216,22 @@ class BilinAEPrior(nn.Module):
         self.conv_hidden = nn.Conv2d(hidden, hidden, kernel_size, padding=pad)
         self.bilin = nn.Conv2d(hidden, (2 if quadratic else 3) * hidden, kernel_size, padding=pad)
         self.conv_out = nn.Conv2d(2 * hidden, n_time, kernel_size, padding=pad)
+        self.compute_dtype: torch.dtype | None = None
 
     def _forward_parts(self, x: Tensor):
         k, n = self.downsample, self.hidden
+        cd = self.compute_dtype if x.dtype == torch.float32 else None  # float64 stays exact
         a = F.avg_pool2d(x, k) if k > 1 else x
-        h1 = self.conv_in(a)
-        h2 = self.conv_hidden(torch.relu(h1))
-        b = self.bilin(h2)
+        h1 = _conv(a, self.conv_in, cd)
+        h2 = _conv(torch.relu(h1), self.conv_hidden, cd)
+        b = _conv(h2, self.bilin, cd)
         if self.quadratic:
             b1, b2 = b.split(n, dim=1)
             nonlin = b2 * b2
         else:
             b1, b2, b3 = b.split(n, dim=1)
             nonlin = b2 * b3
-        z = self.conv_out(torch.cat([b1, nonlin], dim=1))
+        z = _conv(torch.cat([b1, nonlin], dim=1), self.conv_out, cd).to(x.dtype)
         return _upsample(z, k), (a.shape[-2:], h1, b)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -182,7 +245,7 @@ class BilinAEPrior(nn.Module):
 
     def vjp_from_parts(self, r: Tensor, size, h1: Tensor, b: Tensor) -> Tensor:
         k, n = self.downsample, self.hidden
-        rz = _upsample_adjoint(r, k, tuple(size))
+        rz = _upsample_adjoint(r, k, tuple(size)).to(b.dtype)
         rc = _conv_t(rz, self.conv_out.weight)  # (B, 2n, h, w): [d b1, d nonlin]
         rc1, rc2 = rc.split(n, dim=1)
         if self.quadratic:
@@ -192,7 +255,7 @@ class BilinAEPrior(nn.Module):
             rb = torch.cat([rc1, rc2 * b3, rc2 * b2], dim=1)
         rh2 = _conv_t(rb, self.bilin.weight)
         rh1 = _conv_t(rh2, self.conv_hidden.weight) * (h1 > 0).to(rh2.dtype)
-        ra = _conv_t(rh1, self.conv_in.weight)
+        ra = _conv_t(rh1, self.conv_in.weight).to(r.dtype)
         return _pool_adjoint(ra, k)
 
 
@@ -224,8 +287,16 @@ class UNetPrior(nn.Module):
             _DoubleConv(widths[i + 1] + widths[i], widths[i], kernel_size) for i in reversed(range(depth))
         )
         self.head = nn.Conv2d(widths[0], n_time, 1)
+        self.compute_dtype: torch.dtype | None = None  # bf16: autocast (see BilinAEPrior)
 
     def forward(self, x: Tensor) -> Tensor:
+        cd = self.compute_dtype
+        if cd is not None and x.dtype == torch.float32:
+            with torch.autocast(x.device.type, dtype=cd):
+                return self._forward(x).to(x.dtype)
+        return self._forward(x)
+
+    def _forward(self, x: Tensor) -> Tensor:
         skips = []
         h = x
         for i, block in enumerate(self.down):
@@ -269,6 +340,112 @@ class LSTMState:
     norm: Tensor | None = None
 
 
+def _lstm_cell(gates: Tensor, cell: Tensor | None, n: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """ConvLSTM cell update from the gate pre-activations ``gates (B, 4n, H, W)`` ordered
+    ``[i, f, o, c~]``, the cell-candidate rows pre-scaled by 2 (``tanh(z) = 2 sigmoid(2z) - 1``,
+    so one sigmoid covers all four gates). Returns ``(hidden, cell)``: ``hidden`` in
+    ``gates``' dtype (it only enters the next convolutions), ``cell`` in ``dtype``."""
+    i, f, o, sc = torch.sigmoid(gates).split(n, dim=1)  # split: one cat in backward
+    c_new = 2.0 * sc - 1.0  # tanh of the cell-candidate pre-activation
+    if cell is None:
+        cell = (i * c_new).to(dtype)
+    else:  # cell kept in `dtype` (type promotion with low-precision gates)
+        cell = torch.addcmul(i * c_new, f, cell)
+    hidden = torch.addcmul(-o, o, torch.sigmoid(2.0 * cell), value=2.0)  # o tanh(cell)
+    return hidden.to(gates.dtype), cell
+
+
+def _lstm_cell_fusable(gates: Tensor, cell: Tensor | None, n: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """:func:`_lstm_cell` written for one fused kernel (all arithmetic in ``dtype``)."""
+    i, f, o, sc = torch.sigmoid(gates.to(dtype)).split(n, dim=1)
+    c = i * (2.0 * sc - 1.0)
+    if cell is not None:
+        c = c + f * cell
+    hidden = o * torch.tanh(c)
+    return hidden.to(gates.dtype), c
+
+
+def _lstm_cell_fusable_backward(gates: Tensor, cell: Tensor | None, c: Tensor, dh: Tensor, dc: Tensor,
+                                n: int, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    """Vector-Jacobian product of :func:`_lstm_cell_fusable` (gate activations recomputed
+    from ``gates``): ``(d gates, d cell)`` for the output cotangents ``(dh, dc)``."""
+    i, f, o, sc = torch.sigmoid(gates.to(dtype)).split(n, dim=1)
+    t = torch.tanh(c)
+    dct = dc.to(dtype) + dh.to(dtype) * o * (1.0 - t * t)
+    di = dct * (2.0 * sc - 1.0) * i * (1.0 - i)
+    do = dh.to(dtype) * t * o * (1.0 - o)
+    dsc = dct * i * 2.0 * sc * (1.0 - sc)
+    if cell is None:
+        df = torch.zeros_like(di)
+        dcell = None
+    else:
+        df = dct * cell * f * (1.0 - f)
+        dcell = dct * f
+    dg = torch.cat([di, df, do, dsc], dim=1).to(gates.dtype)
+    if gates.dim() == 4:
+        dg = dg.contiguous(memory_format=torch.channels_last)
+    return dg, dcell
+
+
+_COMPILED: dict[str, Any] = {}
+
+
+def _compiled(name: str, fn):
+    """``torch.compile(fn)`` (inductor: one loop over the pixels instead of ~8 passes over
+    memory), built on first use and cached by ``name``."""
+    if name not in _COMPILED:
+        _COMPILED[name] = torch.compile(fn, dynamic=False, fullgraph=True)
+    return _COMPILED[name]
+
+
+class _FusedLSTMCell(torch.autograd.Function):
+    """:func:`_lstm_cell_fusable` as two compiled kernels, forward and a hand-written backward
+    that recomputes the activations (saves 4 full-resolution activations per step)."""
+
+    @staticmethod
+    def forward(ctx, gates, cell, n, dtype):
+        h, c = _compiled("cell", _lstm_cell_fusable)(gates, cell, n, dtype)
+        ctx.n, ctx.dtype, ctx.has_cell = n, dtype, cell is not None
+        ctx.save_for_backward(gates, cell if cell is not None else c, c)
+        return h, c
+
+    @staticmethod
+    def backward(ctx, dh, dc):
+        gates, cell, c = ctx.saved_tensors
+        if gates.dim() == 4:  # one memory layout for all operands: vectorised kernel
+            dh, dc = (t.contiguous(memory_format=torch.channels_last) for t in (dh, dc))
+        dg, dcell = _compiled("cell_bwd", _lstm_cell_fusable_backward)(
+            gates, cell if ctx.has_cell else None, c, dh, dc, ctx.n, ctx.dtype)
+        return dg, dcell, None, None
+
+
+def _fused_lstm_cell():
+    """The fused cell ``(gates, cell, n, dtype) -> (hidden, cell)`` (see :class:`_FusedLSTMCell`)."""
+    return _FusedLSTMCell.apply
+
+
+_FUSED_CELL_WORKS = False
+
+
+def _run_fused_cell(mod: nn.Module, gates: Tensor, cell: Tensor | None, n: int, dtype: torch.dtype):
+    """The fused cell; if compiling it fails before it ever worked in this process (no C++
+    compiler, an unsupported platform), warn once and fall back to the eager cell for ``mod``."""
+    global _FUSED_CELL_WORKS
+    if _FUSED_CELL_WORKS:
+        return _fused_lstm_cell()(gates, cell, n, dtype)
+    try:
+        out = _fused_lstm_cell()(gates, cell, n, dtype)
+    except Exception as exc:  # compiler / backend failure: the eager cell computes the same
+        import warnings
+
+        warnings.warn(f"fuse_cell: torch.compile of the ConvLSTM cell failed ({type(exc).__name__}: "
+                      f"{str(exc)[:200]}); using the eager cell", RuntimeWarning, stacklevel=2)
+        mod.fused_cell = False
+        return _lstm_cell(gates, cell, n, dtype)
+    _FUSED_CELL_WORKS = True
+    return out
+
+
 class ConvLSTMGradModulator(nn.Module):
     """2-D ConvLSTM gradient modulator ``S`` (4dvarnet-starter ``ConvLstmGradModel``).
 
@@ -276,6 +453,11 @@ class ConvLSTMGradModulator(nn.Module):
     ``downsample``, gates ``[i, f, o, c~] = C_x g + C_h h + b`` (the anchor's single conv on
     ``cat(g, h)``, split in two), ``c <- f c + i c~``, ``h <- o tanh(c)`` (sigmoid on i, f, o,
     tanh on c~), output ``C_out h`` upsampled back. Functional: the state is passed in and out.
+
+    ``compute_dtype`` (attribute, not in the state dict): ``torch.bfloat16`` runs the two
+    convolutions and the gate non-linearities in bfloat16 (float32 inputs only); the cell
+    state, the normalisation and the output stay float32; the hidden state is stored in
+    bfloat16 (it only ever enters bfloat16 convolutions).
     """
 
     def __init__(self, n_time: int, hidden: int = 48, kernel_size: int = 3,
@@ -287,6 +469,8 @@ class ConvLSTMGradModulator(nn.Module):
         self.gates_h = nn.Conv2d(hidden, 4 * hidden, kernel_size, padding=pad, bias=False)
         self.conv_out = nn.Conv2d(hidden, n_time, kernel_size, padding=pad)
         self.dropout = nn.Dropout(dropout)
+        self.compute_dtype: torch.dtype | None = None
+        self.fused_cell = False
 
     def forward(self, g: Tensor, state: LSTMState, ocean: Tensor | None = None) -> tuple[Tensor, LSTMState]:
         """One step. ``ocean`` ``(B, 1, H, W)`` float restricts the RMS used for ``||g_0||``."""
@@ -307,19 +491,21 @@ class ConvLSTMGradModulator(nn.Module):
         # tanh, so the cell-candidate rows of the gate weights are doubled (exact in floating
         # point) and ONE sigmoid covers all four gates.
         n = self.hidden_dim
+        cd = self.compute_dtype if g.dtype == torch.float32 else None
         scale = torch.ones(4 * n, 1, 1, 1, dtype=u.dtype, device=u.device)
         scale[3 * n:] = 2.0
         wx, bias = self.gates_x.weight * scale, self.gates_x.bias * scale.view(-1)
         if state.hidden is None:  # h = 0: only the input part of the gate convolution
-            gates = F.conv2d(u, wx, bias, padding=self.gates_x.padding)
+            gates = _conv(u, self.gates_x, cd, wx, bias)
         else:  # one convolution on cat(u, h), as the anchor (cheaper than two + an add)
             w = torch.cat([wx, self.gates_h.weight * scale], dim=1)
-            gates = F.conv2d(torch.cat([u, state.hidden], dim=1), w, bias, padding=self.gates_x.padding)
-        i, f, o, sc = torch.sigmoid(gates).split(n, dim=1)  # split: one cat in backward
-        c_new = 2.0 * sc - 1.0  # tanh of the cell-candidate pre-activation
-        cell = i * c_new if state.cell is None else torch.addcmul(i * c_new, f, state.cell)
-        hidden = torch.addcmul(-o, o, torch.sigmoid(2.0 * cell), value=2.0)  # o tanh(cell)
-        out = self.conv_out(hidden)
+            uh = torch.cat([u if cd is None else u.to(cd), state.hidden], dim=1)
+            gates = _conv(uh, self.gates_x, cd, w, bias)
+        if self.fused_cell:
+            hidden, cell = _run_fused_cell(self, gates, state.cell, n, g.dtype)
+        else:
+            hidden, cell = _lstm_cell(gates, state.cell, n, g.dtype)
+        out = _conv(hidden, self.conv_out, cd).to(g.dtype)
         if k > 1:
             out = _upsample(out, k)
         return out, LSTMState(hidden, cell, norm)
@@ -448,7 +634,8 @@ class FourDVarNet(nn.Module):
     def __init__(self, n_time: int, prior: nn.Module | None = None, prior_hidden: int = 32,
                  lstm_hidden: int = 48, n_steps: int = 10, lr_grad: float = 0.2,
                  lam: float = 1.0, w_obs: float = 1.0, dropout: float = 0.1,
-                 lstm_downsample: int = 1, channels_last: bool = True) -> None:
+                 lstm_downsample: int = 1, channels_last: bool = True, precision: str = "float32",
+                 fuse_cell: bool = False) -> None:
         super().__init__()
         from oceanda.assim.unroll import UnrolledSolver
 
@@ -460,6 +647,24 @@ class FourDVarNet(nn.Module):
         self.step = SolverStep(self.cost, self.grad_mod, n_steps, lr_grad)
         self.solver = UnrolledSolver(self.step, n_steps)
         self.channels_last = bool(channels_last)
+        self.precision = "float32"
+        self.set_precision(precision, fuse_cell)
+
+    def set_precision(self, precision: str, fuse_cell: bool | None = None) -> FourDVarNet:
+        """Arithmetic of the convolutions: ``"float32"`` or ``"bf16"`` (bfloat16 convolutions
+        in the prior, its vjp and the ConvLSTM, for float32 inputs; the state, the gradient of
+        J, the cell state and the update stay float32). ``fuse_cell`` (None: unchanged): the
+        ConvLSTM cell's pointwise ops as one ``torch.compile`` kernel (gate activations in
+        float32; the first call of each input shape compiles, ~20-40 s on a CPU).
+        Neither is part of the state dict: the same weights run in any setting. Returns ``self``."""
+        cd = _compute_dtype(precision)
+        self.precision = precision
+        for m in (self.cost.prior, self.grad_mod):
+            if hasattr(m, "compute_dtype"):
+                m.compute_dtype = cd
+        if fuse_cell is not None:
+            self.grad_mod.fused_cell = bool(fuse_cell)
+        return self
 
     @property
     def prior(self) -> nn.Module:
@@ -511,6 +716,14 @@ class ModelConfig:
     lam: float = 1.0
     w_obs: float = 1.0
     dropout: float = 0.1
+    #: arithmetic of the convolutions (see :meth:`FourDVarNet.set_precision`); not an
+    #: architecture setting: a checkpoint runs in either, and inference may override it
+    precision: str = "float32"
+    #: ConvLSTM cell as one compiled kernel (``torch.compile``); runtime only, like precision
+    fuse_cell: bool = False
+
+    def __post_init__(self) -> None:
+        _compute_dtype(self.precision)  # ConfigError naming the bad value
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
@@ -525,7 +738,8 @@ def build_model(cfg: ModelConfig) -> FourDVarNet:
         prior = build_prior(cfg.prior, cfg.n_time, cfg.prior_hidden, depth=cfg.unet_depth)
     return FourDVarNet(cfg.n_time, prior=prior, lstm_hidden=cfg.lstm_hidden, n_steps=cfg.n_steps,
                        lr_grad=cfg.lr_grad, lam=cfg.lam, w_obs=cfg.w_obs, dropout=cfg.dropout,
-                       lstm_downsample=cfg.lstm_downsample)
+                       lstm_downsample=cfg.lstm_downsample, precision=cfg.precision,
+                       fuse_cell=cfg.fuse_cell)
 
 
 def read_checkpoint(path: str | os.PathLike, expect: ModelConfig | None = None) -> dict[str, Any]:
@@ -562,7 +776,8 @@ def read_checkpoint(path: str | os.PathLike, expect: ModelConfig | None = None) 
             and math.isfinite(norm.get("std", math.nan)) and norm["std"] > 0):
         raise InputError(f"checkpoint {p}: bad normalisation {norm!r} (need finite mean, std > 0)")
     if expect is not None:
-        diff = {k: (v, getattr(cfg, k)) for k, v in asdict(expect).items() if getattr(cfg, k) != v}
+        diff = {k: (v, getattr(cfg, k)) for k, v in asdict(expect).items()
+                if getattr(cfg, k) != v and k not in _RUNTIME_FIELDS}
         if diff:
             raise InputError(f"checkpoint {p} does not fit the config: "
                              + ", ".join(f"{k}: config {a!r} vs checkpoint {b!r}" for k, (a, b) in diff.items()))
@@ -586,11 +801,24 @@ class FourDVarNetMethod:
     the blender). The patch length must equal the model's ``n_time``; H and W must be
     divisible by the prior's downsampling. Deterministic and batch-independent (every
     normalisation in the solver is per patch).
+
+    ``precision`` (``"float32"`` / ``"bf16"`` / ``"auto"``: bf16 where the device has native
+    bfloat16 arithmetic — CUDA with bf16 support, a CPU with AVX512-BF16/AMX — else float32)
+    and ``fuse_cell`` (default None: the checkpoint's setting) override the arithmetic
+    (:meth:`FourDVarNet.set_precision`). ``hpc/bench/fourdvarnet.py --accuracy`` measures
+    what bf16 changes (about 1 % of the reconstruction error of a trained model).
     """
 
-    def __init__(self, checkpoint: str) -> None:
+    def __init__(self, checkpoint: str, precision: str | None = None,
+                 fuse_cell: bool | None = None) -> None:
         ck = read_checkpoint(checkpoint)
         self.model = ck["model"].eval()
+        if precision is not None and precision != "auto":
+            _compute_dtype(precision)  # ConfigError naming a bad value
+        self._auto = precision == "auto"
+        if precision is not None or fuse_cell is not None:
+            self.model.set_precision(self.model.precision if precision in (None, "auto") else precision,
+                                     fuse_cell)
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.cfg: ModelConfig = ck["model_cfg"]
@@ -610,6 +838,9 @@ class FourDVarNetMethod:
         dev = batch.obs.device
         if next(self.model.parameters()).device != dev:
             self.model.to(dev)
+        if self._auto:
+            self.model.set_precision("bf16" if native_bf16(dev) else "float32")
+            self._auto = False
         obs = (batch.obs.to(torch.float32) - self.mean) / self.std
         with torch.inference_mode():
             out = self.model(obs, batch.ocean.to(torch.bool))
