@@ -260,3 +260,84 @@ def test_methods_get_the_grid_metric_factors(osse, tmp_path):
             np.testing.assert_allclose(rec["dy_m"][b][np.ix_(iny, inx)], grid.dy_m[sub], rtol=1e-9, atol=0)
             checked += int(inx.sum() * iny.sum())
     assert checked > 0
+
+
+# ----------------------------------------------------------------------------- 4DVarNet, shipped weights, demo
+
+PATCH15 = ["patch.size=[15,16,16]", "patch.stride=[5,12,12]", "patch.crop=[2,2]", "tile=[20,32,32]",
+           "progress=false", "evaluate.figures=false"]
+
+
+@pytest.fixture(scope="module")
+def osse20(tmp_path_factory):
+    return write_osse(tmp_path_factory.mktemp("osse20"), shape=(20, 32, 32), seed=3)
+
+
+def test_4dvarnet_without_checkpoint_runs_the_shipped_weights(osse20, tmp_path):
+    from oceanda.assim.fourdvarnet import FourDVarNetMethod
+    from oceanda.data.store import ObsSource
+    from oceanda.weights import default_checkpoint
+
+    assert main(["infer", f"obs_path={osse20['obs']}", f"out_dir={tmp_path}", "method=4dvarnet",
+                 f"truth_path={osse20['truth']}", *PATCH15]) == 0
+    out = xr.open_zarr(tmp_path / "analysis.zarr")
+    assert json.loads(out.attrs["method_config"])["checkpoint"] == str(default_checkpoint())
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert scores["method"] == "4dvarnet" and np.isfinite(scores["rmse_m"])
+    # every ocean cell reconstructed, land left NaN, and the method built from the default
+    # config is the shipped 15-day model
+    src = ObsSource(osse20["obs"])
+    m = FourDVarNetMethod(str(default_checkpoint()))
+    assert m.cfg.n_time == 15
+    a = out[N.SSH].values
+    assert np.isfinite(a[:, src.ocean]).all() and np.isnan(a[:, ~src.ocean]).all()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["method.checkpoint={bad}"], "cannot be read"),
+    (["method.checkpoint={missing}"], "no such file"),
+    (["patch.size=[5,16,16]"], "trained on 15-day windows"),
+])
+def test_4dvarnet_bad_checkpoint_or_window_exit_2_and_write_nothing(osse20, tmp_path, capsys, extra, message):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x80\x02garbage" * 100)
+    extra = [e.format(bad=bad, missing=tmp_path / "missing.pt") for e in extra]
+    out = tmp_path / "out"
+    rc = main(["infer", f"obs_path={osse20['obs']}", f"out_dir={out}", "method=4dvarnet", *PATCH15, *extra])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_demo_scores_oi_and_4dvarnet_side_by_side(tmp_path, capsys):
+    """The README's `oceanda infer` path on a tiny demo OSSE (a 32 x 32 box, 20 days,
+    Gaussian truth): OI, then 4DVarNet with the shipped weights, both scored, one table."""
+    demo = ["demo.dir=" + str(tmp_path / "demo"), "+demo.generate.truth={kind: gaussian}",
+            "demo.generate.domain={name: box, lon_min: -60, lon_max: -58.4, lat_min: 35, lat_max: 36.6,"
+            " resolution: 0.05, land: false}",
+            'demo.generate.period={start: "2012-10-01", end: "2012-10-20"}', "demo.generate.figures=false"]
+    assert main(["infer", *demo, *PATCH15]) == 0
+    text = capsys.readouterr().out
+    side = text.split("side by side")[1].splitlines()
+    assert side[1].split()[:2] == ["method", "mu"]
+    assert side[2].split()[0] == "oi" and side[3].split()[0] == "4dvarnet"
+    for name in ("oi", "4dvarnet"):
+        scores = json.loads((tmp_path / "demo" / f"infer_{name}" / "scores.json").read_text())
+        assert scores["method"] == name
+        assert f"{scores['mu']:.3f}" in (side[2] if name == "oi" else side[3])
+    # OI alone, as before: demo.compare=[]
+    assert main(["infer", *demo, *PATCH15, "demo.compare=[]"]) == 0
+    assert "side by side" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("compare, message", [
+    ("[{name: 4dvarnet}]", "expected {method: {name:"),
+    ("[{method: {name: 4dvarnet}, patch: {sizes: [15,16,16]}}]", "demo.compare[0].patch.sizes"),
+    ("[{method: {name: 4dvarnet}, extra: 1}]", "unknown key"),
+    ("[{method: {name: nosuchmethod}}]", "unknown method 'nosuchmethod'"),
+])
+def test_demo_compare_errors_before_anything_runs(tmp_path, capsys, compare, message):
+    rc = main(["infer", f"demo.dir={tmp_path / 'demo'}", f"demo.compare={compare}", *PATCH15])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "demo").exists()

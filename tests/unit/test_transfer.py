@@ -120,8 +120,10 @@ POISON_AFTER = 4
 
 
 def _infer(obs, out, ck, patch, *extra):
+    # float32: compared with a float32 patch-by-patch reference to 2e-5 m (the default
+    # precision=auto runs bf16 convolutions on CPUs that have them)
     return main(["infer", f"obs_path={obs}", f"out_dir={out}", "method=4dvarnet",
-                 f"method.checkpoint={ck}", *patch, *COMMON, *extra])
+                 f"method.checkpoint={ck}", "method.precision=float32", *patch, *COMMON, *extra])
 
 
 def _ssh(out):
@@ -175,7 +177,7 @@ def test_transfer_to_north_atlantic_land_aware(case, serial):
 def _mpi(k, case, out):
     cmd = [shutil.which("mpiexec"), "-n", str(k), sys.executable, "-m", "oceanda", "infer",
            f"obs_path={case['paths']['obs']}", f"out_dir={out}", "method=4dvarnet",
-           f"method.checkpoint={case['paths']['mapping_ck']}", *MAPPING, *COMMON]
+           f"method.checkpoint={case['paths']['mapping_ck']}", "method.precision=float32", *MAPPING, *COMMON]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
@@ -261,6 +263,7 @@ def test_infer_refuses_a_checkpoint_of_another_mode(case, tmp_path, capsys, ck, 
     err = capsys.readouterr().err
     assert message in err and str(case["paths"][ck]) in err and "Traceback" not in err
     assert "patch" in err  # names the setting to change
+    assert not (tmp_path / "o").exists()  # refused before anything is written
 
 
 def test_mode_mismatch_allowed_when_told(case):

@@ -809,8 +809,11 @@ class FourDVarNetMethod:
     what bf16 changes (about 1 % of the reconstruction error of a trained model).
     """
 
-    def __init__(self, checkpoint: str, precision: str | None = None,
+    def __init__(self, checkpoint: str | None = None, precision: str | None = None,
                  fuse_cell: bool | None = None) -> None:
+        from oceanda.weights import resolve_checkpoint
+
+        checkpoint = resolve_checkpoint(checkpoint)  # None / "default" / "shipped:NAME" / a path
         ck = read_checkpoint(checkpoint)
         self.model = ck["model"].eval()
         if precision is not None and precision != "auto":
@@ -824,6 +827,7 @@ class FourDVarNetMethod:
         self.cfg: ModelConfig = ck["model_cfg"]
         self.mean, self.std = float(ck["norm"]["mean"]), float(ck["norm"]["std"])
         self.checkpoint = str(checkpoint)
+        self.trained_mode = (ck.get("extra") or {}).get("mode")
 
     def __call__(self, batch: PatchBatch) -> PatchResult:
         B, T, H, W = batch.shape

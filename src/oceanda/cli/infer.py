@@ -18,7 +18,12 @@ tiles are not recomputed); an out_dir holding a different run is refused. Per-ra
 DIR/logs, a summary in DIR/summary.json.
 
 With no obs_path, runs the Gulf Stream demo: generates the OSSE in demo.dir/osse if missing,
-infers into demo.dir/infer_<method>, evaluates and prints the leaderboard row.
+infers into demo.dir/infer_<method> with `method` (OI by default) and then with each method of
+demo.compare (by default 4DVarNet with the weights shipped in oceanda.weights), evaluates them
+and prints their leaderboard rows side by side (demo.compare=[] runs `method` alone).
+
+method=4dvarnet with method.checkpoint=null uses the shipped Gulf Stream weights
+(oceanda.weights.default_checkpoint(); `shipped:NAME` picks another shipped checkpoint).
 """
 
 from __future__ import annotations
@@ -54,8 +59,9 @@ def _list(cfg: DictConfig, key: str, length: int) -> list | None:
     return value
 
 
-def run_id(cfg: DictConfig, obs_path: str) -> str:
-    """Hash of everything that determines the output (not ranks, devices or progress)."""
+def run_id(cfg: DictConfig, obs_path: str, checkpoint: str | None = None) -> str:
+    """Hash of everything that determines the output (not ranks, devices or progress); with
+    ``checkpoint``, also the content of the weights file (so new weights are a new run)."""
     ident = {
         "obs": str(Path(obs_path).expanduser().resolve()),
         "box": _container(cfg.get("box")),
@@ -65,6 +71,8 @@ def run_id(cfg: DictConfig, obs_path: str) -> str:
         "tile": _container(cfg.tile),
         "dtype": str(cfg.dtype),
     }
+    if checkpoint is not None and Path(checkpoint).is_file():
+        ident["checkpoint_sha256"] = _file_digest(checkpoint)
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -104,33 +112,116 @@ def _check_truth_grid(truth_path: str, obs) -> None:
                              f"({len(got)} vs {len(ref)} values in the domain): evaluate on the same grid")
 
 
+def _method_kwargs(cfg: DictConfig) -> tuple[str, dict[str, Any]]:
+    """``(name, kwargs)`` of ``cfg.method``; a 4DVarNet ``checkpoint`` of null / ``default`` /
+    ``shipped:NAME`` becomes the path of the shipped weights (:mod:`oceanda.weights`)."""
+    method_cfg = dict(_container(cfg.method))
+    name = method_cfg.pop("name", None)
+    if not name:
+        raise ConfigError("method.name is missing (choose a method: method=oi)")
+    if name == "4dvarnet" and "checkpoint" in method_cfg:
+        from oceanda.weights import resolve_checkpoint
+
+        method_cfg["checkpoint"] = resolve_checkpoint(method_cfg["checkpoint"])
+    return name, method_cfg
+
+
+def _file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _compare_configs(cfg: DictConfig) -> list[DictConfig]:
+    """The demo's extra runs: ``cfg`` with ``method`` (and ``patch`` overrides) of each
+    ``demo.compare`` entry ``{method: {name: ..., ...}, patch: {...}}``."""
+    from omegaconf import OmegaConf, open_dict
+
+    entries = _container(cfg.demo.get("compare")) or []
+    if not isinstance(entries, list):
+        raise ConfigError(f"demo.compare must be a list of {{method: {{name: ...}}, patch: {{...}}}}, got {entries!r}")
+    subs = []
+    for i, e in enumerate(entries):
+        if not (isinstance(e, dict) and isinstance(e.get("method"), dict) and e["method"].get("name")):
+            raise ConfigError(f"demo.compare[{i}]={e!r}: expected {{method: {{name: ..., ...}}, patch: {{...}}}}")
+        unknown = set(e) - {"method", "patch"}
+        if unknown:
+            raise ConfigError(f"demo.compare[{i}]: unknown key(s) {sorted(unknown)} (allowed: method, patch)")
+        if e["method"]["name"] == cfg.method.name:
+            continue  # already the main run
+        sub = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+        with open_dict(sub):
+            sub.method = OmegaConf.create(e["method"])
+            patch = _container(sub.patch)
+            for k, v in (e.get("patch") or {}).items():
+                if k not in patch:
+                    raise ConfigError(f"demo.compare[{i}].patch.{k}: unknown patch key (one of {sorted(patch)})")
+                patch[k] = v
+            sub.patch = OmegaConf.create(patch)
+            sub.out_dir = None
+        subs.append(sub)
+    return subs
+
+
 def run(cfg: DictConfig) -> int:
     """``oceanda infer``: see the module docstring."""
+    from oceanda.parallel.comm import get_comm
+
+    mpi = cfg.system.get("mpi", "auto")
+    comm = get_comm(None if mpi in ("auto", None) else bool(mpi))
+    if cfg.obs_path is None:
+        runs = [cfg]
+        if not cfg.dry_run:
+            runs += _compare_configs(cfg)
+        from oceanda.assim.registry import get as get_method
+
+        for sub in runs:  # validate every method's name before the (long) first run
+            get_method(_method_kwargs(sub)[0])
+        rows = []
+        for sub in runs:
+            obs_path, truth_path, out_dir = _demo_paths(sub, comm)
+            row = _run_one(sub, comm, obs_path, truth_path, out_dir)
+            if row is not None:
+                rows.append(row)
+        if comm.rank == 0 and len(rows) > 1:
+            from oceanda.cli.evaluate import format_table
+
+            print("\nGulf Stream demo, side by side (same observations, same scoring window):")
+            print(format_table(rows))
+        return 0
+    obs_path, truth_path, out_dir = str(cfg.obs_path), cfg.truth_path, cfg.out_dir
+    if out_dir is None and not cfg.dry_run:
+        raise ConfigError("out_dir is required with obs_path=... (e.g. out_dir=runs/oi)")
+    _run_one(cfg, comm, obs_path, truth_path, out_dir)
+    return 0
+
+
+def _run_one(cfg: DictConfig, comm, obs_path: str, truth_path: str | None,
+             out_dir: str | None) -> dict[str, Any] | None:
+    """One inference run (+ evaluation when ``truth_path``); the scores on rank 0, else None."""
     from oceanda.assim.registry import build_method
     from oceanda.data.patches import PatchGeometry, make_patches
     from oceanda.data.store import AnalysisStore, ObsSource, to_json_attr
-    from oceanda.parallel.comm import get_comm
     from oceanda.parallel.device import bind_device
     from oceanda.parallel.driver import run_inference
     from oceanda.parallel.layout import build_layout
     from oceanda.parallel.restart import RunState
 
-    mpi = cfg.system.get("mpi", "auto")
-    comm = get_comm(None if mpi in ("auto", None) else bool(mpi))
-    if cfg.obs_path is None:
-        obs_path, truth_path, out_dir = _demo_paths(cfg, comm)
-    else:
-        obs_path, truth_path, out_dir = str(cfg.obs_path), cfg.truth_path, cfg.out_dir
-        if out_dir is None and not cfg.dry_run:
-            raise ConfigError("out_dir is required with obs_path=... (e.g. out_dir=runs/oi)")
-
-    method_cfg = dict(_container(cfg.method))
-    name = method_cfg.pop("name", None)
-    if not name:
-        raise ConfigError("method.name is missing (choose a method: method=oi)")
+    name, method_cfg = _method_kwargs(cfg)
     method = build_method(name, **method_cfg)
     geometry = PatchGeometry(**{k: tuple(v) if isinstance(v, list) else v
                                 for k, v in _container(cfg.patch).items()})
+    n_time = getattr(getattr(method, "cfg", None), "n_time", None)  # trained window length (4DVarNet)
+    if isinstance(n_time, int) and geometry.size[0] != n_time:
+        raise ConfigError(f"patch.size[0]={geometry.size[0]} days does not fit method={name} "
+                          f"({method_cfg.get('checkpoint', '')} was trained on {n_time}-day windows): "
+                          f"set patch.size[0]={n_time}")
+    from oceanda.parallel.driver import check_method
+
+    allow_mm = bool(cfg.get("allow_mode_mismatch", False))
+    check_method(method, geometry, allow_mm)  # a checkpoint trained for another mode: before any write
     tile = _list(cfg, "tile", 3)
     if cfg.dtype not in ("float32", "float64"):
         raise ConfigError(f"dtype must be float32 or float64, got {cfg.dtype!r}")
@@ -152,11 +243,11 @@ def run(cfg: DictConfig) -> int:
             print(f"oceanda infer (dry run): obs {obs_path}, method {name}, patches {geometry.size} "
                   f"stride {geometry.stride}")
             print(layout.describe())
-        return 0
+        return None
 
     out = Path(out_dir)
     analysis = out / "analysis.zarr"
-    rid = run_id(cfg, obs_path)
+    rid = run_id(cfg, obs_path, method_cfg.get("checkpoint") if name == "4dvarnet" else None)
     state = RunState(out, rid)
     state.check(analysis)  # every rank, before anything is written
     comm.barrier()
@@ -176,7 +267,7 @@ def run(cfg: DictConfig) -> int:
                        "oceanda_version": __version__,
                        "oceanda_config": OmegaConf.to_yaml(cfg, resolve=True),
                        "patch": to_json_attr(_container(cfg.patch)),
-                       "method_config": to_json_attr(_container(cfg.method))})
+                       "method_config": to_json_attr({"name": name, **method_cfg})})
     comm.barrier()
     store = AnalysisStore(analysis)
     device = bind_device(comm, str(cfg.system.get("device", "auto")), cfg.system.get("threads", 1))
@@ -184,19 +275,19 @@ def run(cfg: DictConfig) -> int:
         summary = run_inference(obs=obs, ocean=obs.ocean, patches=patches, layout=layout,
                                 method=method, store=store, state=state, comm=comm, device=device,
                                 batch_size=int(cfg.batch_size), progress=bool(cfg.progress),
-                                log_dir=out / "logs")
+                                log_dir=out / "logs", allow_mode_mismatch=allow_mm)
     except OceandaError as exc:
         if comm.size > 1:  # one rank failing mid-run: stop every rank, do not hang
             print(f"oceanda infer: error on rank {comm.rank}: {exc}", flush=True)
             comm.abort(2)
         raise
     if comm.rank != 0:
-        return 0
+        return None
     from oceanda.data.io import write_json_atomic
 
     write_json_atomic(out / "summary.json", {"method": name, "run_id": rid, **summary})
     sh = summary["overhead_share"]
-    print(f"oceanda infer: {summary['patches_computed']}/{summary['patches_total']} patches on "
+    print(f"oceanda infer: {name}: {summary['patches_computed']}/{summary['patches_total']} patches on "
           f"{summary['ranks']} rank(s) in {summary['wall_s']:.1f} s "
           f"({summary['patches_per_s']:.2f} patches/s"
           + (f", {summary['ocean_cells_per_s']:.3g} ocean cells/s" if summary["ocean_cells_per_s"] else "")
@@ -204,13 +295,14 @@ def run(cfg: DictConfig) -> int:
           f"halo {100 * sh['halo']:.1f}%, I/O {100 * (sh['read'] + sh['write'] + sh['checkpoint']):.1f}%, "
           f"waiting for other ranks {100 * sh['wait']:.1f}%")
     print(f"wrote {analysis}")
-    if truth_path:
-        from oceanda.cli.evaluate import evaluate_paths, format_table
+    if not truth_path:
+        return None
+    from oceanda.cli.evaluate import evaluate_paths, format_table
 
-        ev = _container(cfg.evaluate) or {}
-        result = evaluate_paths(truth_path, analysis, period=ev.get("period"), box=ev.get("box"),
-                                out_dir=out, figures=bool(ev.get("figures", True)), name=name)
-        print()
-        print(format_table([result]))
-        print(f"\nwrote {out / 'scores.json'}")
-    return 0
+    ev = _container(cfg.evaluate) or {}
+    result = evaluate_paths(truth_path, analysis, period=ev.get("period"), box=ev.get("box"),
+                            out_dir=out, figures=bool(ev.get("figures", True)), name=name)
+    print()
+    print(format_table([result]))
+    print(f"\nwrote {out / 'scores.json'}")
+    return result

@@ -1,0 +1,56 @@
+"""Trained weights shipped with oceanda (package data, in the wheel).
+
+``gulfstream_4nadirs.pt``: a small 4DVarNet (bilinear auto-encoder prior, ConvLSTM solver)
+trained by ``oceanda train`` on a year of the Gulf Stream quasi-geostrophic OSSE with the
+four nadir altimeters of the 2020a data challenge, the challenge's evaluation period
+(2012-10-22..2012-12-02) held out. How it was trained (the exact command) and what it
+scores: ``README.md`` in this folder.
+
+``method=4dvarnet`` with ``method.checkpoint=null`` (the default of
+``configs/method/4dvarnet.yaml``) uses :func:`default_checkpoint`.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from oceanda.errors import ConfigError, InputError
+
+__all__ = ["SHIPPED", "DEFAULT", "shipped_checkpoint", "default_checkpoint", "resolve_checkpoint"]
+
+#: name -> file of every shipped checkpoint (in this package)
+SHIPPED: dict[str, str] = {"gulfstream_4nadirs": "gulfstream_4nadirs.pt"}
+#: the checkpoint ``method=4dvarnet`` uses when none is given
+DEFAULT = "gulfstream_4nadirs"
+
+
+def shipped_checkpoint(name: str = DEFAULT) -> Path:
+    """Path of the shipped checkpoint ``name`` (a key of :data:`SHIPPED`).
+
+    Raises ConfigError for an unknown name, InputError when the file is missing from the
+    installation (a broken install: reinstall oceanda).
+    """
+    if name not in SHIPPED:
+        raise ConfigError(f"shipped weights {name!r}: unknown; one of {', '.join(sorted(SHIPPED))}")
+    path = Path(str(resources.files(__name__).joinpath(SHIPPED[name])))
+    if not path.is_file():
+        raise InputError(f"shipped weights {name!r}: {path} is missing from the installation "
+                         "(reinstall oceanda)")
+    return path
+
+
+def default_checkpoint() -> Path:
+    """Path of the checkpoint ``method=4dvarnet`` uses by default (:data:`DEFAULT`)."""
+    return shipped_checkpoint(DEFAULT)
+
+
+def resolve_checkpoint(checkpoint: str | None) -> str:
+    """``checkpoint`` as given, ``None`` / ``"default"`` -> the default shipped weights,
+    ``"shipped:NAME"`` -> the shipped checkpoint ``NAME``."""
+    if checkpoint is None or str(checkpoint) in ("", "default", "null", "None"):
+        return str(default_checkpoint())
+    s = str(checkpoint)
+    if s.startswith("shipped:"):
+        return str(shipped_checkpoint(s.split(":", 1)[1]))
+    return s
