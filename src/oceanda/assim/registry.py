@@ -28,6 +28,7 @@ _MODULES: dict[str, str] = {
     "identity": "oceanda.testing",
     "spde_oi": "oceanda.assim.spde_oi",
     "4dvarnet": "oceanda.assim.fourdvarnet",
+    "spde_4dvarnet": "oceanda.assim.spde_fourdvarnet",
 }
 
 

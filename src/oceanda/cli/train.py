@@ -6,6 +6,7 @@ usage:
   mpiexec -n 4 oceanda train ... train.batch_size=1      # global batch = 4 (gloo on CPU, NCCL on GPU)
   oceanda train ... resume=true                          # continue from DIR/checkpoint.pt
   oceanda train truth_path=null obs_path=... out_dir=... train.mode=semi   # no truth: held-out observations
+  oceanda train ... model=spde_4dvarnet +train.w_nll=0.1   # SPDE-prior 4DVarNet (oceanda.train.spde_fourdvarnet)
   oceanda train ... patch=nrt          # near-real-time model (or patch=forecast2 / forecast4: lead 2 / 4 days)
 
 Reads the truth / observations (zarr or netCDF with the names of oceanda.data.names),
@@ -99,6 +100,10 @@ def run(cfg: DictConfig) -> int:
                                            shutdown_distributed)
     from oceanda.parallel.comm import get_comm
 
+    if cfg.model.get("name") == "spde_4dvarnet":  # model=spde_4dvarnet: SPDE-prior 4DVarNet
+        from oceanda.train.spde_fourdvarnet import run_spde_training
+
+        return run_spde_training(cfg)
     model_cfg = ModelConfig.from_dict(dict(_plain(cfg.model)))
     train_cfg = TrainConfig.from_dict(dict(_plain(cfg.train)))
     patch = _plain(cfg.patch)

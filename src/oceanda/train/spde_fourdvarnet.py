@@ -1,0 +1,456 @@
+"""Training of the SPDE-prior 4DVarNet (:mod:`oceanda.assim.spde_fourdvarnet`).
+
+Loss of a batch (per sample, then averaged; ``w`` the blend weight x ocean, as
+:mod:`oceanda.train.fourdvarnet`)::
+
+    w_mse wmse(out - x_true) + w_nll NLL_c(x_true | Theta) / (T c^2) [+ w_grad wmse(|S out| - |S x_true|)]
+        [+ w_nll_obs NLL(y | x_true, R) / m]   (the Gaussian observation likelihood: fits R)
+
+``Theta`` is predicted from the observations only; the truth enters the loss and nothing
+else. ``NLL_c`` is the exact SPDE negative log-likelihood (:meth:`SPDEPrior.nll`, dense
+block log-determinants) of the truth on the centred ``c x c`` crop of the patch (``c =
+nll_crop``), with the crop's own SPDE prior (closed crop borders) and ``Theta`` restricted
+to the crop; patches whose crop holds land skip the term. The crop keeps the dense
+log-determinant affordable (``c^2`` cells per frame); it is the lambda2 NLL of the paper,
+restricted to a window. Semi-supervised mode (no truth): MSE on held-out observations only.
+
+Optimiser: Adam (the Theta CNN and the noise variance at ``lr_theta`` times the rate),
+cosine annealing over the epochs, gradient-norm clipping; data-parallel
+over ranks exactly as :func:`oceanda.train.fourdvarnet.train_step` (gradients all-reduced).
+Checkpoints are written atomically (``checkpoint.pt`` every epoch, ``best_checkpoint.pt`` at
+the best validation RMSE) and read back by :func:`oceanda.assim.spde_fourdvarnet.read_spde_checkpoint`.
+
+Entry point for ``oceanda train`` (:func:`run_spde_training`): reads the same DictConfig.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from oceanda.assim.spde_fourdvarnet import (
+    SPDEFourDVarNet,
+    SPDEModelConfig,
+    build_spde_model,
+    read_spde_checkpoint,
+    spde_checkpoint_state,
+)
+from oceanda.errors import ConfigError, InputError
+from oceanda.train.fourdvarnet import DistContext, sobel_magnitude, weighted_mse
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+log = logging.getLogger("oceanda.train")
+
+__all__ = ["SPDETrainConfig", "make_spde_optimizer", "spde_loss_terms", "spde_train_step", "spde_validate", "fit_spde",
+           "save_spde_checkpoint", "MetricPatches", "run_spde_training"]
+
+
+@dataclass
+class SPDETrainConfig:
+    """Optimisation settings of the SPDE-prior 4DVarNet."""
+
+    epochs: int = 10
+    batch_size: int = 4
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 0.5
+    w_mse: float = 1.0         # lambda1
+    w_nll: float = 0.1         # lambda2 (per-element NLL)
+    w_grad: float = 0.0        # optional Sobel-gradient MSE
+    nll_crop: int = 16         # side of the NLL crop (cells)
+    w_nll_obs: float = 0.0     # NLL of the observations given the truth (fits the noise R; not with
+                               # aug > 0, whose re-sampled observations are noise-free)
+    lr_theta: float = 10.0     # learning-rate multiplier of the Theta CNN and the noise (few, slow scalars)
+    mode: str = "supervised"   # supervised | semi
+    seed: int = 333
+    max_batches: int | None = None
+
+    #: keys of ``oceanda train``'s ``train`` group read elsewhere / not used here
+    IGNORED = ("w_prior",)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SPDETrainConfig:
+        known = {f.name for f in fields(cls)}
+        bad = sorted(set(d) - known - set(cls.IGNORED))
+        if bad:
+            raise ConfigError(f"unknown spde_4dvarnet train config keys {bad}; known: {sorted(known)}")
+        cfg = cls(**{k: v for k, v in d.items() if k in known})
+        if cfg.mode not in ("supervised", "semi"):
+            raise ConfigError(f"train.mode must be 'supervised' or 'semi', got {cfg.mode!r}")
+        if cfg.nll_crop < 2:
+            raise ConfigError(f"train.nll_crop must be >= 2, got {cfg.nll_crop}")
+        return cfg
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def _crop_slices(H: int, W: int, c: int) -> tuple[slice, slice]:
+    c1, c2 = min(c, H), min(c, W)
+    y0, x0 = (H - c1) // 2, (W - c2) // 2
+    return slice(y0, y0 + c1), slice(x0, x0 + c2)
+
+
+def crop_nll(model: SPDEFourDVarNet, theta: dict[str, torch.Tensor], truth: torch.Tensor,
+             ocean: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, crop: int) -> torch.Tensor:
+    """Per-element NLL ``(B,)`` of ``truth`` on the centred crop (0 where the crop holds land
+    or non-finite truth; see the module docstring)."""
+    B, T, H, W = truth.shape
+    ys, xs = _crop_slices(H, W, crop)
+    out = []
+    for b in range(B):
+        oc = ocean[b, ys, xs]
+        tr = truth[b, :, ys, xs]
+        if not bool(oc.all()) or not bool(torch.isfinite(tr).all()):
+            out.append(torch.zeros((), dtype=torch.float64, device=truth.device))
+            continue
+        th = {k: (v[b:b + 1] if v.dim() == 1 else v[b:b + 1, ys, xs]).double() for k, v in theta.items()}
+        prior = model.priors(th, oc[None], dx[b:b + 1, ys, xs].double(), dy[b:b + 1, ys, xs].double(),
+                             torch.float64)[0]
+        out.append(prior.nll(tr.double()) / tr.numel())
+    return torch.stack(out)
+
+
+def spde_loss_terms(model: SPDEFourDVarNet, batch: dict[str, torch.Tensor],
+                    cfg: SPDETrainConfig) -> dict[str, torch.Tensor]:
+    """Forward + loss terms; ``batch`` holds ``obs, tgt, weight, ocean, dx, dy``. ``Theta`` is
+    predicted from ``obs`` only (``tgt`` is not an input of the model)."""
+    obs, tgt, w, ocean = batch["obs"], batch["tgt"], batch["weight"], batch["ocean"]
+    out, theta = model(obs, ocean, batch["dx"], batch["dy"], return_theta=True)
+    mse = weighted_mse(out - tgt, w)
+    terms = {"mse": mse}
+    total = cfg.w_mse * mse
+    if cfg.mode == "supervised" and cfg.w_grad:
+        g = weighted_mse(sobel_magnitude(out) - sobel_magnitude(torch.nan_to_num(tgt)), w)
+        terms["grad"] = g
+        total = total + cfg.w_grad * g
+    if cfg.mode == "supervised" and cfg.w_nll:
+        nll = crop_nll(model, theta, tgt, ocean, batch["dx"], batch["dy"], cfg.nll_crop)
+        terms["nll"] = nll.to(total.dtype)
+        total = total + cfg.w_nll * nll.to(total.dtype)
+    if cfg.mode == "supervised" and cfg.w_nll_obs:
+        m = torch.isfinite(obs) & ocean.unsqueeze(1)
+        r2 = torch.where(m, obs - tgt, torch.zeros_like(obs)) ** 2
+        nobs = m.sum(dim=(1, 2, 3)).clamp_min(1).to(obs.dtype)
+        R = model.R.to(obs.dtype)
+        nll_obs = 0.5 * (r2.sum(dim=(1, 2, 3)) / R + nobs * torch.log(2 * math.pi * R)) / nobs
+        terms["nll_obs"] = nll_obs
+        total = total + cfg.w_nll_obs * nll_obs
+    terms = {k: v.mean() for k, v in terms.items()}
+    terms["total"] = total.mean()
+    terms["noise_std"] = torch.sqrt(model.R.detach())
+    for k, v in theta.items():
+        terms[f"theta_{k}"] = v.detach().mean()
+    return terms
+
+
+def spde_train_step(model: SPDEFourDVarNet, opt, batch: dict[str, torch.Tensor], cfg: SPDETrainConfig,
+                    dist: DistContext | None = None) -> dict[str, float]:
+    """One optimisation step (gradients averaged over ranks)."""
+    dist = dist or DistContext()
+    model.train()
+    opt.zero_grad(set_to_none=True)
+    terms = spde_loss_terms(model, batch, cfg)
+    terms["total"].backward()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if dist.world > 1:
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+        dist.all_reduce_(flat)
+        flat /= dist.world
+        o = 0
+        for p in params:
+            p.grad = flat[o:o + p.numel()].view_as(p).clone()
+            o += p.numel()
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    opt.step()
+    out = {k: float(v.detach()) for k, v in terms.items()}
+    if dist.world > 1:
+        t = dist.all_reduce_(torch.tensor([out[k] for k in sorted(out)], dtype=torch.float64)) / dist.world
+        out = dict(zip(sorted(out), t.tolist()))
+    return out
+
+
+def _collate(ds, idx) -> dict[str, torch.Tensor]:
+    items = [ds[int(i)] for i in idx]
+    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+
+def _to(batch, device):
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def spde_validate(model: SPDEFourDVarNet, ds, norm_std: float, device, batch_size: int = 4,
+                  dist: DistContext | None = None) -> dict[str, float]:
+    """Blend-weighted RMSE of the reconstruction vs the target on ``ds`` (physical units)."""
+    dist = dist or DistContext()
+    model.eval()
+    acc = torch.zeros(2, dtype=torch.float64)
+    idx = np.arange(len(ds))[dist.rank::dist.world]
+    for i in range(0, len(idx), batch_size):
+        b = _to(_collate(ds, idx[i:i + batch_size]), device)
+        out = model(b["obs"], b["ocean"], b["dx"], b["dy"])
+        ok = (b["weight"] > 0) & torch.isfinite(b["tgt"])
+        w = torch.where(ok, b["weight"], torch.zeros_like(b["weight"])).double()
+        err = torch.where(ok, out - b["tgt"], torch.zeros_like(out)).double() * norm_std
+        acc += torch.stack([(w * err ** 2).sum(), w.sum()]).cpu()
+    dist.all_reduce_(acc)
+    return {"val_rmse": math.sqrt(acc[0] / acc[1]) if acc[1] > 0 else math.nan}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_spde_checkpoint(path: str | os.PathLike, model: SPDEFourDVarNet, norm: dict[str, float],
+                         train_cfg: SPDETrainConfig | None = None, optimizer=None, scheduler=None,
+                         epoch: int = -1, history: list | None = None, extra: dict | None = None) -> Path:
+    """Write an SPDE-4DVarNet checkpoint atomically (temporary file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = spde_checkpoint_state(
+        model, norm, train_config=None if train_cfg is None else asdict(train_cfg),
+        optimizer=None if optimizer is None else optimizer.state_dict(),
+        scheduler=None if scheduler is None else scheduler.state_dict(),
+        epoch=int(epoch), history=list(history or []), extra=dict(extra or {}))
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def make_spde_optimizer(model: SPDEFourDVarNet, cfg: SPDETrainConfig) -> torch.optim.Adam:
+    """Adam: the solver at ``lr``, the Theta CNN and the noise at ``lr * lr_theta``."""
+    fast = [p for p in [*model.theta_net.parameters(), model.log_noise] if p.requires_grad]
+    ids = {id(p) for p in fast}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    return torch.optim.Adam([{"params": rest, "lr": cfg.lr},
+                             {"params": fast, "lr": cfg.lr * cfg.lr_theta}], weight_decay=cfg.weight_decay)
+
+
+def fit_spde(model: SPDEFourDVarNet, train_ds, val_ds, norm: dict[str, float], cfg: SPDETrainConfig,
+             checkpoint: str | os.PathLike | None = None, resume: bool = False,
+             device: torch.device | str = "cpu", dist: DistContext | None = None,
+             progress: bool = True, extra: dict | None = None) -> list[dict[str, float]]:
+    """Train for ``cfg.epochs`` epochs; returns the per-epoch history. Items of the datasets
+    are dicts with ``obs, tgt, weight (T, H, W)``, ``ocean, dx, dy (H, W)``."""
+    dist = dist or DistContext()
+    device = torch.device(device)
+    model.to(device)
+    opt = make_spde_optimizer(model, cfg)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.epochs, 1))
+    history: list[dict[str, float]] = []
+    start = 0
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+    if resume and ckpt is not None and ckpt.is_file():
+        ck = read_spde_checkpoint(ckpt, expect=model.cfg)
+        model.load_state_dict(ck["state_dict"])
+        if ck.get("optimizer"):
+            opt.load_state_dict(ck["optimizer"])
+        if ck.get("scheduler"):
+            sched.load_state_dict(ck["scheduler"])
+        history = list(ck.get("history", []))
+        start = int(ck.get("epoch", -1)) + 1
+    best = min((h["val_rmse"] for h in history if math.isfinite(h.get("val_rmse", math.nan))), default=math.inf)
+    for epoch in range(start, cfg.epochs):
+        t0 = time.perf_counter()
+        if hasattr(train_ds, "set_epoch"):
+            train_ds.set_epoch(epoch)
+        perm = np.random.default_rng((cfg.seed, epoch)).permutation(len(train_ds))
+        g = cfg.batch_size * dist.world
+        batches = [perm[i:i + g] for i in range(0, len(perm) - g + 1, g)]
+        if cfg.max_batches is not None:
+            batches = batches[:cfg.max_batches]
+        if not batches:
+            raise InputError(f"{len(train_ds)} training patches < one global batch of "
+                             f"{cfg.batch_size} x {dist.world} ranks: lower train.batch_size")
+        bar = None
+        if progress and dist.rank == 0:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch")
+        sums: dict[str, float] = {}
+        for gb in batches:
+            mine = gb[dist.rank * cfg.batch_size:(dist.rank + 1) * cfg.batch_size]
+            terms = spde_train_step(model, opt, _to(_collate(train_ds, mine), device), cfg, dist)
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v
+            if bar is not None:
+                bar.set_postfix(loss=f"{terms['total']:.4g}")
+                bar.update()
+        if bar is not None:
+            bar.close()
+        sched.step()
+        rec = {"epoch": epoch, **{f"train_{k}": v / len(batches) for k, v in sums.items()},
+               "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
+        if val_ds is not None and len(val_ds):
+            rec.update(spde_validate(model, val_ds, norm["std"], device, cfg.batch_size, dist))
+        history.append(rec)
+        if dist.rank == 0:
+            log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4g}" for k, v in rec.items() if k != "epoch"))
+            if ckpt is not None:
+                save_spde_checkpoint(ckpt, model, norm, cfg, opt, sched, epoch, history, extra)
+                v = rec.get("val_rmse", math.nan)
+                if math.isfinite(v) and v < best:
+                    best = v
+                    save_spde_checkpoint(ckpt.with_name("best_" + ckpt.name), model, norm, cfg,
+                                         None, None, epoch, history, extra)
+        dist.barrier()
+    return history
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class MetricPatches(torch.utils.data.Dataset):
+    """A :class:`oceanda.train.data.PatchDataset` whose items also carry the patch's cell
+    sizes ``dx, dy (H, W)`` in the model's length unit."""
+
+    def __init__(self, base, dx: np.ndarray, dy: np.ndarray) -> None:
+        self.base = base
+        self.dx = torch.as_tensor(np.asarray(dx, np.float32))
+        self.dy = torch.as_tensor(np.asarray(dy, np.float32))
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.base, "set_epoch"):
+            self.base.set_epoch(epoch)
+
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        item = dict(self.base[idx])
+        t, y, x = self.base.starts[idx % len(self.base.starts)]
+        _, H, W = self.base.size
+        item["dx"] = self.dx[y:y + H, x:x + W]
+        item["dy"] = self.dy[y:y + H, x:x + W]
+        return item
+
+
+def _plain(v: Any) -> Any:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+
+
+def _load(truth_path, obs_path, box, period):
+    from oceanda.data import io
+    from oceanda.data import names as N
+    from oceanda.data.grid import Grid
+
+    obs_ds = io.select_window(io.open_dataset(obs_path, [N.SSH_OBS], optional=[N.OCEAN]),
+                              period=period, box=box, what=str(obs_path))
+    truth = None
+    if truth_path is not None:
+        tr = io.select_window(io.open_dataset(truth_path, [N.SSH], optional=[N.OCEAN]),
+                              period=period, box=box, what=str(truth_path))
+        io.check_aligned(tr, obs_ds, names=("truth", "obs"))
+        truth = np.asarray(tr[N.SSH].values, np.float32)
+    obs = np.asarray(obs_ds[N.SSH_OBS].values, np.float32)
+    if N.OCEAN in obs_ds:
+        ocean = np.asarray(obs_ds[N.OCEAN].values) > 0
+    elif truth is not None:
+        ocean = np.isfinite(truth).all(0)
+    else:
+        ocean = np.ones(obs.shape[1:], bool)
+    if truth is not None and (ocean & ~np.isfinite(truth).all(0)).any():
+        raise InputError(f"truth {truth_path}: ocean cells hold NaN")
+    grid = Grid.from_coords(obs_ds[N.LON].values, obs_ds[N.LAT].values, ocean=ocean)
+    return truth, obs, ocean, obs_ds[N.TIME].values, grid
+
+
+def run_spde_training(cfg: DictConfig) -> int:
+    """``oceanda train model=spde_4dvarnet ...``: train the SPDE-prior 4DVarNet.
+
+    Reads ``model`` (:class:`SPDEModelConfig` keys; ``name`` ignored), ``train``
+    (:class:`SPDETrainConfig` keys; ``w_prior`` ignored), ``patch`` (size, stride, crop,
+    anchor, time_weight, space_weight, taper), ``truth_path``, ``obs_path``, ``out_dir``,
+    ``box``, ``dates``, ``val_period``, ``val_fraction``, ``gap_days``, ``stride``, ``aug``,
+    ``holdout``, ``resume``, ``progress``, ``system.device``, ``system.threads``. Writes
+    ``out_dir/checkpoint.pt``, ``best_checkpoint.pt``, ``history.json``.
+    """
+    from oceanda.data.patches import PatchGeometry
+    from oceanda.parallel.comm import get_comm
+    from oceanda.parallel.device import bind_device
+    from oceanda.train.data import Normalisation, PatchDataset, patch_starts, time_split
+    from oceanda.train.fourdvarnet import init_distributed, shutdown_distributed
+
+    model_cfg = SPDEModelConfig.from_dict(dict(_plain(cfg.model)))
+    train_cfg = SPDETrainConfig.from_dict(dict(_plain(cfg.train)))
+    patch = _plain(cfg.patch)
+    geom = PatchGeometry(size=tuple(patch["size"]), stride=tuple(patch["stride"]), crop=tuple(patch["crop"]),
+                         anchor=patch.get("anchor", "centre"), time_weight=patch.get("time_weight", "triangle"),
+                         space_weight=patch.get("space_weight", "crop"), taper=patch.get("taper", 20))
+    if patch.get("lead"):
+        raise ConfigError(f"patch.lead={patch.get('lead')}: spde_4dvarnet trains mapping patches only "
+                          "(use patch=anchor or another mapping patch)")
+    if model_cfg.n_time != geom.size[0]:
+        raise ConfigError(f"model.n_time={model_cfg.n_time} differs from patch.size[0]={geom.size[0]}")
+    if any(n % model_cfg.lstm_downsample for n in geom.size[1:]):
+        raise ConfigError(f"patch.size {geom.size}: H and W must be divisible by model.lstm_downsample")
+    if cfg.truth_path is None and train_cfg.mode == "supervised":
+        raise ConfigError("truth_path=null needs train.mode=semi (supervised training needs the truth)")
+    out_dir = Path(str(cfg.out_dir)).expanduser()
+    comm = get_comm()
+    device = bind_device(comm, str(cfg.system.get("device", "auto")), cfg.system.get("threads", 1))
+    dist = init_distributed(device)
+    truth, obs, ocean, times, grid = _load(cfg.truth_path, str(cfg.obs_path), _plain(cfg.box), _plain(cfg.dates))
+    n = len(times)
+    vp = _plain(cfg.val_period)
+    if vp is None:
+        nv = max(1, int(round(n * float(cfg.val_fraction))))
+        v0 = n - nv
+    else:
+        t = times.astype("datetime64[D]")
+        idx = np.flatnonzero((t >= np.datetime64(str(vp[0]), "D")) & (t <= np.datetime64(str(vp[1]), "D")))
+        if idx.size == 0:
+            raise ConfigError(f"val_period {vp} holds no day of the data")
+        v0, nv = int(idx[0]), int(idx[-1] - idx[0] + 1)
+    train_days, val_days = time_split(n, v0, nv, int(cfg.gap_days))
+    stride = tuple(_plain(cfg.stride) or geom.stride)
+    tr_starts = patch_starts(train_days, ocean.shape, geom.size, stride)
+    va_starts = patch_starts(val_days, ocean.shape, geom.size, (1, *stride[1:]))
+    norm = Normalisation.fit(truth if truth is not None else obs, ocean, train_days)
+    weight = geom.weights().full().astype(np.float32)
+    common = dict(size=geom.size, weight=weight, norm=norm, holdout=float(cfg.holdout), seed=train_cfg.seed)
+    u = model_cfg.length_unit_m
+    dx, dy = grid.dx_m / u, grid.dy_m / u
+    train_ds = MetricPatches(PatchDataset(truth, obs, ocean, tr_starts, aug=int(cfg.aug),
+                                          mode=train_cfg.mode, **common), dx, dy)
+    val_ds = None
+    if len(va_starts):
+        val_ds = MetricPatches(PatchDataset(truth, obs, ocean, va_starts, aug=0, mode=train_cfg.mode,
+                                            **common), dx, dy)
+    torch.manual_seed(train_cfg.seed)
+    model = build_spde_model(model_cfg)
+    extra = {"truth": None if cfg.truth_path is None else str(cfg.truth_path), "obs": str(cfg.obs_path),
+             "val_days": [int(val_days[0]), int(val_days[-1])], "patch": patch}
+    history = fit_spde(model, train_ds, val_ds, norm.to_dict(), train_cfg, out_dir / "checkpoint.pt",
+                       resume=bool(cfg.resume), device=device, dist=dist, progress=bool(cfg.progress),
+                       extra=extra)
+    if dist.rank == 0:
+        from oceanda.data.io import write_json_atomic
+
+        write_json_atomic(out_dir / "history.json", history)
+        last = history[-1] if history else {}
+        print(json.dumps({k: v for k, v in last.items() if isinstance(v, (int, float))}))
+    if dist.world > 1:
+        shutdown_distributed()
+    return 0

@@ -1,0 +1,455 @@
+"""SPDE-prior 4DVarNet: the prior term is SPDEPrior.quad, closed-form gradients, gradchecks,
+Matheron members with a linear solver are exact posterior draws, Theta never sees the truth,
+training / checkpoints / bad checkpoints, and the registered method round trip."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from oceanda.assim.base import PatchBatch
+from oceanda.assim.spde_fourdvarnet import (
+    SPDECost,
+    SPDEFourDVarNet,
+    SPDEModelConfig,
+    SPDEPrecisionBatch,
+    read_spde_checkpoint,
+    spde_conditional_members,
+)
+from oceanda.errors import ConfigError, InputError
+from oceanda.priors.spde import SPDEPrior
+from oceanda.train.spde_fourdvarnet import (
+    SPDETrainConfig,
+    crop_nll,
+    fit_spde,
+    save_spde_checkpoint,
+    spde_loss_terms,
+)
+
+
+def tiny_cfg(**kw):
+    d = dict(n_time=3, kappa0=0.5, gamma0=2.0, n_steps=3, lstm_hidden=4, theta_hidden=4, dropout=0.0,
+             length_unit_m=1.0)
+    d.update(kw)
+    return SPDEModelConfig(**d)
+
+
+def random_head(model, scale=0.3, seed=0):
+    """Give the (zero-initialised) Theta head random weights so that Theta depends on its input."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        h = model.theta_net.head
+        h.weight.copy_(scale * torch.randn(h.weight.shape, generator=g, dtype=h.weight.dtype))
+
+
+def tiny_batch(B=2, T=3, H=6, W=7, frac=0.3, seed=0, dtype=torch.float64, land=True):
+    g = torch.Generator().manual_seed(seed)
+    obs = torch.randn(B, T, H, W, generator=g, dtype=dtype)
+    obs[torch.rand(B, T, H, W, generator=g) > frac] = float("nan")
+    ocean = torch.ones(B, H, W, dtype=torch.bool)
+    if land:
+        ocean[-1, :2, :3] = False
+    dx = 1.0 + 0.2 * torch.rand(B, H, W, generator=g, dtype=dtype)
+    dy = 1.0 + 0.2 * torch.rand(B, H, W, generator=g, dtype=dtype)
+    return obs, ocean, dx, dy
+
+
+# ----------------------------------------------------------------------------- prior term
+
+
+@pytest.mark.parametrize("params,theta,init", [
+    (["kappa", "std"], "patch", "stationary"),
+    (["kappa", "std", "gamma", "m", "anisotropy"], "field", "white"),
+    (["kappa", "std", "gamma", "anisotropy"], "field", "stationary"),
+])
+def test_prior_term_equals_spde_quad_and_its_gradient_is_2Qr(params, theta, init):
+    torch.manual_seed(0)
+    model = SPDEFourDVarNet(tiny_cfg(params=params, theta=theta, init=init)).double()
+    random_head(model)
+    obs, ocean, dx, dy = tiny_batch()
+    th = model.predict_theta(obs, ocean)
+    priors = model.priors(th, ocean, dx, dy)
+    prec = SPDEPrecisionBatch(priors)
+    x = torch.randn(obs.shape, dtype=torch.float64)
+    ref = torch.stack([p.quad(x[b]) for b, p in enumerate(priors)])
+    torch.testing.assert_close(prec.quad(x), ref, rtol=1e-12, atol=0)
+    g_ref = torch.stack([2 * p.precision_matvec(x[b]) for b, p in enumerate(priors)])
+    torch.testing.assert_close(prec.grad(x), g_ref, rtol=1e-10, atol=1e-10)
+    # and against the dense precision
+    Qd = priors[0].precision_dense()
+    torch.testing.assert_close(prec.quad(x)[0], x[0].reshape(-1) @ Qd @ x[0].reshape(-1), rtol=1e-10, atol=0)
+
+
+def test_cost_gradient_is_the_autograd_gradient_and_gradchecks():
+    torch.manual_seed(1)
+    model = SPDEFourDVarNet(tiny_cfg()).double()
+    random_head(model)
+    obs, ocean, dx, dy = tiny_batch(H=4, W=5)
+    y, mask, ocean = model._inputs(obs, ocean)
+    prec = SPDEPrecisionBatch(model.priors(model.predict_theta(obs, ocean), ocean, dx, dy))
+    oc4 = ocean.double().unsqueeze(1)
+    cost = SPDECost(prec, y, mask, oc4, torch.tensor(0.3, dtype=torch.float64))
+    x = (torch.randn(obs.shape, dtype=torch.float64) * oc4).requires_grad_(True)
+    (g_auto,) = torch.autograd.grad(cost.value(x).sum(), x)
+    torch.testing.assert_close(cost.grad(x), g_auto * oc4, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda z: cost.value(z), (x,))
+
+
+@pytest.mark.parametrize("precond,update", [("prior", "subspace"), ("none", "subspace"), ("none", "anchor")])
+def test_model_output_gradchecks_in_observations_and_parameters(precond, update):
+    torch.manual_seed(2)
+    model = SPDEFourDVarNet(tiny_cfg(n_time=2, n_steps=2, lstm_hidden=2, theta_hidden=2,
+                                     precond=precond, update=update)).double().train()
+    if update == "subspace":  # non-zero ConvLSTM output (it starts at zero)
+        torch.nn.init.normal_(model.grad_mod.conv_out.weight, std=0.1)
+    random_head(model)
+    obs, ocean, dx, dy = tiny_batch(B=1, T=2, H=4, W=4, frac=0.3, land=False)
+    mask = torch.isfinite(obs)
+    vals = obs[mask].clone().requires_grad_(True)
+
+    proj = torch.randn(3, *obs.shape, dtype=torch.float64)  # 3 random directions of the output
+
+    def f_obs(v):
+        o = torch.full_like(obs, float("nan")).masked_scatter(mask, v)
+        return (proj * model(o, ocean, dx, dy)).sum((1, 2, 3, 4))
+
+    assert torch.autograd.gradcheck(f_obs, (vals,), eps=1e-6, atol=1e-5)
+    if precond == "none":  # with "prior" the preconditioner is held fixed w.r.t. Theta (by design)
+        kappa = torch.tensor([0.7], dtype=torch.float64, requires_grad=True)
+        std = torch.tensor([1.3], dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(
+            lambda k, s: (proj * model(obs, ocean, dx, dy, theta={"kappa": k, "std": s})).sum((1, 2, 3, 4)),
+            (kappa, std), eps=1e-6, atol=1e-5)
+
+
+def test_preconditioner_is_the_dense_prior_covariance_and_gradchecks():
+    from oceanda.assim.spde_fourdvarnet import _PriorCovariance
+
+    torch.manual_seed(8)
+    model = SPDEFourDVarNet(tiny_cfg()).double()
+    random_head(model)
+    obs, ocean, dx, dy = tiny_batch(H=4, W=5)
+    priors = model.priors(model.predict_theta(obs, ocean), ocean, dx, dy)
+    g = (torch.randn(obs.shape, dtype=torch.float64) * ocean[:, None]).requires_grad_(True)
+    Pg = _PriorCovariance.apply(g, priors)
+    for b in range(2):
+        ref = torch.linalg.solve(priors[b].precision_dense(), g[b].detach().reshape(-1))
+        torch.testing.assert_close(Pg[b].detach().reshape(-1), ref, rtol=1e-9, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda z: _PriorCovariance.apply(z, priors), (g,))
+
+
+def test_untrained_subspace_solver_is_preconditioned_cg_and_reaches_the_exact_posterior_mean():
+    n, T, R = 6, 3, 0.05
+    cfg = tiny_cfg(n_time=T, kappa0=0.6, gamma0=20.0, n_steps=40, noise_std=R**0.5, learn_noise=False)
+    model = SPDEFourDVarNet(cfg).double().eval()
+    obs, ocean, dx, dy = tiny_batch(B=1, T=T, H=n, W=n, frac=0.3)
+    dx, dy = 3 * dx, 3 * dy
+    th = {"kappa": torch.tensor([0.5], dtype=torch.float64), "std": torch.tensor([1.2], dtype=torch.float64)}
+    prior = model.priors(th, ocean, dx, dy)[0]
+    mask = (torch.isfinite(obs) & ocean[:, None])[0]
+    Hm = torch.diag(mask.reshape(-1).double())
+    y = torch.nan_to_num(obs[0]).reshape(-1) * mask.reshape(-1)
+    exact = torch.linalg.solve(prior.precision_dense() + Hm / R, y / R).reshape(T, n, n)
+    errs = {}
+    for k in (5, 40):
+        model.step.n_steps = model.solver.n_steps = k
+        with torch.no_grad():
+            out = model(obs, ocean, dx, dy, theta=th)[0]
+        errs[k] = float((out - exact * ocean[0]).abs().max() / exact.abs().max())
+    assert errs[40] < 1e-4 and errs[40] < errs[5] / 100, errs
+
+
+def test_subspace_step_survives_a_converged_or_degenerate_search_space():
+    """Once the solver has converged (d = p = 0) or d is parallel to p, the 2 x 2 line-search
+    system is singular: the step falls back to the first direction / zero instead of raising
+    (``oceanda infer`` hit it on a patch without observations in float32)."""
+    from oceanda.assim.spde_fourdvarnet import _solve2_or_first
+
+    A = torch.tensor([[[4.0, 1.0], [1.0, 3.0]], [[0.0, 0.0], [0.0, 0.0]], [[2.0, 2.0], [2.0, 2.0]]],
+                     dtype=torch.float64)
+    r = torch.tensor([[1.0, 2.0], [0.0, 0.0], [1.0, 1.0]], dtype=torch.float64)
+    ab = _solve2_or_first(A, r)
+    torch.testing.assert_close(ab[0], torch.linalg.solve(A[0], r[0]))
+    torch.testing.assert_close(ab[1], torch.zeros(2, dtype=torch.float64))
+    torch.testing.assert_close(ab[2], torch.tensor([0.5, 0.0], dtype=torch.float64))
+    # a patch without any observation, float32: the prior mean (0), finite, no error
+    cfg = tiny_cfg(n_time=3, n_steps=4)
+    model = SPDEFourDVarNet(cfg).eval()
+    obs, ocean, dx, dy = tiny_batch(B=1, dtype=torch.float32, land=False)
+    with torch.no_grad():
+        out = model(torch.full_like(obs, float("nan")), ocean, dx, dy)
+    assert torch.isfinite(out).all() and float(out.abs().max()) < 1e-6
+
+
+# ----------------------------------------------------------------------------- ensembles
+
+
+def test_matheron_members_with_the_exact_linear_solver_have_the_posterior_covariance():
+    rng = np.random.default_rng(0)
+    T, H, W = 2, 3, 4
+    ocean = np.ones((H, W), bool)
+    ocean[0, 0] = False
+    prior = SPDEPrior(np.ones((H, W)), np.ones((H, W)), ocean, T=T, kappa=0.8, gamma=1.0, tau=1.5)
+    mask = rng.random((T, H, W)) < 0.4
+    mask[:, ~ocean] = False
+    R = 0.2
+    Q = prior.precision_dense().numpy()
+    Hm = np.diag(mask.reshape(-1).astype(float))
+    A = Q + Hm / R
+    P_post = np.linalg.inv(A)
+
+    def exact(Y):  # posterior mean (mu = 0), linear in Y
+        Yz = np.nan_to_num(Y).reshape(len(Y), -1) * mask.reshape(-1)
+        return np.linalg.solve(A, (Yz / R).T).T.reshape(Y.shape)
+
+    y = np.where(mask, rng.standard_normal((T, H, W)), np.nan)
+    N = 20000
+    members, xm = spde_conditional_members(exact, prior, y, mask, R, N, rng=1)
+    np.testing.assert_allclose(xm, exact(y[None])[0], rtol=1e-12)
+    D = (members - members.mean(0)).reshape(N, -1)
+    C = D.T @ D / (N - 1)
+    d = np.diag(P_post)
+    se = np.sqrt((np.outer(d, d) + P_post**2) / N)  # standard error of each covariance entry
+    assert np.all(np.abs(C - P_post) <= 5 * se + 1e-12), np.max(np.abs(C - P_post) / se)
+    np.testing.assert_allclose(members.mean(0), xm, atol=5 * np.sqrt(d.max() / N))
+
+
+def test_model_members_use_the_predicted_theta_and_are_land_aware_and_seeded():
+    torch.manual_seed(3)
+    model = SPDEFourDVarNet(tiny_cfg()).eval()
+    random_head(model)
+    obs, ocean, dx, dy = tiny_batch(dtype=torch.float32)
+    m1, mem1 = model.members(obs, ocean, dx, dy, 5, seeds=[1, 2])
+    m2, mem2 = model.members(obs, ocean, dx, dy, 5, seeds=[1, 2])
+    torch.testing.assert_close(mem1, mem2)
+    assert mem1.shape == (2, 5, *obs.shape[1:]) and torch.isfinite(mem1).all()
+    with torch.no_grad():
+        torch.testing.assert_close(m1, model(obs, ocean, dx, dy), rtol=1e-5, atol=1e-5)
+    assert (mem1[1][:, :, ~ocean[1]] == 0).all()
+    assert mem1.std(dim=1)[:, :, ocean[0]].mean() > 0
+
+
+# ----------------------------------------------------------------------------- truth
+
+
+def _train_batch(seed=0):
+    obs, ocean, dx, dy = tiny_batch(B=2, T=3, H=8, W=8, dtype=torch.float32, seed=seed, land=False)
+    tgt = torch.randn(obs.shape, generator=torch.Generator().manual_seed(seed + 7))
+    return {"obs": obs, "tgt": tgt, "weight": torch.ones_like(tgt), "ocean": ocean, "dx": dx, "dy": dy}
+
+
+def test_theta_and_reconstruction_depend_on_observations_never_on_the_truth():
+    torch.manual_seed(4)
+    model = SPDEFourDVarNet(tiny_cfg()).eval()
+    random_head(model)
+    cfg = SPDETrainConfig(w_nll=1.0, nll_crop=4)
+    b = _train_batch()
+    t1 = spde_loss_terms(model, b, cfg)
+    b2 = dict(b, tgt=b["tgt"] * 3.0 + 1.0)  # another truth, the same observations
+    t2 = spde_loss_terms(model, b2, cfg)
+    assert t1["theta_kappa"] == t2["theta_kappa"] and t1["theta_std"] == t2["theta_std"]
+    assert t1["nll"] != t2["nll"] and t1["mse"] != t2["mse"]
+    with torch.no_grad():
+        o1 = model(b["obs"], b["ocean"], b["dx"], b["dy"])
+        o3 = model(b["obs"] + 0.5, b["ocean"], b["dx"], b["dy"])
+    th3 = model.predict_theta(b["obs"] + 0.5, b["ocean"])
+    assert not torch.equal(o1, o3) and not torch.equal(th3["kappa"], model.predict_theta(b["obs"], b["ocean"])["kappa"])
+    # the Theta that enters the loss has no autograd path from the truth
+    tgt = b["tgt"].clone().requires_grad_(True)
+    out, th = model(b["obs"], b["ocean"], b["dx"], b["dy"], return_theta=True)
+    for v in th.values():
+        assert torch.autograd.grad(v.sum() + 0 * tgt.sum(), tgt, allow_unused=True)[0].abs().max() == 0
+
+
+def test_crop_nll_is_the_spde_nll_of_the_crop_and_skips_land():
+    torch.manual_seed(5)
+    model = SPDEFourDVarNet(tiny_cfg()).double()
+    random_head(model)
+    b = _train_batch()
+    obs, ocean = b["obs"].double(), b["ocean"].clone()
+    ocean[1, 3, 3] = False  # land inside patch 1's crop
+    th = model.predict_theta(obs, ocean)
+    nll = crop_nll(model, th, b["tgt"].double(), ocean, b["dx"].double(), b["dy"].double(), 4)
+    ys, xs = slice(2, 6), slice(2, 6)
+    p = SPDEPrior(b["dx"][0, ys, xs].double(), b["dy"][0, ys, xs].double(), None, T=3,
+                  kappa=th["kappa"][0], gamma=2.0,
+                  tau=th["std"][0] * torch.sqrt(8 * np.pi * 2.0 * th["kappa"][0] ** 2
+                                                / (b["dx"][0, ys, xs].double() * b["dy"][0, ys, xs].double()).mean()))
+    torch.testing.assert_close(nll[0], p.nll(b["tgt"][0, :, ys, xs].double()) / 48, rtol=1e-10, atol=0)
+    assert nll[1] == 0
+
+
+# ----------------------------------------------------------------------------- training, checkpoints
+
+
+class _DS(torch.utils.data.Dataset):
+    def __init__(self, n=4):
+        self.items = [{k: v[i] for k, v in _train_batch(seed=s).items()} for s in range(n // 2) for i in range(2)]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def test_fit_writes_checkpoints_and_resumes(tmp_path):
+    torch.manual_seed(6)
+    cfg = tiny_cfg()
+    model = SPDEFourDVarNet(cfg)
+    tc = SPDETrainConfig(epochs=1, batch_size=2, nll_crop=4, lr=1e-2)
+    norm = {"mean": 0.1, "std": 2.0}
+    h = fit_spde(model, _DS(), _DS(2), norm, tc, tmp_path / "checkpoint.pt", progress=False)
+    assert len(h) == 1 and np.isfinite(h[0]["train_total"]) and np.isfinite(h[0]["val_rmse"])
+    assert (tmp_path / "best_checkpoint.pt").is_file()
+    ck = read_spde_checkpoint(tmp_path / "checkpoint.pt", expect=cfg)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(ck["model"].state_dict()[k], v)
+    tc2 = SPDETrainConfig(epochs=2, batch_size=2, nll_crop=4, lr=1e-2)
+    h2 = fit_spde(SPDEFourDVarNet(cfg), _DS(), None, norm, tc2, tmp_path / "checkpoint.pt",
+                  resume=True, progress=False)
+    assert [r["epoch"] for r in h2] == [0, 1]
+
+
+def test_bad_checkpoints_and_configs_raise_clear_errors(tmp_path):
+    cfg = tiny_cfg()
+    model = SPDEFourDVarNet(cfg)
+    good = save_spde_checkpoint(tmp_path / "good.pt", model, {"mean": 0.0, "std": 1.0})
+    with pytest.raises(InputError, match="no such file"):
+        read_spde_checkpoint(tmp_path / "missing.pt")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(good.read_bytes()[:200])
+    with pytest.raises(InputError, match="cannot be read"):
+        read_spde_checkpoint(bad)
+    ck = torch.load(good, weights_only=True)
+    torch.save(dict(ck, format="oceanda-4dvarnet"), tmp_path / "other.pt")
+    with pytest.raises(InputError, match="not an oceanda SPDE-4DVarNet"):
+        read_spde_checkpoint(tmp_path / "other.pt")
+    torch.save(dict(ck, norm={"mean": 0.0, "std": 0.0}), tmp_path / "norm.pt")
+    with pytest.raises(InputError, match="normalisation"):
+        read_spde_checkpoint(tmp_path / "norm.pt")
+    torch.save(dict(ck, model_config=dict(ck["model_config"], lstm_hidden=6)), tmp_path / "shape.pt")
+    with pytest.raises(InputError, match="weights do not match"):
+        read_spde_checkpoint(tmp_path / "shape.pt")
+    with pytest.raises(InputError, match="does not fit the config"):
+        read_spde_checkpoint(good, expect=tiny_cfg(n_time=5))
+    with pytest.raises(ConfigError, match="params"):
+        SPDEModelConfig(params=["kappa"]).validate()
+    with pytest.raises(ConfigError, match="unknown"):
+        SPDETrainConfig.from_dict({"epochs": 1, "bogus": 2})
+
+
+# ----------------------------------------------------------------------------- method
+
+
+def _patch_batch(obs, ocean, dx_m):
+    B, T, H, W = obs.shape
+    return PatchBatch(obs=obs, ocean=ocean, lon=torch.arange(B, dtype=torch.float32)[:, None].expand(B, W),
+                      lat=torch.zeros(B, H), time=torch.zeros(B, T), dx_m=dx_m, dy_m=dx_m)
+
+
+def test_registered_method_round_trip_members_and_batch_independence(tmp_path):
+    from oceanda.assim.registry import available, build_method
+
+    assert "spde_4dvarnet" in available()
+    torch.manual_seed(7)
+    cfg = tiny_cfg(length_unit_m=1000.0)
+    model = SPDEFourDVarNet(cfg).eval()
+    random_head(model)
+    norm = {"mean": 0.3, "std": 0.1}
+    p = save_spde_checkpoint(tmp_path / "m.pt", model, norm)
+    obs, ocean, dx, _ = tiny_batch(dtype=torch.float32)
+    raw = obs * 0.1 + 0.3
+    dx_m = dx * 1000.0
+    method = build_method("spde_4dvarnet", checkpoint=str(p))
+    res = method(_patch_batch(raw, ocean, dx_m))
+    with torch.no_grad():
+        ref = model((raw - 0.3) / 0.1, ocean, (dx_m / 1000.0).float(), (dx_m / 1000.0).float()) * 0.1 + 0.3
+    torch.testing.assert_close(res.mean, ref, rtol=1e-5, atol=1e-6)
+    assert res.std is None
+    one = method(_patch_batch(raw[1:], ocean[1:], dx_m[1:]))  # patch 1 alone == in the batch
+    torch.testing.assert_close(one.mean[0], res.mean[1], rtol=1e-4, atol=5e-5)  # float32 batch rounding
+    ens = build_method("spde_4dvarnet", checkpoint=str(p), members=4, return_members=True)
+    r2 = ens(_patch_batch(raw, ocean, dx_m))
+    assert r2.std.shape == raw.shape and r2.members.shape == (2, 4, *raw.shape[1:])
+    torch.testing.assert_close(r2.mean, res.mean, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(r2.std, r2.members.std(dim=1), rtol=1e-4, atol=1e-6)
+    with pytest.raises(InputError, match="patch length"):
+        method(_patch_batch(raw[:, :2], ocean, dx_m))
+    with pytest.raises(ConfigError, match="members"):
+        build_method("spde_4dvarnet", checkpoint=str(p), members=1)
+    with pytest.raises(ConfigError, match="spde_4dvarnet"):
+        build_method("spde_4dvarnet", checkpoint=str(p), bogus=1)
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def _write_zarrs(root):
+    import pandas as pd
+    import xarray as xr
+
+    rng = np.random.default_rng(0)
+    nt, ny, nx = 16, 10, 12
+    t, y, x = np.mgrid[0:nt, 0:ny, 0:nx]
+    truth = (0.3 * np.sin(0.4 * x + 0.1 * t) * np.cos(0.3 * y - 0.05 * t) + 0.5).astype(np.float32)
+    ocean = np.ones((ny, nx), bool)
+    ocean[:2, :3] = False
+    truth = np.where(ocean, truth, np.nan).astype(np.float32)
+    obs = np.where((rng.random(truth.shape) < 0.2) & ocean, truth, np.nan).astype(np.float32)
+    coords = {"time": pd.date_range("2012-10-01", periods=nt), "lat": 30 + 0.05 * np.arange(ny),
+              "lon": -60 + 0.05 * np.arange(nx)}
+    dims = ("time", "lat", "lon")
+    oc = (("lat", "lon"), ocean.astype(np.int8))
+    xr.Dataset({"ssh": (dims, truth), "ocean": oc}, coords=coords).to_zarr(root / "truth.zarr")
+    xr.Dataset({"ssh_obs": (dims, obs), "ocean": oc}, coords=coords).to_zarr(root / "obs.zarr")
+
+
+def test_run_spde_training_reads_the_train_config_and_writes_a_loadable_checkpoint(tmp_path):
+    import json
+
+    from omegaconf import OmegaConf
+
+    from oceanda.assim.registry import build_method
+    from oceanda.train.spde_fourdvarnet import run_spde_training
+
+    _write_zarrs(tmp_path)
+    model = dict(name="spde_4dvarnet", n_time=3, n_steps=2, lstm_hidden=4, theta_hidden=4, dropout=0.0)
+    cfg = OmegaConf.create({
+        "model": model, "patch": {"size": [3, 8, 8], "stride": [1, 4, 4], "crop": [1, 1]},
+        "system": {"device": "cpu", "threads": 1},
+        "truth_path": str(tmp_path / "truth.zarr"), "obs_path": str(tmp_path / "obs.zarr"),
+        "out_dir": str(tmp_path / "run"), "box": None, "dates": None, "val_period": None,
+        "val_fraction": 0.25, "gap_days": 2, "stride": None, "aug": 1, "holdout": 0.2,
+        "resume": False, "progress": False,
+        "train": {"epochs": 1, "batch_size": 2, "lr": 1e-3, "weight_decay": 0.0, "grad_clip": 0.5,
+                  "w_mse": 50.0, "w_grad": 0.0, "w_prior": 1.0, "mode": "supervised", "seed": 0,
+                  "max_batches": 2, "nll_crop": 4},
+    })
+    assert run_spde_training(cfg) == 0
+    ck = read_spde_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert ck["model_cfg"].n_time == 3 and ck["norm"]["std"] > 0
+    hist = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert len(hist) == 1 and np.isfinite(hist[0]["val_rmse"]) and np.isfinite(hist[0]["train_nll"])
+    method = build_method("spde_4dvarnet", checkpoint=str(tmp_path / "run" / "best_checkpoint.pt"))
+    obs, ocean, dx, _ = tiny_batch(B=1, T=3, H=8, W=8, dtype=torch.float32)
+    assert torch.isfinite(method(_patch_batch(obs, ocean, dx * 4500.0)).mean).all()
+    cfg.model.lstm_hidden = 6
+    cfg.resume = True
+    with pytest.raises(InputError, match="does not fit"):
+        run_spde_training(cfg)
+
+
+def test_observation_nll_is_minimised_by_the_empirical_noise_variance():
+    model = SPDEFourDVarNet(tiny_cfg())
+    b = {k: v[:1] for k, v in _train_batch().items()}
+    m = torch.isfinite(b["obs"])
+    r2 = ((b["obs"] - b["tgt"])[m] ** 2).double().mean()
+    with torch.no_grad():
+        model.log_noise.fill_(0.5 * float(torch.log(r2)))
+    cfg = SPDETrainConfig(w_mse=0.0, w_nll=0.0, w_nll_obs=1.0)
+    t = spde_loss_terms(model, b, cfg)
+    (g,) = torch.autograd.grad(t["total"], model.log_noise)
+    assert abs(float(g)) < 1e-4
+    torch.testing.assert_close(t["nll_obs"].double(), 0.5 * (1 + torch.log(2 * np.pi * r2)), rtol=1e-5, atol=0)
