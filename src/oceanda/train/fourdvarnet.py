@@ -351,6 +351,45 @@ def validate(model: FourDVarNet, ds, norm: Normalisation, device, batch_size: in
     return {"val_rmse": rmse, "val_score": 1.0 - rmse / rms if rms > 0 else math.nan}
 
 
+def run_epoch(step, model, opt, sched, train_ds, cfg, epoch: int, device, dist: DistContext,
+              progress: bool = False) -> dict[str, Any]:
+    """One training epoch, shared by 4DVarNet and the SPDE-prior 4DVarNet trainers.
+
+    ``step(model, opt, batch, cfg, dist) -> {term: float}`` on this rank's share of each
+    global batch (:func:`_global_batches`: ``cfg.batch_size`` items per rank, at most
+    ``cfg.max_batches`` global batches), then one scheduler step. Returns the epoch record
+    ``{"epoch", "train_<term>" (mean over batches), "lr", "seconds"}``.
+    """
+    t0 = time.perf_counter()
+    if hasattr(train_ds, "set_epoch"):
+        train_ds.set_epoch(epoch)
+    batches = _global_batches(len(train_ds), cfg.batch_size, dist.world, epoch, cfg.seed)
+    if cfg.max_batches is not None:
+        batches = batches[:cfg.max_batches]
+    if not batches:
+        raise InputError(f"{len(train_ds)} training patches < one global batch of "
+                         f"{cfg.batch_size} x {dist.world} ranks: lower train.batch_size")
+    bar = None
+    if progress and dist.rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch")
+    sums: dict[str, float] = {}
+    for g in batches:
+        mine = g[dist.rank * cfg.batch_size:(dist.rank + 1) * cfg.batch_size]
+        terms = step(model, opt, _to(_collate(train_ds, mine), device), cfg, dist)
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + v
+        if bar is not None:
+            bar.set_postfix(loss=f"{terms['total']:.4g}")
+            bar.update()
+    if bar is not None:
+        bar.close()
+    sched.step()
+    return {"epoch": epoch, **{f"train_{k}": v / len(batches) for k, v in sums.items()},
+            "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
+
+
 def fit(model: FourDVarNet, model_cfg: ModelConfig, train_ds, val_ds, norm: Normalisation,
         cfg: TrainConfig, checkpoint: str | os.PathLike | None = None, resume: bool = False,
         device: torch.device | str = "cpu", dist: DistContext | None = None,
@@ -386,34 +425,7 @@ def fit(model: FourDVarNet, model_cfg: ModelConfig, train_ds, val_ds, norm: Norm
             log.info("resumed from %s at epoch %d", ckpt, start)
     best = min((h["val_rmse"] for h in history if math.isfinite(h.get("val_rmse", math.nan))), default=math.inf)
     for epoch in range(start, cfg.epochs):
-        t0 = time.perf_counter()
-        if hasattr(train_ds, "set_epoch"):
-            train_ds.set_epoch(epoch)
-        batches = _global_batches(len(train_ds), cfg.batch_size, dist.world, epoch, cfg.seed)
-        if cfg.max_batches is not None:
-            batches = batches[:cfg.max_batches]
-        if not batches:
-            raise InputError(f"{len(train_ds)} training patches < one global batch of "
-                             f"{cfg.batch_size} x {dist.world} ranks: lower train.batch_size")
-        bar = None
-        if progress and dist.rank == 0:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch")
-        sums: dict[str, float] = {}
-        for g in batches:
-            mine = g[dist.rank * cfg.batch_size:(dist.rank + 1) * cfg.batch_size]
-            terms = train_step(model, opt, _to(_collate(train_ds, mine), device), cfg, dist)
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v
-            if bar is not None:
-                bar.set_postfix(loss=f"{terms['total']:.4g}")
-                bar.update()
-        if bar is not None:
-            bar.close()
-        sched.step()
-        rec = {"epoch": epoch, **{f"train_{k}": v / len(batches) for k, v in sums.items()},
-               "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
+        rec = run_epoch(train_step, model, opt, sched, train_ds, cfg, epoch, device, dist, progress)
         if val_ds is not None and len(val_ds):
             rec.update(validate(model, val_ds, norm, device, cfg.batch_size, dist))
         history.append(rec)

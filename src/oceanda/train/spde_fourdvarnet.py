@@ -30,7 +30,6 @@ import logging
 import math
 import os
 import tempfile
-import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,7 +45,7 @@ from oceanda.assim.spde_fourdvarnet import (
     spde_checkpoint_state,
 )
 from oceanda.errors import ConfigError, InputError
-from oceanda.train.fourdvarnet import DistContext, sobel_magnitude, weighted_mse
+from oceanda.train.fourdvarnet import DistContext, _collate, _to, run_epoch, sobel_magnitude, weighted_mse
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -183,15 +182,6 @@ def spde_train_step(model: SPDEFourDVarNet, opt, batch: dict[str, torch.Tensor],
     return out
 
 
-def _collate(ds, idx) -> dict[str, torch.Tensor]:
-    items = [ds[int(i)] for i in idx]
-    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
-
-
-def _to(batch, device):
-    return {k: v.to(device) for k, v in batch.items()}
-
-
 @torch.no_grad()
 def spde_validate(model: SPDEFourDVarNet, ds, norm_std: float, device, batch_size: int = 4,
                   dist: DistContext | None = None) -> dict[str, float]:
@@ -270,36 +260,7 @@ def fit_spde(model: SPDEFourDVarNet, train_ds, val_ds, norm: dict[str, float], c
         start = int(ck.get("epoch", -1)) + 1
     best = min((h["val_rmse"] for h in history if math.isfinite(h.get("val_rmse", math.nan))), default=math.inf)
     for epoch in range(start, cfg.epochs):
-        t0 = time.perf_counter()
-        if hasattr(train_ds, "set_epoch"):
-            train_ds.set_epoch(epoch)
-        perm = np.random.default_rng((cfg.seed, epoch)).permutation(len(train_ds))
-        g = cfg.batch_size * dist.world
-        batches = [perm[i:i + g] for i in range(0, len(perm) - g + 1, g)]
-        if cfg.max_batches is not None:
-            batches = batches[:cfg.max_batches]
-        if not batches:
-            raise InputError(f"{len(train_ds)} training patches < one global batch of "
-                             f"{cfg.batch_size} x {dist.world} ranks: lower train.batch_size")
-        bar = None
-        if progress and dist.rank == 0:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch")
-        sums: dict[str, float] = {}
-        for gb in batches:
-            mine = gb[dist.rank * cfg.batch_size:(dist.rank + 1) * cfg.batch_size]
-            terms = spde_train_step(model, opt, _to(_collate(train_ds, mine), device), cfg, dist)
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v
-            if bar is not None:
-                bar.set_postfix(loss=f"{terms['total']:.4g}")
-                bar.update()
-        if bar is not None:
-            bar.close()
-        sched.step()
-        rec = {"epoch": epoch, **{f"train_{k}": v / len(batches) for k, v in sums.items()},
-               "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
+        rec = run_epoch(spde_train_step, model, opt, sched, train_ds, cfg, epoch, device, dist, progress)
         if val_ds is not None and len(val_ds):
             rec.update(spde_validate(model, val_ds, norm["std"], device, cfg.batch_size, dist))
         history.append(rec)
