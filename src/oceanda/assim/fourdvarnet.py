@@ -751,6 +751,19 @@ def read_checkpoint(path: str | os.PathLike, expect: ModelConfig | None = None) 
     bad normalisation, holds weights that do not fit its own model config, or (``expect``)
     was trained for another architecture.
     """
+    return read_model_checkpoint(path, fmt=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION,
+                                 config_cls=ModelConfig, build=build_model, expect=expect,
+                                 ignore=_RUNTIME_FIELDS, what="4DVarNet")
+
+
+def read_model_checkpoint(path: str | os.PathLike, *, fmt: str, version: int, config_cls, build,
+                          expect=None, ignore=(), what: str, hint: str = "") -> dict[str, Any]:
+    """Read and validate a checkpoint holding ``format``/``version``/``model_config`` (a
+    ``config_cls`` dataclass)/``state_dict``/``norm`` (shared by 4DVarNet and the SPDE-prior
+    4DVarNet). Returns its dict plus ``model`` (``build(cfg)`` with the weights loaded) and
+    ``model_cfg``; every failure is an :class:`InputError` naming ``path``. ``expect``: the
+    config the caller needs (fields in ``ignore`` are not compared); ``hint`` follows the
+    wrong-format message."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise InputError(f"checkpoint {p}: no such file")
@@ -759,16 +772,18 @@ def read_checkpoint(path: str | os.PathLike, expect: ModelConfig | None = None) 
     except Exception as exc:  # torch raises many types for a damaged file
         raise InputError(f"checkpoint {p}: cannot be read (corrupted or not a torch file: "
                          f"{type(exc).__name__}: {str(exc)[:200]})") from None
-    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
-        raise InputError(f"checkpoint {p}: not an oceanda 4DVarNet checkpoint")
-    if ck.get("version") != CHECKPOINT_VERSION:
+    if not isinstance(ck, dict) or ck.get("format") != fmt:
+        found = ck.get("format") if isinstance(ck, dict) else None
+        raise InputError(f"checkpoint {p}: not an oceanda {what} checkpoint"
+                         + (f" (format {found!r}; {hint})" if hint else ""))
+    if ck.get("version") != version:
         raise InputError(f"checkpoint {p}: version {ck.get('version')} not supported "
-                         f"(expected {CHECKPOINT_VERSION})")
+                         f"(expected {version})")
     for key in ("model_config", "state_dict", "norm"):
         if key not in ck:
             raise InputError(f"checkpoint {p}: missing '{key}'")
     try:
-        cfg = ModelConfig.from_dict(ck["model_config"])
+        cfg = config_cls.from_dict(ck["model_config"])
     except (ConfigError, TypeError) as exc:
         raise InputError(f"checkpoint {p}: bad model config: {exc}") from None
     norm = ck["norm"]
@@ -777,18 +792,17 @@ def read_checkpoint(path: str | os.PathLike, expect: ModelConfig | None = None) 
         raise InputError(f"checkpoint {p}: bad normalisation {norm!r} (need finite mean, std > 0)")
     if expect is not None:
         diff = {k: (v, getattr(cfg, k)) for k, v in asdict(expect).items()
-                if getattr(cfg, k) != v and k not in _RUNTIME_FIELDS}
+                if getattr(cfg, k) != v and k not in ignore}
         if diff:
             raise InputError(f"checkpoint {p} does not fit the config: "
                              + ", ".join(f"{k}: config {a!r} vs checkpoint {b!r}" for k, (a, b) in diff.items()))
     try:
-        model = build_model(cfg)
+        model = build(cfg)
         model.load_state_dict(ck["state_dict"])
     except (RuntimeError, ConfigError) as exc:
         raise InputError(f"checkpoint {p}: weights do not match its model config: "
                          f"{str(exc)[:300]}") from None
-    ck["model"] = model
-    ck["model_cfg"] = cfg
+    ck["model"], ck["model_cfg"] = model, cfg
     return ck
 
 

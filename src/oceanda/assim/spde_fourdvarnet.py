@@ -81,7 +81,6 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -90,7 +89,7 @@ from torch import Tensor, nn
 
 from oceanda.assim.base import PatchBatch, PatchResult
 from oceanda.assim.ensemble import matheron_members
-from oceanda.assim.fourdvarnet import ConvLSTMGradModulator
+from oceanda.assim.fourdvarnet import ConvLSTMGradModulator, read_model_checkpoint
 from oceanda.assim.registry import register
 from oceanda.assim.unroll import UnrolledSolver
 from oceanda.config_dataclass import dataclass_from_dict
@@ -607,45 +606,10 @@ def read_spde_checkpoint(path: str | os.PathLike, expect: SPDEModelConfig | None
     (truncated / corrupted), of another format or version, has a bad normalisation, holds
     weights that do not fit its model config, or (``expect``) does not fit that config.
     """
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise InputError(f"checkpoint {p}: no such file")
-    try:
-        ck = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a damaged file
-        raise InputError(f"checkpoint {p}: cannot be read (corrupted or not a torch file: "
-                         f"{type(exc).__name__}: {str(exc)[:200]})") from None
-    if not isinstance(ck, dict) or ck.get("format") != SPDE_CHECKPOINT_FORMAT:
-        fmt = ck.get("format") if isinstance(ck, dict) else None
-        raise InputError(f"checkpoint {p}: not an oceanda SPDE-4DVarNet checkpoint (format {fmt!r}; "
-                         "a plain 4DVarNet checkpoint goes with method=4dvarnet)")
-    if ck.get("version") != SPDE_CHECKPOINT_VERSION:
-        raise InputError(f"checkpoint {p}: version {ck.get('version')} not supported "
-                         f"(expected {SPDE_CHECKPOINT_VERSION})")
-    for key in ("model_config", "state_dict", "norm"):
-        if key not in ck:
-            raise InputError(f"checkpoint {p}: missing '{key}'")
-    try:
-        cfg = SPDEModelConfig.from_dict(ck["model_config"])
-    except (ConfigError, TypeError) as exc:
-        raise InputError(f"checkpoint {p}: bad model config: {exc}") from None
-    norm = ck["norm"]
-    if not (isinstance(norm, dict) and math.isfinite(norm.get("mean", math.nan))
-            and math.isfinite(norm.get("std", math.nan)) and norm["std"] > 0):
-        raise InputError(f"checkpoint {p}: bad normalisation {norm!r} (need finite mean, std > 0)")
-    if expect is not None:
-        diff = {k: (v, getattr(cfg, k)) for k, v in asdict(expect).items() if getattr(cfg, k) != v}
-        if diff:
-            raise InputError(f"checkpoint {p} does not fit the config: "
-                             + ", ".join(f"{k}: config {a!r} vs checkpoint {b!r}" for k, (a, b) in diff.items()))
-    try:
-        model = build_spde_model(cfg)
-        model.load_state_dict(ck["state_dict"])
-    except (RuntimeError, ConfigError) as exc:
-        raise InputError(f"checkpoint {p}: weights do not match its model config: "
-                         f"{str(exc)[:300]}") from None
-    ck["model"], ck["model_cfg"] = model, cfg
-    return ck
+    return read_model_checkpoint(path, fmt=SPDE_CHECKPOINT_FORMAT, version=SPDE_CHECKPOINT_VERSION,
+                                 config_cls=SPDEModelConfig, build=build_spde_model, expect=expect,
+                                 what="SPDE-4DVarNet",
+                                 hint="a plain 4DVarNet checkpoint goes with method=4dvarnet")
 
 
 # ----------------------------------------------------------------------------- method
