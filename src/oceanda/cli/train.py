@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from oceanda.errors import ConfigError, InputError
+from oceanda.errors import ConfigError
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -47,55 +47,13 @@ def _plain(v: Any) -> Any:
     return OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
 
 
-def load_arrays(truth_path: str | None, obs_path: str, box=None, period=None):
-    """``(truth | None, obs, ocean, times)`` numpy arrays of the OSSE (validated, aligned)."""
-    from oceanda.data import io
-    from oceanda.data import names as N
-
-    obs_ds = io.open_dataset(obs_path, [N.SSH_OBS], optional=[N.OCEAN])
-    obs_ds = io.select_window(obs_ds, period=period, box=box, what=str(obs_path))
-    truth = None
-    if truth_path is not None:
-        tr = io.open_dataset(truth_path, [N.SSH], optional=[N.OCEAN])
-        tr = io.select_window(tr, period=period, box=box, what=str(truth_path))
-        io.check_aligned(tr, obs_ds, names=("truth", "obs"))
-        truth = np.asarray(tr[N.SSH].values, np.float32)
-    if N.OCEAN in obs_ds:
-        ocean = np.asarray(obs_ds[N.OCEAN].values) > 0
-    elif truth_path is not None and N.OCEAN in tr:
-        ocean = np.asarray(tr[N.OCEAN].values) > 0
-    else:
-        ocean = np.ones(obs_ds[N.SSH_OBS].shape[1:], bool) if truth is None else np.isfinite(truth).all(0)
-    obs = np.asarray(obs_ds[N.SSH_OBS].values, np.float32)
-    if truth is not None:
-        bad = ocean & ~np.isfinite(truth).all(0)
-        if bad.any():
-            raise InputError(f"truth {truth_path}: {int(bad.sum())} ocean cells hold NaN")
-    return truth, obs, ocean, obs_ds[N.TIME].values
-
-
-def _val_indices(times: np.ndarray, val_period, val_fraction: float) -> tuple[int, int]:
-    n = len(times)
-    if val_period is None:
-        k = max(1, int(round(n * float(val_fraction))))
-        return n - k, k
-    if len(val_period) != 2:
-        raise ConfigError(f"val_period must be [start, end], got {val_period}")
-    t = times.astype("datetime64[D]") if np.issubdtype(times.dtype, np.datetime64) else times
-    lo, hi = (np.datetime64(str(v), "D") if np.issubdtype(times.dtype, np.datetime64) else float(v)
-              for v in val_period)
-    idx = np.flatnonzero((t >= lo) & (t <= hi))
-    if idx.size == 0:
-        raise ConfigError(f"val_period {val_period} holds no day of the data ({times[0]}..{times[-1]})")
-    return int(idx[0]), int(idx[-1] - idx[0] + 1)
-
-
 def run(cfg: DictConfig) -> int:
     import torch
 
     from oceanda.data.patches import PatchGeometry
     from oceanda.parallel.device import bind_device
-    from oceanda.train.data import Normalisation, PatchDataset, patch_starts, time_split
+    from oceanda.train.data import (Normalisation, PatchDataset, load_arrays, patch_starts, time_split,
+                                    validation_window)
     from oceanda.train.fourdvarnet import (ModelConfig, TrainConfig, build_model, fit, init_distributed,
                                            shutdown_distributed)
     from oceanda.parallel.comm import get_comm
@@ -127,7 +85,7 @@ def run(cfg: DictConfig) -> int:
     dist = init_distributed(device)
 
     truth, obs, ocean, times = load_arrays(truth_path, str(cfg.obs_path), _plain(cfg.box), _plain(cfg.dates))
-    v0, nv = _val_indices(times, _plain(cfg.val_period), cfg.val_fraction)
+    v0, nv = validation_window(times, _plain(cfg.val_period), cfg.val_fraction)
     train_days, val_days = time_split(len(times), v0, nv, int(cfg.gap_days))
     stride = tuple(_plain(cfg.stride) or geom.stride)
     tr_starts = patch_starts(train_days, ocean.shape, geom.size, stride)

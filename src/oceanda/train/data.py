@@ -207,3 +207,55 @@ class PatchDataset(torch.utils.data.Dataset):
             "weight": torch.from_numpy(np.ascontiguousarray(w, np.float32)),
             "ocean": torch.from_numpy(np.ascontiguousarray(oc)),
         }
+
+
+def load_arrays(truth_path: str | None, obs_path: str, box=None, period=None, *, with_grid: bool = False):
+    """``(truth | None, obs, ocean, times)`` numpy arrays of the OSSE (validated, aligned),
+    plus the :class:`~oceanda.data.grid.Grid` of the window when ``with_grid``."""
+    from oceanda.data import io
+    from oceanda.data import names as N
+
+    obs_ds = io.open_dataset(obs_path, [N.SSH_OBS], optional=[N.OCEAN])
+    obs_ds = io.select_window(obs_ds, period=period, box=box, what=str(obs_path))
+    truth = None
+    if truth_path is not None:
+        tr = io.open_dataset(truth_path, [N.SSH], optional=[N.OCEAN])
+        tr = io.select_window(tr, period=period, box=box, what=str(truth_path))
+        io.check_aligned(tr, obs_ds, names=("truth", "obs"))
+        truth = np.asarray(tr[N.SSH].values, np.float32)
+    if N.OCEAN in obs_ds:
+        ocean = np.asarray(obs_ds[N.OCEAN].values) > 0
+    elif truth_path is not None and N.OCEAN in tr:
+        ocean = np.asarray(tr[N.OCEAN].values) > 0
+    else:
+        ocean = np.ones(obs_ds[N.SSH_OBS].shape[1:], bool) if truth is None else np.isfinite(truth).all(0)
+    obs = np.asarray(obs_ds[N.SSH_OBS].values, np.float32)
+    if truth is not None:
+        bad = ocean & ~np.isfinite(truth).all(0)
+        if bad.any():
+            raise InputError(f"truth {truth_path}: {int(bad.sum())} ocean cells hold NaN")
+    if with_grid:
+        from oceanda.data.grid import Grid
+
+        grid = Grid.from_coords(obs_ds[N.LON].values, obs_ds[N.LAT].values, ocean=ocean)
+        return truth, obs, ocean, obs_ds[N.TIME].values, grid
+    return truth, obs, ocean, obs_ds[N.TIME].values
+
+
+def validation_window(times: np.ndarray, val_period, val_fraction: float) -> tuple[int, int]:
+    """``(first index, number of days)`` of the validation window: the days of ``val_period``
+    (``[start, end]`` dates, or day numbers when ``times`` are not dates) or the last
+    ``val_fraction`` of the days."""
+    n = len(times)
+    if val_period is None:
+        k = max(1, int(round(n * float(val_fraction))))
+        return n - k, k
+    if len(val_period) != 2:
+        raise ConfigError(f"val_period must be [start, end], got {val_period}")
+    t = times.astype("datetime64[D]") if np.issubdtype(times.dtype, np.datetime64) else times
+    lo, hi = (np.datetime64(str(v), "D") if np.issubdtype(times.dtype, np.datetime64) else float(v)
+              for v in val_period)
+    idx = np.flatnonzero((t >= lo) & (t <= hi))
+    if idx.size == 0:
+        raise ConfigError(f"val_period {val_period} holds no day of the data ({times[0]}..{times[-1]})")
+    return int(idx[0]), int(idx[-1] - idx[0] + 1)

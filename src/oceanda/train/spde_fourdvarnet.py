@@ -44,7 +44,7 @@ from oceanda.assim.spde_fourdvarnet import (
     read_spde_checkpoint,
     spde_checkpoint_state,
 )
-from oceanda.errors import ConfigError, InputError
+from oceanda.errors import ConfigError
 from oceanda.train.fourdvarnet import DistContext, _collate, _to, run_epoch, sobel_magnitude, weighted_mse
 
 if TYPE_CHECKING:
@@ -311,32 +311,6 @@ def _plain(v: Any) -> Any:
     return OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
 
 
-def _load(truth_path, obs_path, box, period):
-    from oceanda.data import io
-    from oceanda.data import names as N
-    from oceanda.data.grid import Grid
-
-    obs_ds = io.select_window(io.open_dataset(obs_path, [N.SSH_OBS], optional=[N.OCEAN]),
-                              period=period, box=box, what=str(obs_path))
-    truth = None
-    if truth_path is not None:
-        tr = io.select_window(io.open_dataset(truth_path, [N.SSH], optional=[N.OCEAN]),
-                              period=period, box=box, what=str(truth_path))
-        io.check_aligned(tr, obs_ds, names=("truth", "obs"))
-        truth = np.asarray(tr[N.SSH].values, np.float32)
-    obs = np.asarray(obs_ds[N.SSH_OBS].values, np.float32)
-    if N.OCEAN in obs_ds:
-        ocean = np.asarray(obs_ds[N.OCEAN].values) > 0
-    elif truth is not None:
-        ocean = np.isfinite(truth).all(0)
-    else:
-        ocean = np.ones(obs.shape[1:], bool)
-    if truth is not None and (ocean & ~np.isfinite(truth).all(0)).any():
-        raise InputError(f"truth {truth_path}: ocean cells hold NaN")
-    grid = Grid.from_coords(obs_ds[N.LON].values, obs_ds[N.LAT].values, ocean=ocean)
-    return truth, obs, ocean, obs_ds[N.TIME].values, grid
-
-
 def run_spde_training(cfg: DictConfig) -> int:
     """``oceanda train model=spde_4dvarnet ...``: train the SPDE-prior 4DVarNet.
 
@@ -350,7 +324,8 @@ def run_spde_training(cfg: DictConfig) -> int:
     from oceanda.data.patches import PatchGeometry
     from oceanda.parallel.comm import get_comm
     from oceanda.parallel.device import bind_device
-    from oceanda.train.data import Normalisation, PatchDataset, patch_starts, time_split
+    from oceanda.train.data import (Normalisation, PatchDataset, load_arrays, patch_starts, time_split,
+                                    validation_window)
     from oceanda.train.fourdvarnet import init_distributed, shutdown_distributed
 
     model_cfg = SPDEModelConfig.from_dict(dict(_plain(cfg.model)))
@@ -372,18 +347,10 @@ def run_spde_training(cfg: DictConfig) -> int:
     comm = get_comm()
     device = bind_device(comm, str(cfg.system.get("device", "auto")), cfg.system.get("threads", 1))
     dist = init_distributed(device)
-    truth, obs, ocean, times, grid = _load(cfg.truth_path, str(cfg.obs_path), _plain(cfg.box), _plain(cfg.dates))
+    truth, obs, ocean, times, grid = load_arrays(cfg.truth_path, str(cfg.obs_path), _plain(cfg.box),
+                                                 _plain(cfg.dates), with_grid=True)
     n = len(times)
-    vp = _plain(cfg.val_period)
-    if vp is None:
-        nv = max(1, int(round(n * float(cfg.val_fraction))))
-        v0 = n - nv
-    else:
-        t = times.astype("datetime64[D]")
-        idx = np.flatnonzero((t >= np.datetime64(str(vp[0]), "D")) & (t <= np.datetime64(str(vp[1]), "D")))
-        if idx.size == 0:
-            raise ConfigError(f"val_period {vp} holds no day of the data")
-        v0, nv = int(idx[0]), int(idx[-1] - idx[0] + 1)
+    v0, nv = validation_window(times, _plain(cfg.val_period), cfg.val_fraction)
     train_days, val_days = time_split(n, v0, nv, int(cfg.gap_days))
     stride = tuple(_plain(cfg.stride) or geom.stride)
     tr_starts = patch_starts(train_days, ocean.shape, geom.size, stride)
