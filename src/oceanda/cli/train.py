@@ -26,7 +26,6 @@ records the mode; `oceanda infer` refuses it with patches of another mode.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,7 +54,7 @@ def run(cfg: DictConfig) -> int:
     from oceanda.train.data import (Normalisation, PatchDataset, load_arrays, patch_starts, time_split,
                                     validation_window)
     from oceanda.train.fourdvarnet import (ModelConfig, TrainConfig, build_model, fit, init_distributed,
-                                           shutdown_distributed)
+                                           write_history)
     from oceanda.parallel.comm import get_comm
 
     if cfg.model.get("name") == "spde_4dvarnet":  # model=spde_4dvarnet: SPDE-prior 4DVarNet
@@ -110,12 +109,5 @@ def run(cfg: DictConfig) -> int:
              "patch": patch, "mode": geom.mode_record()}
     history = fit(model, model_cfg, train_ds, val_ds, norm, train_cfg, out_dir / "checkpoint.pt",
                   resume=bool(cfg.resume), device=device, dist=dist, progress=bool(cfg.progress), extra=extra)
-    if dist.rank == 0:
-        from oceanda.data.io import write_json_atomic
-
-        write_json_atomic(out_dir / "history.json", history)
-        last = history[-1] if history else {}
-        print(json.dumps({k: v for k, v in last.items() if isinstance(v, (int, float))}))
-    if dist.world > 1:
-        shutdown_distributed()
+    write_history(history, out_dir, dist)
     return 0

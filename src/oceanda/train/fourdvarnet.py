@@ -34,6 +34,7 @@ raises :class:`oceanda.errors.InputError` naming it. ``extra["mode"]`` (written 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -66,7 +67,8 @@ log = logging.getLogger("oceanda.train")
 # ----------------------------------------------------------------------------- configs
 
 __all__ = ["ModelConfig", "build_model", "TrainConfig", "fit", "train_step", "load_checkpoint",
-           "save_checkpoint", "checkpoint_mode", "init_distributed", "shutdown_distributed", "DistContext"]
+           "save_checkpoint", "checkpoint_mode", "init_distributed", "shutdown_distributed", "DistContext", "run_epoch",
+           "optimise_step", "write_history"]
 
 
 @dataclass
@@ -303,11 +305,18 @@ def train_step(model: FourDVarNet, opt, batch: dict[str, torch.Tensor], cfg: Tra
     model.train()
     opt.zero_grad(set_to_none=True)
     terms = loss_terms(model, batch, cfg)
+    return optimise_step(model, opt, terms, cfg.grad_clip, dist)
+
+
+def optimise_step(model: torch.nn.Module, opt, terms: dict[str, torch.Tensor], grad_clip: float | None,
+                  dist: DistContext) -> dict[str, float]:
+    """Backward of ``terms["total"]``, gradients averaged over ranks (one flat all-reduce),
+    clipped to norm ``grad_clip``, one optimiser step. Returns the loss terms (all but the
+    output ``"out"``) as floats averaged over ranks. Shared by both 4DVarNet trainers."""
     terms["total"].backward()
     params = [p for p in model.parameters() if p.requires_grad]
     if dist.world > 1:
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
         dist.all_reduce_(flat)
         flat /= dist.world
         o = 0
@@ -315,14 +324,27 @@ def train_step(model: FourDVarNet, opt, batch: dict[str, torch.Tensor], cfg: Tra
             n = p.numel()
             p.grad = flat[o:o + n].view_as(p).clone()
             o += n
-    if cfg.grad_clip:
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
     opt.step()
     out = {k: float(v.detach()) for k, v in terms.items() if k != "out"}
     if dist.world > 1:
         t = dist.all_reduce_(torch.tensor([out[k] for k in sorted(out)], dtype=torch.float64)) / dist.world
         out = dict(zip(sorted(out), t.tolist()))
     return out
+
+
+def write_history(history: list[dict], out_dir: Path, dist: DistContext) -> None:
+    """Rank 0: ``out_dir/history.json`` and the last epoch's numbers on stdout; then leave
+    torch.distributed (:func:`shutdown_distributed`). The end of both training apps."""
+    if dist.rank == 0:
+        from oceanda.data.io import write_json_atomic
+
+        write_json_atomic(Path(out_dir) / "history.json", history)
+        last = history[-1] if history else {}
+        print(json.dumps({k: v for k, v in last.items() if isinstance(v, (int, float))}))
+    if dist.world > 1:
+        shutdown_distributed()
 
 
 @torch.no_grad()

@@ -25,7 +25,6 @@ Entry point for ``oceanda train`` (:func:`run_spde_training`): reads the same Di
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -45,7 +44,8 @@ from oceanda.assim.spde_fourdvarnet import (
     spde_checkpoint_state,
 )
 from oceanda.errors import ConfigError
-from oceanda.train.fourdvarnet import DistContext, _collate, _to, run_epoch, sobel_magnitude, weighted_mse
+from oceanda.train.fourdvarnet import (DistContext, _collate, _to, optimise_step, run_epoch, sobel_magnitude,
+                                       weighted_mse, write_history)
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -162,24 +162,7 @@ def spde_train_step(model: SPDEFourDVarNet, opt, batch: dict[str, torch.Tensor],
     model.train()
     opt.zero_grad(set_to_none=True)
     terms = spde_loss_terms(model, batch, cfg)
-    terms["total"].backward()
-    params = [p for p in model.parameters() if p.requires_grad]
-    if dist.world > 1:
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-        dist.all_reduce_(flat)
-        flat /= dist.world
-        o = 0
-        for p in params:
-            p.grad = flat[o:o + p.numel()].view_as(p).clone()
-            o += p.numel()
-    if cfg.grad_clip:
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-    opt.step()
-    out = {k: float(v.detach()) for k, v in terms.items()}
-    if dist.world > 1:
-        t = dist.all_reduce_(torch.tensor([out[k] for k in sorted(out)], dtype=torch.float64)) / dist.world
-        out = dict(zip(sorted(out), t.tolist()))
-    return out
+    return optimise_step(model, opt, terms, cfg.grad_clip, dist)
 
 
 @torch.no_grad()
@@ -326,7 +309,7 @@ def run_spde_training(cfg: DictConfig) -> int:
     from oceanda.parallel.device import bind_device
     from oceanda.train.data import (Normalisation, PatchDataset, load_arrays, patch_starts, time_split,
                                     validation_window)
-    from oceanda.train.fourdvarnet import init_distributed, shutdown_distributed
+    from oceanda.train.fourdvarnet import init_distributed
 
     model_cfg = SPDEModelConfig.from_dict(dict(_plain(cfg.model)))
     train_cfg = SPDETrainConfig.from_dict(dict(_plain(cfg.train)))
@@ -373,12 +356,5 @@ def run_spde_training(cfg: DictConfig) -> int:
     history = fit_spde(model, train_ds, val_ds, norm.to_dict(), train_cfg, out_dir / "checkpoint.pt",
                        resume=bool(cfg.resume), device=device, dist=dist, progress=bool(cfg.progress),
                        extra=extra)
-    if dist.rank == 0:
-        from oceanda.data.io import write_json_atomic
-
-        write_json_atomic(out_dir / "history.json", history)
-        last = history[-1] if history else {}
-        print(json.dumps({k: v for k, v in last.items() if isinstance(v, (int, float))}))
-    if dist.world > 1:
-        shutdown_distributed()
+    write_history(history, out_dir, dist)
     return 0
