@@ -10,11 +10,18 @@ this process on one thread:
 
 * ``oceanda``: :func:`oceanda.linalg.band_solve` (no gradient: fused factor + solve);
 * ``oceanda_fwd_grad`` / ``oceanda_backward``: the same solve with gradients enabled
-  (the factor is kept) and the backward pass of ``sum(w * x)`` w.r.t. band and b;
+  (the factor is kept) and the backward pass of ``sum(w * x)`` w.r.t. band and b (one
+  more solve with the saved factor and the band gradient, timed alone: the forward of
+  each repetition is not in the backward's time);
 * ``lapack``: ``scipy.linalg.lapack.dpbtrf`` + ``dpbtrs`` called in a Python loop over the
   batch, on arrays already in LAPACK's band storage (conversion not timed);
 * ``torch_dense``: ``torch.linalg.cholesky`` + ``torch.cholesky_solve`` on the dense
   (B, d, d) matrices, where they fit in memory (skipped with the reason otherwise).
+
+The goals of issue 2 are checked at the end (``targets`` in the JSON), on the wall and
+on the CPU medians: at B=1024 d=96 oceanda >= 4x faster than the LAPACK loop and >= 40x
+faster than dense torch; the long system <= 1.2x the LAPACK time; the backward <= 3x the
+(plain) forward at every case.
 
 Bandwidth: GB/s = bytes of the method's operands (banded: band + b + x; dense: the d x d
 matrices + b + x) / time, against a STREAM-like triad measured in the same run with numpy
@@ -114,6 +121,28 @@ def lapack_storage(band: torch.Tensor) -> list[np.ndarray]:
         for t in range(k1):
             ab[t, : d - t] = bn[s, t:, t]
         out.append(ab)
+    return out
+
+
+def check_targets(ratios: list[dict]) -> list[dict]:
+    """Issue 2's goals against the measured ratios; prints one line per goal and clock."""
+    goals = []  # (case prefix, ratio key, comparison, bound, text)
+    goals.append(("B1024_d96_k6", "lapack_over_oceanda", ">=", 4.0, "oceanda >= 4x faster than the LAPACK loop"))
+    goals.append(("B1024_d96_k6", "dense_over_oceanda", ">=", 40.0, "oceanda >= 40x faster than dense torch"))
+    goals.append(("B1_d", "lapack_over_oceanda", ">=", 1 / 1.2, "oceanda <= 1.2x the LAPACK time"))
+    for case in dict.fromkeys(r["case"] for r in ratios):
+        goals.append((case, "backward_over_forward", "<=", 3.0, "backward <= 3x the forward"))
+    out = []
+    print("# targets (issue 2):")
+    for prefix, key, op, bound, text in goals:
+        for r in ratios:
+            if not r["case"].startswith(prefix) or key not in r:
+                continue
+            v = r[key]
+            ok = v >= bound if op == ">=" else v <= bound
+            clock = r["method"].split("_", 1)[1]
+            out.append({"case": r["case"], "clock": clock, "goal": text, "ratio": key, "value": v, "bound": bound, "met": ok})
+            print(f"#   {r['case']:<17}{clock:<5} {text}: {key} = {v:.2f} ({op} {bound:.2f}) {'met' if ok else 'NOT MET'}")
     return out
 
 
@@ -232,8 +261,9 @@ def main(argv: list[str] | None = None) -> int:
             ratios.append(r)
             print(f"# {name} ({label} medians): " + ", ".join(f"{a} = {v:.2f}" for a, v in r.items() if a not in ("case", "method")))
 
+    targets = check_targets(ratios)
     if args.json:
-        out = {"cases": rows, "ratios": ratios, "stream_gbs": stream, "device": dev, "threads": 1, "dtype": "float64",
+        out = {"cases": rows, "ratios": ratios, "targets": targets, "stream_gbs": stream, "device": dev, "threads": 1, "dtype": "float64",
                "quick": args.quick, "torch": torch.__version__, "numba": numba.__version__,
                "processor": platform.processor() or platform.machine()}
         tmp = args.json + ".tmp"

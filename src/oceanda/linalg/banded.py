@@ -129,13 +129,27 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
 
 
+_NP_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def _empty(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """Uninitialised CPU tensor for a numba kernel's output, allocated by numpy.
+
+    numpy asks the kernel for transparent huge pages on large allocations (madvise), torch's
+    default CPU allocator does not: on a VM the first touch of a fresh 88 MB output (the band
+    gradient of B=16384 systems of size 96, k=6) then costs ~10 ms instead of ~40 ms of
+    page faults. The tensor shares the numpy buffer and keeps it alive.
+    """
+    return torch.from_numpy(np.empty(shape, dtype=_NP_DTYPE[dtype]))
+
+
 def _tiled(be: str, B: int, n: int, k: int) -> bool:
-    """Whether the numba tiled loops (batch-innermost factor layout) serve this size."""
+    """Whether the numba tiled loops (batch-vectorised tiles) serve this size."""
     return be == "numba" and _nb.use_tiles(B, n, k)
 
 
-# A factor is held as the row-lower band L (B, n, k+1), except for the numba tiled loops,
-# which keep it batch-innermost, (n, k+1, B): ``tiled`` says which.
+# A factor is held as the row-lower band L (B, n, k+1); ``tiled`` says whether the numba
+# tiled loops (batch-vectorised) serve it.
 
 
 def _factor(band3: torch.Tensor, be: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -147,23 +161,35 @@ def _factor(band3: torch.Tensor, be: str) -> tuple[torch.Tensor, torch.Tensor, b
     info = torch.empty(B, dtype=torch.int64)
     if _tiled(be, B, n, k1 - 1):
         a = _np(band3)
-        LT = torch.empty(n, k1, B, dtype=band3.dtype)
+        L = _empty((B, n, k1), band3.dtype)
         nothing = np.empty((0, 0), a.dtype)
-        _nb.tile_factor_solve(a, nothing, LT.numpy(), nothing, info.numpy(), True, False, _nb.tile_width(B))
-        return LT, info, True
-    L = torch.empty(B, n, k1, dtype=band3.dtype)
+        _nb.tile_factor_solve(a, nothing, L.numpy(), nothing, info.numpy(), True, False, _nb.tile_width(B))
+        return L, info, True
+    L = _empty((B, n, k1), band3.dtype)
     _nb.scalar_factor(_np(band3), L.numpy(), info.numpy())
     return L, info, False
 
 
-def _band_of(L: torch.Tensor, tiled: bool) -> torch.Tensor:
-    """The factor in row-lower storage (B, n, k+1)."""
-    return L.permute(2, 0, 1).contiguous() if tiled else L
+def _factor_and_solve(band3: torch.Tensor, b: torch.Tensor, be: str):
+    """(factor, x = A^{-1} b, info, tiled): the factor kept for a backward pass. The numba
+    tiled loops do both in one pass over the tiles (L written out while it is cached)."""
+    B, n, k1 = band3.shape
+    if _tiled(be, B, n, k1 - 1):
+        a = _np(band3)
+        L = _empty((B, n, k1), band3.dtype)
+        x = _empty((B, n), band3.dtype)
+        info = torch.empty(B, dtype=torch.int64)
+        _nb.tile_factor_solve(a, _np(b), L.numpy(), x.numpy(), info.numpy(), True, True, _nb.tile_width(B))
+        return L, x, info, True
+    L, info, tiled = _factor(band3, be)
+    if bool(info.any()):
+        return L, torch.full_like(b, float("nan")), info, tiled
+    return L, _solve_factor(L, b, True, True, be, tiled), info, tiled
 
 
-def _diag_of(L: torch.Tensor, tiled: bool) -> torch.Tensor:
+def _diag_of(L: torch.Tensor) -> torch.Tensor:
     """Diagonal of the factor, (B, n)."""
-    return L[:, 0, :].T if tiled else L[:, :, 0]
+    return L[:, :, 0]
 
 
 def _solve_factor(L: torch.Tensor, b: torch.Tensor, fwd: bool, bwd: bool, be: str, tiled: bool) -> torch.Tensor:
@@ -171,11 +197,10 @@ def _solve_factor(L: torch.Tensor, b: torch.Tensor, fwd: bool, bwd: bool, be: st
     if be == "torch":
         return _tb.solve_factor(L, b.detach(), fwd, bwd)
     if tiled:
-        bT = b.detach().T.contiguous()
-        xT = torch.empty_like(bT)
-        _nb.tile_solve_factor(L.numpy(), bT.numpy(), xT.numpy(), fwd, bwd, _nb.tile_width(L.shape[2]))
-        return xT.T.contiguous()
-    x = torch.empty(L.shape[:2], dtype=L.dtype)
+        x = _empty(tuple(L.shape[:2]), L.dtype)
+        _nb.tile_solve_factor(L.numpy(), _np(b), x.numpy(), fwd, bwd, _nb.tile_width(L.shape[0]))
+        return x
+    x = _empty(tuple(L.shape[:2]), L.dtype)
     _nb.scalar_solve_factor(_np(L), _np(b), x.numpy(), fwd, bwd)
     return x
 
@@ -185,12 +210,11 @@ def _factor_solve(band3: torch.Tensor, b: torch.Tensor, be: str) -> tuple[torch.
     B, n, k1 = band3.shape
     if _tiled(be, B, n, k1 - 1):
         a = _np(band3)
-        bT = b.detach().T.contiguous()
-        xT = torch.empty_like(bT)
+        x = _empty((B, n), band3.dtype)
         info = torch.empty(B, dtype=torch.int64)
         nothing = np.empty((0, 0, 0), a.dtype)
-        _nb.tile_factor_solve(a, bT.numpy(), nothing, xT.numpy(), info.numpy(), False, True, _nb.tile_width(B))
-        return xT.T.contiguous(), info
+        _nb.tile_factor_solve(a, _np(b), nothing, x.numpy(), info.numpy(), False, True, _nb.tile_width(B))
+        return x, info
     L, info, tiled = _factor(band3, be)
     if bool(info.any()):
         return torch.full_like(b, float("nan")), info
@@ -201,7 +225,7 @@ def _selinv(L: torch.Tensor, be: str) -> torch.Tensor:
     """Band of A^{-1} from the row-lower factor."""
     if be == "torch":
         return _tb.selected_inverse(L)
-    Z = torch.empty_like(L)
+    Z = _empty(tuple(L.shape), L.dtype)
     _nb.selected_inverse(_np(L), Z.numpy())
     return Z
 
@@ -210,7 +234,7 @@ def _chol_backward(L: torch.Tensor, Lbar: torch.Tensor, band3: torch.Tensor, be:
     """d loss / d band from d loss / d L (row-lower factor)."""
     if be == "torch":
         return _tb.cholesky_backward(L, Lbar, band3)
-    Abar = torch.empty_like(L)
+    Abar = _empty(tuple(L.shape), L.dtype)
     _nb.cholesky_backward(_np(L), Lbar.detach().contiguous().clone().numpy(), Abar.numpy())
     return Abar
 
@@ -226,7 +250,7 @@ def _sym_outer(g: torch.Tensor, x: torch.Tensor, k1: int, be: str) -> torch.Tens
     """band of -(g x^T + x g^T) restricted to the stored entries (diagonal once)."""
     B, n = g.shape
     if be == "numba":
-        out = torch.empty(B, n, k1, dtype=g.dtype)
+        out = _empty((B, n, k1), g.dtype)
         _nb.sym_outer_band(_np(g), _np(x), out.numpy(), -1.0)
         return out
     cols = [-(g * x)]
@@ -242,7 +266,7 @@ def _lower_outer(u: torch.Tensor, v: torch.Tensor, k1: int, be: str) -> torch.Te
     """band of -u v^T restricted to the stored lower entries."""
     B, n = u.shape
     if be == "numba":
-        out = torch.empty(B, n, k1, dtype=u.dtype)
+        out = _empty((B, n, k1), u.dtype)
         _nb.lower_outer_band(_np(u), _np(v), out.numpy(), -1.0)
         return out
     cols = [-(u * v)]
@@ -259,7 +283,6 @@ class _Cholesky(torch.autograd.Function):
     def forward(ctx, band3, be, batch):
         L, info, tiled = _factor(band3, be)
         _raise_bad("band_cholesky", info, batch, band3)
-        L = _band_of(L, tiled)
         ctx.save_for_backward(L, band3)
         ctx.be = be
         return L
@@ -272,21 +295,45 @@ class _Cholesky(torch.autograd.Function):
 
 
 class _Solve(torch.autograd.Function):
+    """x = A^{-1} b. The factor L is an intermediate held on ``ctx`` (neither input nor
+    output) until the backward pass, which on CPU writes the band gradient over it: L is
+    dead once g = A^{-1} x_bar is known, and the gradient has L's shape, so the pass needs
+    no fresh (B, n, k+1) buffer (on a VM, first-touch page faults of a fresh buffer cost as
+    much as the solve). A second backward pass through a retained graph factorises the
+    saved band again."""
+
     @staticmethod
     def forward(ctx, band3, b, be, batch):
-        L, info, tiled = _factor(band3, be)
+        L, x, info, tiled = _factor_and_solve(band3, b, be)
         _raise_bad("band_solve", info, batch, band3)
-        x = _solve_factor(L, b, True, True, be, tiled)
         _check_finite("band_solve", "the right-hand side b", x, batch)
-        ctx.save_for_backward(L, x)
+        ctx.save_for_backward(band3, x)
+        ctx.L = L
         ctx.be, ctx.tiled, ctx.k1 = be, tiled, band3.shape[2]
         return x
 
     @staticmethod
     def backward(ctx, xbar):
-        L, x = ctx.saved_tensors
-        g = _solve_factor(L, xbar, True, True, ctx.be, ctx.tiled)  # A^{-1} x_bar
-        gband = _sym_outer(g, x, ctx.k1, ctx.be) if ctx.needs_input_grad[0] else None
+        band3, x = ctx.saved_tensors
+        L, ctx.L = ctx.L, None
+        if L is None:  # a previous backward pass wrote its gradient over the factor
+            L, _, _ = _factor(band3, ctx.be)
+        need_band = ctx.needs_input_grad[0]
+        if ctx.be == "torch":
+            g = _solve_factor(L, xbar, True, True, ctx.be, ctx.tiled)  # A^{-1} x_bar
+            gband = _sym_outer(g, x, ctx.k1, ctx.be) if need_band else None
+        else:
+            B, n, k1 = L.shape
+            # band of -(g x^T + x g^T), written over L (read first, tile by tile or whole)
+            gband = L if need_band else None
+            out = L.numpy() if need_band else np.empty((0, 0, 0), _NP_DTYPE[L.dtype])
+            if ctx.tiled:  # one fused pass over the tiles: solve, then the band gradient
+                g = _empty((B, n), L.dtype)
+                _nb.tile_solve_grad(L.numpy(), _np(xbar), _np(x), g.numpy(), out, -1.0, need_band, _nb.tile_width(B))
+            else:
+                g = _solve_factor(L, xbar, True, True, ctx.be, False)
+                if need_band:
+                    _nb.sym_outer_band(g.numpy(), _np(x), out, -1.0)
         gb = g if ctx.needs_input_grad[1] else None
         return gband, gb, None, None
 
@@ -298,12 +345,11 @@ class _Logdet(torch.autograd.Function):
         _raise_bad("band_logdet", info, batch, band3)
         ctx.save_for_backward(L)
         ctx.be, ctx.tiled = be, tiled
-        return 2.0 * torch.log(_diag_of(L, tiled)).sum(dim=1)
+        return 2.0 * torch.log(_diag_of(L)).sum(dim=1)
 
     @staticmethod
     def backward(ctx, gout):
         (L,) = ctx.saved_tensors
-        L = _band_of(L, ctx.tiled)
         Z = _selinv(L, ctx.be)  # band of A^{-1}
         scale = torch.full((L.shape[2],), 2.0, dtype=L.dtype, device=L.device)
         scale[0] = 1.0
@@ -330,7 +376,7 @@ class _SampleNoise(torch.autograd.Function):
         gband = None
         if ctx.needs_input_grad[0]:
             Lbar = _lower_outer(u, v, band3.shape[2], ctx.be)  # -u v^T on the band
-            gband = _chol_backward(_band_of(L, ctx.tiled), Lbar, band3, ctx.be)
+            gband = _chol_backward(L, Lbar, band3, ctx.be)
         return gband, (v if ctx.needs_input_grad[1] else None), None, None
 
 
