@@ -1,8 +1,10 @@
 """Benchmark: exact SPDE posterior solve and Matheron ensemble, side by side with a sparse
 direct solve (scipy ``spsolve`` of ``Q + H^T R^{-1} H``, SuperLU) in the same run.
 
-    OMP_NUM_THREADS=1 python hpc/bench/spde.py --rtol 1e-5 --baseline --baseline-rtol 1e-8 \
-        --members 0 --direct-ny 40 --coarse 0 0          # 200 x 200 x 15 vs previous solver
+    OMP_NUM_THREADS=1 python hpc/bench/spde.py --rtol 1e-5 --previous --members 0 \
+        --direct-ny 40 --coarse 0 0 --nll-ny 0            # 200 x 200 x 15 vs previous solver
+    OMP_NUM_THREADS=2 python hpc/bench/spde.py --rtol 1e-5 --previous --members 0 \
+        --direct-ny 40 --coarse 0 0 --nll-ny 0 --threads 2   # 2 threads (numba strips)
     OMP_NUM_THREADS=2 python hpc/bench/spde.py --threads 2 --members 200 --members-ny 60
     python hpc/bench/spde.py --ny 100 --nx 100 --members 20 --json out.json
 
@@ -16,7 +18,12 @@ Rows:
   side (real SuperLU LU of the 13-point ``F`` vs complex LU of the 5-point
   ``I - i sqrt(dt) A``, ``F^{-1} b = Re(...)``): factor time, factor entries, one solve.
 - ``factor``: the factor used (``--factor``) and LDL^T of ``Q_0`` (once per DAW).
-- ``posterior CG``: whitened CG to relative residual ``--rtol`` (the exact solve).
+- ``posterior``: the exact solve with ``--solver`` (default ``auto``: PCG on ``Q + D`` with
+  the single-precision prior preconditioner, :meth:`SPDEPrior.posterior_mean`) to
+  ``--rtol``, on a fresh prior: seconds include every factorisation.
+- ``posterior previous`` (``--previous``): the previous default in the same run (whitened CG,
+  complex double-precision factors, SuperLU, one thread, the same ``--rtol``, factorisations
+  included), with the agreement of the two means and the time ratios.
 - ``posterior 2-level CG``: PCG on ``Q + D`` with the prior and a coarse space-time grid
   (``--coarse H HT``) as balancing preconditioner; agreement with the row above.
 - ``posterior direct`` (``--direct-ny`` grid, default 60 x 60 x T): ``spsolve(Q + D)``,
@@ -51,7 +58,7 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def setup(ny, nx, T, alpha, std, seed=0, factor="auto", threads=None):
+def setup(ny, nx, T, alpha, std, seed=0, factor="auto", threads=None, backend="auto"):
     lat = np.linspace(33.0, 43.0, ny)
     dx = np.repeat((5.566 * np.cos(np.deg2rad(lat)))[:, None], nx, 1)
     dy = np.full((ny, nx), 5.55)
@@ -59,7 +66,7 @@ def setup(ny, nx, T, alpha, std, seed=0, factor="auto", threads=None):
     area = float((dx * dy).mean())
     tau = tau_for_std(std, kappa, gamma, area) if alpha == 2 else std
     P = SPDEPrior(dx, dy, None, T=T, dt=1.0, alpha=alpha, kappa=kappa, gamma=gamma, tau=tau,
-                  factor=factor, threads=threads)
+                  factor=factor, threads=threads, backend=backend)
     rng = np.random.default_rng(seed)
     mask = np.zeros((T, ny, nx), bool)
     for k in range(T):
@@ -90,6 +97,12 @@ def main(argv=None) -> int:
     ap.add_argument("--factor", default="auto", choices=["auto", "complex", "lu"])
     ap.add_argument("--threads", type=int, default=None,
                     help="sweep threads (default 1)")
+    ap.add_argument("--backend", default="auto", choices=["auto", "superlu", "numba"],
+                    help="triangular solves: SuperLU's or numba's on grid strips (threads)")
+    ap.add_argument("--solver", default="auto", choices=["auto", "pcg", "whitened"],
+                    help="posterior solver of the main row")
+    ap.add_argument("--previous", action="store_true",
+                    help="also time the previous default (whitened CG, SuperLU, 1 thread)")
     ap.add_argument("--split", type=int, default=1,
                     help="split the single solve in this many frame blocks (enlarged Krylov)")
     ap.add_argument("--block-size", type=int, default=None,
@@ -138,29 +151,50 @@ def main(argv=None) -> int:
                 extra = dict(rel_diff_vs_lu=f"{diff:.1e}",
                              solve_speedup_vs_lu=round(cpu_solve["lu"] / ts, 2))
             row(f"F solve {fac}", f"{a.ny}x{a.nx}", tf,
-                factor_entries=int(f.lu.L.nnz + f.lu.U.nnz), one_solve_cpu_ms=round(1e3 * ts, 2),
+                factor_entries=int(f.nnz), one_solve_cpu_ms=round(1e3 * ts, 2),
                 note="seconds = factor CPU time", **extra)
             del Pf, f
-    P, mask, rng = setup(a.ny, a.nx, a.T, a.alpha, a.std, factor=a.factor, threads=a.threads)
+    pk = dict(factor=a.factor, threads=a.threads, backend=a.backend)
+    P, mask, rng = setup(a.ny, a.nx, a.T, a.alpha, a.std, **pk)
     t = time.perf_counter()
     c0 = time.process_time()
     P._F_lu(1)
     P._Q0_factor()
     t_fac = time.perf_counter() - t
     cpu_fac = time.process_time() - c0
-    row("factor", size, t_fac, factor=P.factor, threads=P.threads, cpu_s=round(cpu_fac, 2))
+    row("factor F, Q_0 (draws)", size, t_fac, factor=P.factor, threads=P.threads,
+        backend=P.backend, cpu_s=round(cpu_fac, 2))
     truth = P.sample(1, rng=rng)[0]
     y = np.where(mask, truth + a.noise_std * rng.standard_normal(truth.shape), 0.0)
+    Ps, _, _ = setup(a.ny, a.nx, a.T, a.alpha, a.std, **pk)  # fresh: factors timed too
     t = time.perf_counter()
     c0 = time.process_time()
-    x, info = P.posterior_mean(y, mask, R, rtol=a.rtol, return_info=True, split=a.split)
+    x, info = Ps.posterior_mean(y, mask, R, rtol=a.rtol, return_info=True, split=a.split,
+                                solver=a.solver)
     t_cg = time.perf_counter() - t
     cpu_cg = time.process_time() - c0
-    row("posterior CG", size, t_cg, iterations=info.iterations,
+    t_fac = cpu_fac = 0.0  # included above
+    row("posterior", size, t_cg, solver=a.solver, iterations=info.iterations,
         obs_fraction=round(float(mask.mean()), 4),
         rmse_vs_truth=round(float(np.sqrt(np.mean((x - truth) ** 2))), 4),
         cpu_s=round(cpu_cg, 2), rel_residual=f"{float(info.rel_residual.max()):.1e}",
-        split=a.split)
+        split=a.split, note="incl. factorisation")
+    del Ps
+    if a.previous:
+        Pp, _, _ = setup(a.ny, a.nx, a.T, a.alpha, a.std, factor="complex", threads=1,
+                         backend="superlu")
+        t = time.perf_counter()
+        c0 = time.process_time()
+        xp, infop = Pp.posterior_mean(y, mask, R, rtol=a.rtol, return_info=True,
+                                      solver="whitened")
+        tp = time.perf_counter() - t
+        cp = time.process_time() - c0
+        row("posterior previous", size, tp, solver="whitened", iterations=infop.iterations,
+            cpu_s=round(cp, 2), note="incl. factorisation",
+            rel_diff_vs_new=f"{np.abs(xp - x).max() / np.abs(xp).max():.1e}",
+            wall_ratio_previous_over_new=round(tp / t_cg, 2),
+            cpu_ratio_previous_over_new=round(cp / cpu_cg, 2))
+        del Pp
 
     if a.baseline:
         Pb, _, _ = setup(a.ny, a.nx, a.T, a.alpha, a.std, factor="lu", threads=1)
@@ -191,13 +225,13 @@ def main(argv=None) -> int:
 
     # side by side with sparse direct on a smaller DAW
     dn = a.direct_ny
-    Pd, maskd, rngd = setup(dn, dn, a.T, a.alpha, a.std, seed=1, factor=a.factor,
-                            threads=a.threads)
+    Pd, maskd, rngd = setup(dn, dn, a.T, a.alpha, a.std, seed=1, **pk)
     truthd = Pd.sample(1, rng=rngd)[0]
     yd = np.where(maskd, truthd + a.noise_std * rngd.standard_normal(truthd.shape), 0.0)
     dsize = f"{dn}x{dn}x{a.T}"
     t = time.perf_counter()
-    xc, infod = Pd.posterior_mean(yd, maskd, R, rtol=a.rtol, return_info=True, split=a.split)
+    xc, infod = Pd.posterior_mean(yd, maskd, R, rtol=a.rtol, return_info=True, split=a.split,
+                                  solver=a.solver)
     t_cgd = time.perf_counter() - t
     row("posterior CG", dsize, t_cgd, iterations=infod.iterations)
     t = time.perf_counter()
@@ -254,7 +288,7 @@ def main(argv=None) -> int:
     if a.members:
         mn = a.members_ny or a.ny
         Pm, maskm, rngm = (P, mask, rng) if mn == a.ny else setup(
-            mn, mn, a.T, a.alpha, a.std, 2, factor=a.factor, threads=a.threads)
+            mn, mn, a.T, a.alpha, a.std, 2, **pk)
         truthm = Pm.sample(1, rng=rngm)[0]
         ym = np.where(maskm, truthm + a.noise_std * rngm.standard_normal(truthm.shape), 0.0)
         msize = f"{mn}x{mn}x{a.T}"

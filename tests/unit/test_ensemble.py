@@ -139,7 +139,8 @@ def test_spde_oi_patch_batch_is_deterministic_and_batch_independent():
 
 @pytest.mark.parametrize("bad", [dict(kappa=0.0), dict(noise_std=0.0), dict(members=1),
                                  dict(dt=-1.0), dict(mean="median"), dict(threads=0),
-                                 dict(block_size=0), dict(factor="qr")])
+                                 dict(block_size=0), dict(factor="qr"), dict(solver="lu"),
+                                 dict(backend="cholmod")])
 def test_spde_oi_bad_config(bad):
     with pytest.raises(ConfigError):
         build_method("spde_oi", **dict(CFG, **bad))
@@ -184,3 +185,29 @@ def test_spde_oi_threads_and_block_size_do_not_change_the_result():
     (m1, s1, e1), (m2, s2, e2) = out
     assert np.abs(m1 - m2).max() < 1e-7 * np.abs(m1).max()
     assert np.abs(e1 - e2).max() < 1e-7 * np.abs(e1).max()
+
+
+def test_spde_oi_solvers_and_backends_give_the_exact_posterior():
+    # mean alone (default: single-precision prior-preconditioned PCG) against the dense
+    # posterior; members through column-wise PCG / numba strips equal the block-CG members
+    dx, dy, ocean, prior = _setup()
+    T, (ny, nx) = prior.T, prior.shape
+    rng = np.random.default_rng(11)
+    truth = prior.sample(1, rng=2)[0]
+    mask = _nadir_mask(T, ny, nx, rng) & ocean[None]
+    obs = np.where(mask, truth + 0.02 * rng.standard_normal(truth.shape), np.nan)
+    Q = prior.precision_dense().numpy()
+    D = np.diag(mask.reshape(-1) / 0.02**2)
+    ref = np.linalg.solve(Q + D, D @ np.nan_to_num(obs).reshape(-1))
+    for kw in (dict(), dict(backend="numba", threads=2), dict(solver="whitened")):
+        m = build_method("spde_oi", **dict(CFG, rtol=1e-10, **kw))
+        mean, std, mem = m.patch(obs, ocean, dx, dy, seed=1)
+        assert std is None and mem is None
+        assert np.abs(mean.reshape(-1) - ref).max() < 1e-8 * np.abs(ref).max(), kw
+    out = []
+    for kw in (dict(), dict(solver="pcg"), dict(solver="pcg", backend="numba", threads=2)):
+        m = build_method("spde_oi", members=6, **dict(CFG, rtol=1e-10, **kw))
+        out.append(m.patch(obs, ocean, dx, dy, seed=4))
+    for mean, std, mem in out[1:]:
+        assert np.abs(mean - out[0][0]).max() < 1e-7 * np.abs(out[0][0]).max()
+        assert np.abs(mem - out[0][2]).max() < 1e-7 * np.abs(out[0][2]).max()

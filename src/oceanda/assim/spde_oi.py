@@ -52,8 +52,13 @@ class SPDEOptimalInterpolation:
         length_unit_m: metres per length unit of the parameters.
         factor: factorisation of ``F = I + dt A^alpha`` (``"auto"``: the complex first-order
             factor for ``alpha = 2``), see :class:`SPDEPrior`.
-        threads: threads for the ensemble's sweeps (members split between threads;
-            ``None``: 1).
+        threads: threads for the sweeps (``None``: 1); see ``threads`` / ``backend`` of
+            :class:`SPDEPrior`.
+        backend: ``"auto"`` / ``"superlu"`` / ``"numba"`` triangular solves (numba: the grid's
+            strips on ``threads`` threads), see :class:`SPDEPrior`.
+        solver: posterior solver, ``"auto"`` (the single-precision prior-preconditioned PCG
+            for the mean alone, block CG on the whitened system for ensembles), ``"pcg"`` or
+            ``"whitened"``; see :meth:`SPDEPrior.posterior_mean`.
         block_size: right-hand sides per block CG for the ensemble (memory: about 8 arrays
             of ``T n block_size`` float64; ``None``: as many as fit in 1 GiB).
     """
@@ -65,7 +70,8 @@ class SPDEOptimalInterpolation:
                  members: int = 0, return_members: bool = False, seed: int = 0,
                  rtol: float = 1e-8, maxiter: int = 5000, length_unit_m: float = 1000.0,
                  coarse: list[int] | None = None, factor: str = "auto",
-                 threads: int | None = None, block_size: int | None = None):
+                 threads: int | None = None, block_size: int | None = None,
+                 backend: str = "auto", solver: str = "auto"):
         if not noise_std > 0:
             raise ConfigError(f"spde_oi: noise_std must be > 0, got {noise_std}")
         if int(members) != members or members < 0 or members == 1:
@@ -90,7 +96,11 @@ class SPDEOptimalInterpolation:
         if block_size is not None and (int(block_size) != block_size or block_size < 1):
             raise ConfigError(f"spde_oi: block_size must be null or an integer >= 1, got "
                               f"{block_size}")
+        if solver not in ("auto", "pcg", "whitened"):
+            raise ConfigError(f"spde_oi: solver must be 'auto', 'pcg' or 'whitened', got "
+                              f"{solver!r}")
         self.factor, self.threads, self.block_size = factor, threads, block_size
+        self.backend, self.solver = backend, solver
         # validate the SPDE parameters once, on a tiny grid
         self._prior(np.ones((2, 2)), np.ones((2, 2)), np.ones((2, 2), bool), 2, 0.0)
 
@@ -100,7 +110,7 @@ class SPDEOptimalInterpolation:
             self.std, self.params["kappa"], self.params["gamma"], area)
         return SPDEPrior(dx, dy, ocean, T=T, dt=self.dt, alpha=self.alpha, tau=tau,
                          init=self.init, mean=mean, factor=self.factor, threads=self.threads,
-                         **self.params)
+                         backend=self.backend, **self.params)
 
     def patch(self, obs: np.ndarray, ocean: np.ndarray, dx_m: np.ndarray, dy_m: np.ndarray,
               seed: int | list[int] | None = None):
@@ -116,7 +126,7 @@ class SPDEOptimalInterpolation:
         def reconstruct(Y):
             return P.posterior_mean(np.where(mask[None], Y, 0.0), mask, self.R, rtol=self.rtol,
                                     maxiter=self.maxiter, coarse=self.coarse,
-                                    block_size=self.block_size)
+                                    block_size=self.block_size, solver=self.solver)
 
         if not self.members:
             return reconstruct(y[None])[0], None, None

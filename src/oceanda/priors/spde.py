@@ -62,7 +62,7 @@ import torch
 
 from oceanda.errors import ConfigError, InputError, NumericalError
 from oceanda.linalg.sparse import (CGInfo, LUFactor, SPDFactor, SquarePlusIdentityFactor,
-                                   batched_pcg, block_cg, stencil_to_csr)
+                                   batched_pcg, block_cg, block_pcg, stencil_to_csr)
 from oceanda.linalg.stencil import Stencil, diffusion_advection, power
 
 PARAM_NAMES = ("kappa", "tau", "gamma", "beta", "vx", "vy", "mx", "my")
@@ -123,16 +123,31 @@ class SPDEPrior:
             Re((I - i sqrt(dt) A_k)^{-1} b)``, :class:`~oceanda.linalg.sparse.
             SquarePlusIdentityFactor`), ``"lu"`` (real LU of ``F_k``) or ``"auto"``
             (complex for ``alpha = 2``).
-        threads: threads for the sparse sweeps over several right-hand sides (columns are
-            split between threads; SuperLU releases the GIL). ``None``: 1 (on the shared
-            2-core test machine two threads did not pay, see :meth:`posterior_mean`).
+        threads: threads for the sparse sweeps. ``backend="numba"``: every triangular
+            solve runs its grid strips on this many threads (:class:`~oceanda.linalg.sparse.
+            GridLU`), also for a single right-hand side; ``"superlu"``: the columns of
+            several right-hand sides are split between threads (scipy 1.17's SuperLU solve
+            was measured to hold the GIL: no gain). ``None``: 1.
+        backend: ``"superlu"`` (SuperLU's own solves; ``"auto"`` with one thread) or
+            ``"numba"`` (``"auto"`` with ``threads > 1``; the same
+            SuperLU factors, or for more than one thread factors ordered strip by strip,
+            with triangular solves compiled by numba that release the GIL, so
+            ``threads`` strips of the grid are solved concurrently; identical draws).
+            Measured (``hpc/bench/spde.py``, 200 x 200 x 15 posterior, rtol 1e-5, factors
+            included, 2-core machine nearly idle): SuperLU on one thread 16.96 s; numba on
+            two threads 14.05 s wall (21.3 CPU-s: SuperLU's supernodal solve is faster per
+            factor entry, the strips run concurrently); the previous default (whitened CG,
+            one thread) 23.08 s. Many right-hand sides favour numba more: 200 Matheron members
+            of 60 x 60 x 15 (block CG, 201 right-hand sides) took 13.2 CPU-s / 21.5 s wall
+            on two numba threads vs 26.2 CPU-s / 70.9 s wall with SuperLU on one (machine
+            at load ~2.5; members equal to 2.9e-5).
     """
 
     def __init__(self, dx, dy, ocean=None, *, T: int, dt: float = 1.0, alpha: int = 2,
                  kappa=0.1, tau=1.0, gamma=1.0, beta=0.0, vx=0.0, vy=0.0, mx=0.0, my=0.0,
                  init: str = "stationary", init_std: float = 1.0, mean=0.0,
                  dtype=torch.float64, device=None, factor: str = "auto",
-                 threads: int | None = None):
+                 threads: int | None = None, backend: str = "auto"):
         if int(T) != T or T < 1:
             raise ConfigError(f"SPDE window length T must be an integer >= 1, got {T}")
         if not (isinstance(dt, (int, float)) and math.isfinite(dt) and dt > 0):
@@ -149,6 +164,12 @@ class SPDEPrior:
             raise ConfigError("SPDE factor='complex' needs alpha = 2 (F = I + dt A^2)")
         self.factor = ("complex" if alpha == 2 else "lu") if factor == "auto" else factor
         self.threads = 1 if threads is None else max(1, int(threads))
+        if backend not in ("auto", "numba", "superlu"):
+            raise ConfigError(f"SPDE backend must be 'auto', 'numba' or 'superlu', got "
+                              f"{backend!r}")
+        if backend == "auto":  # measured: SuperLU on one thread, numba strips on several
+            backend = "numba" if self.threads > 1 else "superlu"
+        self.backend = backend
         self.T, self.dt, self.alpha, self.init = int(T), float(dt), int(alpha), init
         self.init_std = float(init_std)
         self.dtype = dtype
@@ -500,13 +521,36 @@ class SPDEPrior:
         ``F_k``; see ``factor`` in the class docstring."""
         key = ("F", self._pidx(k))
         if key not in self._np_cache:
-            if self.factor == "complex":
-                Ak = self._Ak(k)
-                self._np_cache[key] = SquarePlusIdentityFactor(
-                    stencil_to_csr(Ak.offsets, self._np(Ak.coef)), self.dt)
-            else:
+            self._np_cache[key] = self._make_F_factor(k, single=False)
+        return self._np_cache[key]
+
+    def _make_F_factor(self, k: int, single: bool):
+        grid = dict(grid_shape=self.shape, threads=self.threads) \
+            if self.backend == "numba" else {}
+        for kw in ((grid, {}) if grid else ({},)):
+            try:
+                if self.factor == "complex":
+                    Ak = self._Ak(k)
+                    return SquarePlusIdentityFactor(
+                        stencil_to_csr(Ak.offsets, self._np(Ak.coef)), self.dt,
+                        single=single, **kw)
                 Fk = self._Fk(k)
-                self._np_cache[key] = LUFactor(stencil_to_csr(Fk.offsets, self._np(Fk.coef)))
+                Fm = stencil_to_csr(Fk.offsets, self._np(Fk.coef))
+                return LUFactor(Fm, single=single, **kw)
+            except NumericalError:
+                if not kw:
+                    raise
+                continue  # the strip LU needs no pivoting: fall back to SuperLU's solves
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _F_pre(self, k: int, single: bool = True):
+        """Factor of ``F_k`` for the preconditioner (single precision unless ``single`` is
+        False: then the double-precision :meth:`_F_lu`)."""
+        if not single:
+            return self._F_lu(k)
+        key = ("Fpre", self._pidx(k))
+        if key not in self._np_cache:
+            self._np_cache[key] = self._make_F_factor(k, single=True)
         return self._np_cache[key]
 
     def _by_columns(self, fn, V: np.ndarray) -> np.ndarray:
@@ -533,9 +577,15 @@ class SPDEPrior:
                 Q0 = self._Q0_stencil()
                 M = stencil_to_csr(Q0.offsets, self._np(Q0.coef))
                 M = 0.5 * (M + M.T)
-                self._np_cache[key] = SPDFactor(
-                    M, name="SPDE initial precision Q_0 (init='stationary'; advection "
-                    "too strong? use init='white')")
+                name = ("SPDE initial precision Q_0 (init='stationary'; advection too strong? "
+                        "use init='white')")
+                grid = dict(grid_shape=self.shape) if self.backend == "numba" else {}
+                try:
+                    self._np_cache[key] = SPDFactor(M, name=name, **grid)
+                except NumericalError:
+                    if not grid:
+                        raise
+                    self._np_cache[key] = SPDFactor(M, name=name)
         return self._np_cache[key]
 
     def _sqrt_s(self, k: int) -> np.ndarray:
@@ -543,7 +593,6 @@ class SPDEPrior:
 
     def precision_csr(self) -> sp.csr_matrix:
         """Assembled sparse ``Q`` ``(T n, T n)`` (block-tridiagonal; moderate sizes)."""
-        n = self.n
         blocks = [[None] * self.T for _ in range(self.T)]
         Q0 = self._Q0_stencil()
         blocks[0][0] = stencil_to_csr(Q0.offsets, self._np(Q0.coef))
@@ -578,7 +627,7 @@ class SPDEPrior:
         """``W V = L^{-1} Sigma^{1/2} V`` for ``V`` ``(T, n, k)``: the forward sweep
         ``x_0 = G_0^{-1} v_0``, ``x_k = F_k^{-1} (x_{k-1} + S_k^{1/2} v_k)`` (one sparse
         solve per step; ``x = mu + W z`` with white ``z`` is a prior draw)."""
-        if V.shape[-1] > 1 and self.threads > 1:
+        if V.shape[-1] > 1 and self.threads > 1 and self.backend == "superlu":
             return self._by_columns(self._whiten_inverse, V)
         return self._whiten_inverse(V)
 
@@ -593,7 +642,7 @@ class SPDEPrior:
         """``W^T U = Sigma^{1/2} L^{-T} U`` for ``U`` ``(T, n, k)`` (backward sweep:
         ``w_{T-1} = F_{T-1}^{-T} u_{T-1}``, ``w_k = F_k^{-T}(u_k + w_{k+1})``,
         ``w_0 = G_0^{-T}(u_0 + w_1)``, then scaling by ``S_k^{1/2}``)."""
-        if U.shape[-1] > 1 and self.threads > 1:
+        if U.shape[-1] > 1 and self.threads > 1 and self.backend == "superlu":
             return self._by_columns(self._whiten_inverse_t, U)
         return self._whiten_inverse_t(U)
 
@@ -626,10 +675,40 @@ class SPDEPrior:
     def posterior_mean(self, y, mask, R, *, rtol: float = 1e-8, maxiter: int = 5000,
                        coarse: tuple[int, int] | None = None, block: bool = True,
                        return_info: bool = False, split: int | None = None,
-                       block_size: int | None = None):
+                       block_size: int | None = None, solver: str = "auto"):
         """Exact posterior mean ``(Q + H^T R^{-1} H)^{-1} (Q mu + H^T R^{-1} y)``.
 
-        ``H`` selects the cells where ``mask`` is True. Solved by CG in the whitened
+        ``solver="pcg"`` (default for one right-hand side, or several with ``block=False``):
+        PCG on ``(Q + D) d = D (y - mu)`` itself (``D = H^T R^{-1} H``, ``x = mu + d``) with
+        the prior covariance as preconditioner, ``M = L^{-1} Sigma L^{-T} ~ Q^{-1}``, and
+        stopping on the ``M``-norm of the residual, ``sqrt(r^T M r) <= rtol sqrt(b^T M b)``
+        (with ``M = Q^{-1}`` exactly this is the residual of the whitened system below: the
+        same iterations and the same stopping rule). Because ``M`` only preconditions, it
+        need not be exact, which buys three savings at no loss of exactness (the operator
+        ``Q + D`` is applied exactly by sparse products, no solve): (i) the sweeps use
+        single-precision factors (complex64 for the first-order factor: half the memory
+        traffic; double precision when ``rtol < 1e-7``, where the single-precision rounding
+        costs iterations); (ii) ``Q_0^{-1}`` is applied as ``(F^2 - I)^{-1} S`` through factors of
+        ``A`` and ``I + (dt/2) A^alpha`` (exact when ``S^{-1} A`` is symmetric: isotropic or
+        symmetric ``H``, no advection, uniform ``tau``; otherwise ``Q_0``'s own factor),
+        so ``Q_0``'s 25-point factor (19 M entries on 200 x 200, 2.5-3.5 s) is never
+        built; (iii) ``Q_0`` appears once per iteration instead of twice. Flexible
+        (Polak-Ribiere) updates absorb the single-precision rounding. Measured
+        (``hpc/bench/spde.py --rtol 1e-5 --previous``, 200 x 200 x 15, one thread, same
+        process, every factorisation included): nearly idle 2-core machine: 93 iterations,
+        16.96 s vs the whitened CG (previous default) 88 iterations, 23.08 s (1.36x), peak
+        RSS 1.36 GB (with the draws' factors); with ``threads=2`` (numba strips) 14.05 s
+        (1.64x the previous default); at load 7: 20.0 vs 27.7 CPU-s (1.4x). The means
+        agree to 9.9e-6 (max difference / max). With ``solver="pcg"``, several right-hand sides with
+        ``block=True`` use the preconditioned block CG :func:`~oceanda.linalg.sparse.
+        block_pcg` (Gram matrices of the split variables from sparse ``Q`` products); for
+        Matheron ensembles it did not beat the whitened block CG (200 members of
+        60 x 60 x 15, rtol 1e-5: 7 block iterations, 38.6 s CPU vs 5 and 36.0 s, members
+        agreeing to 2.6e-5), so ``"auto"`` keeps the latter for blocks.
+
+        ``solver="whitened"`` (used for several right-hand sides with ``block=True``, for
+        ``split``, and on request). ``H`` selects the cells where ``mask`` is True. Solved by
+        CG in the whitened
         variable ``v`` (``x = mu + W v``, ``W = L^{-1} Sigma^{1/2}``)::
 
             (I + W^T H^T R^{-1} H W) v = W^T H^T R^{-1} (y - H mu)
@@ -695,6 +774,8 @@ class SPDEPrior:
                 is False.
             mask: ``(T, ny, nx)`` bool.
             R: observation-error variance, scalar or ``(T, ny, nx)`` (> 0).
+            solver: ``"auto"``, ``"pcg"`` or ``"whitened"`` (above); ``coarse`` selects the
+                two-level variant whatever ``solver`` says.
         Returns:
             ``x`` of the shape of ``y`` (float64), and a
             :class:`~oceanda.linalg.sparse.CGInfo` if ``return_info``.
@@ -716,8 +797,17 @@ class SPDEPrior:
         mu = self._mean_np()[:, :, None]
         innov = np.where(mask[None], Y - self._mean_np().reshape(grid)[None], 0.0)
         U = np.moveaxis(innov.reshape(k, self.T, self.n), 0, -1)  # (T, n, k)
-        if coarse is not None:
-            X, info = self._posterior_two_level(Ri, U, coarse, rtol, maxiter)
+        if solver not in ("auto", "pcg", "whitened"):
+            raise ConfigError(f"posterior_mean: solver must be 'auto', 'pcg' or 'whitened', "
+                              f"got {solver!r}")
+        if solver == "auto":
+            solver = "pcg" if (coarse is None and (split or 1) == 1
+                               and (k == 1 or not block)) else "whitened"
+        if coarse is not None or solver == "pcg":
+            if coarse is not None:
+                X, info = self._posterior_two_level(Ri, U, coarse, rtol, maxiter)
+            else:
+                X, info = self._posterior_pcg(Ri, U, rtol, maxiter, block_size, block)
             X = np.moveaxis(X + mu, -1, 0).reshape(k, *grid)
             X = X[0] if single else X
             return (X, info) if return_info else X
@@ -766,6 +856,158 @@ class SPDEPrior:
         X = np.moveaxis(X, -1, 0).reshape(k, *grid)
         X = X[0] if single else X
         return (X, info) if return_info else X
+
+    # ------------------------------------------------------------------ prior-preconditioned CG
+    def _Q_ops(self):
+        """Sparse ``F_k`` (per distinct frame), symmetrised ``Q_0`` and ``1 / s_k``
+        ``(T-1, n, 1)`` for :meth:`_Q_apply_np`."""
+        key = ("Qops",)
+        if key not in self._np_cache:
+            F = {}
+            for k in range(1, self.T):
+                i = self._pidx(k)
+                if i not in F:
+                    Fk = self._Fk(k)
+                    m = stencil_to_csr(Fk.offsets, self._np(Fk.coef))
+                    F[i] = (m, m.T.tocsr())
+            Q0 = self._Q0_stencil()
+            Q0m = stencil_to_csr(Q0.offsets, self._np(Q0.coef))
+            sinv = np.stack([1.0 / self._np(self._sk(k)).reshape(-1)
+                             for k in range(1, self.T)])[..., None] if self.T > 1 else None
+            self._np_cache[key] = (F, sp.csr_matrix(0.5 * (Q0m + Q0m.T)), sinv)
+        return self._np_cache[key]
+
+    def _Q_apply_np(self, X: np.ndarray) -> np.ndarray:
+        """``Q X`` for ``X`` ``(T, n, k)`` from sparse products (``e_k = S_k^{-1}(F_k x_k -
+        x_{k-1})``, ``(Q x)_k = F_k^T e_k - e_{k+1}``, plus ``Q_0 x_0``); no solve."""
+        F, Q0, sinv = self._Q_ops()
+        T, n, k = X.shape
+        out = np.empty_like(X)
+        out[0] = Q0 @ X[0]
+        if T == 1:
+            return out
+
+        def frames(M, Y):  # M Y[t] for all t, one sparse product with (n, m k) columns
+            m = Y.shape[0]
+            Z = M @ np.ascontiguousarray(Y.transpose(1, 0, 2)).reshape(n, m * k)
+            return Z.reshape(n, m, k).transpose(1, 0, 2)
+
+        if len(F) == 1:
+            ((Fm, Ftm),) = F.values()
+            E = frames(Fm, X[1:]) - X[:-1]
+            E *= sinv
+            out[1:] = frames(Ftm, E)
+        else:
+            E = np.stack([F[self._pidx(t)][0] @ X[t] for t in range(1, T)]) - X[:-1]
+            E *= sinv
+            for t in range(1, T):
+                out[t] = F[self._pidx(t)][1] @ E[t - 1]
+        out[:-1] -= E
+        return out
+
+    def _q0_selfadjoint(self) -> bool:
+        """Whether ``S_1^{-1} A_1`` is symmetric (isotropic / symmetric ``H``, no advection,
+        uniform ``tau``): then ``Q_0 = S^{-1}(F^2 - I)`` exactly."""
+        key = ("Q0sa",)
+        if key not in self._np_cache:
+            k = 1 if self.T > 1 else 0
+            Ak = self._Ak(k)
+            K = sp.diags(1.0 / self._np(self._sk(k)).reshape(-1)) @ stencil_to_csr(
+                Ak.offsets, self._np(Ak.coef))
+            asym = abs(K - K.T).max() if K.nnz else 0.0
+            self._np_cache[key] = bool(asym <= 1e-10 * abs(K).max())
+        return self._np_cache[key]
+
+    def _Q0_pre(self, U: np.ndarray, single: bool = True) -> np.ndarray:
+        """``Q_0^{-1} U`` for the preconditioner: ``init="white"``: exact; stationary with
+        ``S^{-1} A`` symmetric: ``(F^2 - I)^{-1} S U = (dt B)^{-1} (2 I + dt B)^{-1} S U``
+        (``B = A^alpha``; equal to ``Q_0^{-1}`` up to rounding) from factors of ``A`` and of
+        ``I + (dt/2) B`` (for ``alpha = 2`` the complex first-order one) in single
+        (``single``) or double precision, much cheaper than ``Q_0``'s 25-point factor;
+        otherwise that factor."""
+        if self.init == "white":
+            return U * self.init_std**2
+        if not self._q0_selfadjoint():
+            return self._Q0_factor().solve(U)
+        key = ("Q0pre", single)
+        if key not in self._np_cache:
+            k = 1 if self.T > 1 else 0
+            Ak = self._Ak(k)
+            Am = stencil_to_csr(Ak.offsets, self._np(Ak.coef))
+            grid = dict(grid_shape=self.shape, threads=self.threads) \
+                if self.backend == "numba" else {}
+            try:
+                Ainv = LUFactor(Am, single=single, **grid)
+                if self.alpha == 2:
+                    half = SquarePlusIdentityFactor(Am, 0.5 * self.dt, single=single, **grid)
+                else:
+                    half = LUFactor(sp.eye(self.n) + 0.5 * self.dt * Am, single=single,
+                                    **grid)
+            except NumericalError:  # pivoting needed: use Q_0's own factor
+                self._np_cache[key] = None
+            else:
+                self._np_cache[key] = (Ainv, half, self._np(self._sk(k)).reshape(-1, 1))
+        pre = self._np_cache[key]
+        if pre is None:
+            return self._Q0_factor().solve(U)
+        Ainv, half, s = pre
+        Y = 0.5 * half.solve(s * U)
+        for _ in range(self.alpha):
+            Y = Ainv.solve(Y)
+        return Y / self.dt
+
+    def _precond_np(self, R: np.ndarray, single: bool = True) -> np.ndarray:
+        """``M R ~ Q^{-1} R = L^{-1} Sigma L^{-T} R`` for ``R`` ``(T, n, k)``: backward sweep
+        ``w_{T-1} = F^{-T} r_{T-1}``, ``w_k = F_k^{-T}(r_k + w_{k+1})``, then
+        ``x_0 = Q_0^{-1}(r_0 + w_1)`` (:meth:`_Q0_pre`), forward ``x_k = F_k^{-1}(x_{k-1} +
+        S_k w_k)``; single-precision factors if ``single``."""
+        X = np.empty_like(R)
+        nxt = None
+        for k in range(self.T - 1, 0, -1):
+            rhs = R[k] if nxt is None else R[k] + nxt
+            nxt = self._F_pre(k, single).solve_t(rhs)
+            X[k] = nxt * self._np(self._sk(k)).reshape(-1, 1)
+        X[0] = self._Q0_pre(R[0] if nxt is None else R[0] + nxt, single)
+        for k in range(1, self.T):
+            X[k] = self._F_pre(k, single).solve(X[k - 1] + X[k])
+        return X
+
+    def _posterior_pcg(self, Ri, U, rtol, maxiter, block_size, block=False):
+        T, n, k = self.T, self.n, U.shape[-1]
+        N = T * n
+        single = rtol >= 1e-7  # below, the single-precision rounding would cost iterations
+
+        def matvec(v):
+            V = v.reshape(T, n, -1)
+            return (self._Q_apply_np(V) + Ri * V).reshape(v.shape)
+
+        def prec(r):
+            return self._precond_np(r.reshape(T, n, -1), single).reshape(r.shape)
+
+        def metric(y):
+            return self._Q_apply_np(y.reshape(T, n, -1)).reshape(y.shape)
+
+        B = (Ri * U).reshape(N, k)
+        if block_size is None:  # memory: about 10 arrays of T n block_size float64
+            bs = k if not block else max(1, int(2**30 // (10 * 8 * N)))
+        else:
+            bs = max(1, int(block_size))
+        X = np.empty((N, k))
+        its, rels = 0, []
+        for c0 in range(0, k, bs):
+            c1 = min(k, c0 + bs)
+            Bc = np.ascontiguousarray(B[:, c0:c1])
+            if block and c1 - c0 > 1:
+                xc, inf = block_pcg(matvec, Bc, precond=prec, metric=metric, rtol=rtol,
+                                    maxiter=maxiter)
+            else:
+                xc, inf = batched_pcg(matvec, Bc, precond=prec, rtol=rtol, maxiter=maxiter,
+                                      norm="preconditioned", flexible=True)
+            X[:, c0:c1] = xc
+            its = max(its, inf.iterations)
+            rels.append(inf.rel_residual)
+        rel = np.concatenate(rels)
+        return X.reshape(T, n, k), CGInfo(its, rel, bool(np.all(rel <= 10 * rtol)))
 
     # ------------------------------------------------------------------ two-level solve
     def _coupling_csr(self) -> tuple[sp.csr_matrix, sp.csr_matrix, np.ndarray]:
