@@ -16,6 +16,7 @@ Outputs in ``--out`` are restartable: a rerun recomputes nothing that is complet
 usage: OMP_NUM_THREADS=1 python hpc/bench/fourdvarnet_accuracy.py --truth OSSE/truth.zarr
        --obs OSSE/obs.zarr [--obs-swot OSSE_SWOT/obs.zarr] [--checkpoint CK.pt] [--out DIR]
        [--oi-patch 15,100,100,5,80,80] [--net-patch 15,100,100,5,80,80] [--json out.json]
+       [--compare LABEL=OTHER_CK.pt ...]   (more 4DVarNet rows, e.g. the previous weights)
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ def main() -> int:
     ap.add_argument("--obs", required=True, help="4 nadirs obs.zarr")
     ap.add_argument("--obs-swot", default=None, help="4 nadirs + SWOT obs.zarr (same truth)")
     ap.add_argument("--checkpoint", default=None, help="4DVarNet checkpoint (default: shipped weights)")
+    ap.add_argument("--compare", action="append", default=[], metavar="LABEL=CK",
+                    help="another 4DVarNet checkpoint scored in the same run (row '4dvarnet:LABEL'); repeatable")
     ap.add_argument("--out", default="runs/fourdvarnet_accuracy")
     ap.add_argument("--dates", default="2012-10-07,2012-12-17", help="inference window (eval +- margin)")
     ap.add_argument("--oi-patch", default="15,100,100,5,80,80")
@@ -87,11 +90,19 @@ def main() -> int:
     out = Path(a.out)
     net_extra = [] if a.checkpoint is None else [f"method.checkpoint={a.checkpoint}"]
     sets = [("4nadirs", a.obs, a.oi_patch)] + ([("4nadirs_swot", a.obs_swot, a.oi_patch_swot)] if a.obs_swot else [])
+    others = []
+    for c in a.compare:
+        if "=" not in c:
+            raise SystemExit(f"--compare {c!r}: expected LABEL=CHECKPOINT")
+        others.append(tuple(c.split("=", 1)))
     rows = []
     for label, obs, oi_patch in sets:
-        for name, spec, extra in (("oi", oi_patch, []), ("4dvarnet", a.net_patch, net_extra)):
-            r = run_method(name, obs, a.truth, out / f"{name}_{label}", dates, _patch_args(spec, a.crop), extra)
-            rows.append({"obs": label, **r})
+        runs = [("oi", "oi", oi_patch, []), ("4dvarnet", "4dvarnet", a.net_patch, net_extra)]
+        runs += [(f"4dvarnet:{lab}", "4dvarnet", a.net_patch, [f"method.checkpoint={ck}"]) for lab, ck in others]
+        for row_name, name, spec, extra in runs:
+            r = run_method(name, obs, a.truth, out / f"{row_name.replace(':', '_')}_{label}", dates,
+                           _patch_args(spec, a.crop), extra)
+            rows.append({"obs": label, **r, "method": row_name})
     print()
     print(table(rows))
     checks = {}

@@ -440,3 +440,85 @@ def test_method_auto_precision_and_fused_cell_fallback(tmp_path, monkeypatch):
     assert fused.model.grad_mod.fused_cell is False
     b = fdv.FourDVarNetMethod(str(path))(batch).mean
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- init = "oi"
+
+
+def _geo_batch(B=2, seed=0):
+    """A PatchBatch in metres on a 1/20 deg grid (OI needs real coordinates)."""
+    from oceanda.assim.base import PatchBatch
+
+    obs, ocean, _ = _obs32(B=B, seed=seed)
+    obs = 0.1 * obs + 0.3
+    lon = (-60.0 + 0.05 * torch.arange(W, dtype=torch.float64)).expand(B, W)
+    lat = (35.0 + 0.05 * torch.arange(H, dtype=torch.float64)).expand(B, H)
+    time = torch.arange(T, dtype=torch.float64).expand(B, T)
+    return PatchBatch(obs=obs, ocean=ocean, lon=lon, lat=lat, time=time,
+                      dx_m=torch.ones(B, H, W), dy_m=torch.ones(B, H, W))
+
+
+def _save(model, cfg, path, norm=(0.2, 0.15), drop=()):
+    from dataclasses import asdict
+
+    from oceanda.assim.fourdvarnet import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
+
+    mc = {k: v for k, v in asdict(cfg).items() if k not in drop}
+    torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "model_config": mc,
+                "state_dict": model.state_dict(), "norm": {"mean": norm[0], "std": norm[1]}}, path)
+    return path
+
+
+def test_oi_init_with_zero_update_returns_the_oi_analysis(tmp_path):
+    """init="oi": the solver starts from the exact OI analysis of the same patch. With the
+    gradient modulator's output zeroed and lr_grad = 0 the solver makes no move, so the
+    method returns method=oi's analysis (same scales) on the ocean to float32 rounding; with
+    the anchor's lr_grad the raw gradient of J moves it by O(1/n_obs) only."""
+    from oceanda.assim.fourdvarnet import FourDVarNetMethod, ModelConfig, build_model
+    from oceanda.assim.oi import OptimalInterpolation
+
+    batch = _geo_batch()
+    oi = OptimalInterpolation(Lx_km=30.0, Ly_km=40.0, Lt_days=2.0, noise_std=0.02)(batch).mean
+    ocean = batch.ocean[:, None].expand_as(oi)
+    for lr_grad, tol in ((0.0, 1e-6), (0.2, 2e-2)):
+        cfg = ModelConfig(n_time=T, prior_hidden=4, lstm_hidden=5, n_steps=3, lr_grad=lr_grad, init="oi",
+                          oi_Lx_km=30.0, oi_Ly_km=40.0, oi_Lt_days=2.0, oi_noise_std=0.02)
+        torch.manual_seed(0)
+        model = build_model(cfg).zero_update_()
+        out = FourDVarNetMethod(str(_save(model, cfg, tmp_path / f"oi{lr_grad}.pt")))(batch).mean
+        err = float((out - oi)[ocean].abs().max() / oi[ocean].abs().max())
+        assert err < tol, (lr_grad, err)
+        if lr_grad:
+            assert err > 0  # it does move (not a copy of x0)
+    # a trained (non-zero) update changes the OI, and the first guess matters
+    torch.manual_seed(0)
+    cfg_obs = ModelConfig(n_time=T, prior_hidden=4, lstm_hidden=5, n_steps=3)
+    model = build_model(cfg_obs)
+    a = FourDVarNetMethod(str(_save(model, cfg_obs, tmp_path / "obs.pt")))(batch).mean
+    cfg_oi = ModelConfig(**{**cfg_obs.__dict__, "init": "oi"})
+    b = FourDVarNetMethod(str(_save(model, cfg_oi, tmp_path / "oi.pt")))(batch).mean
+    assert float((a - b).abs().max()) > 1e-3
+
+
+def test_old_checkpoint_without_init_loads_and_starts_from_the_observations(tmp_path):
+    """A checkpoint written before init / oi_* existed loads as init="obs" and the method
+    equals the model run on the normalised observations without a first guess."""
+    from oceanda.assim.fourdvarnet import FourDVarNetMethod, ModelConfig, build_model, read_checkpoint
+    from oceanda.errors import ConfigError
+
+    cfg = ModelConfig(n_time=T, prior_hidden=4, lstm_hidden=5, n_steps=3)
+    torch.manual_seed(1)
+    model = build_model(cfg).eval()
+    path = _save(model, cfg, tmp_path / "old.pt",
+                 drop=("init", "oi_Lx_km", "oi_Ly_km", "oi_Lt_days", "oi_noise_std", "precision", "fuse_cell"))
+    ck = read_checkpoint(path, expect=cfg)
+    assert ck["model_cfg"].init == "obs"
+    batch = _geo_batch(seed=2)
+    got = FourDVarNetMethod(str(path))(batch).mean
+    with torch.inference_mode():
+        ref = model((batch.obs - 0.2) / 0.15, batch.ocean) * 0.15 + 0.2
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="model.init='analysis'"):
+        ModelConfig(init="analysis")
+    with pytest.raises(ConfigError, match="oi_Lt_days"):
+        ModelConfig(init="oi", oi_Lt_days=0.0)

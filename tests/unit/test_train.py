@@ -484,3 +484,89 @@ def test_checkpoint_normalisation_and_shape_errors(tmp_path, capsys):
     assert main(["train", f"truth_path={tmp_path / 'truth.zarr'}", f"obs_path={tmp_path / 'obs.zarr'}",
                  f"out_dir={tmp_path / 'run'}", *CLI_ARGS, "model.n_time=4"]) == 2
     assert "model.n_time=4 differs from patch.size[0]=5" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- init = "oi"
+
+
+def test_oi_first_guess_items_are_the_oi_of_what_each_item_observes():
+    """With ``oi`` the items carry ``x0``: the normalised OI analysis (oi_patch in metres) of
+    the item's own input observations, the real ones and the augmented (other mask) ones."""
+    from oceanda.assim.oi import oi_patch
+
+    truth, obs, ocean = synthetic()
+    norm = Normalisation.fit(truth, ocean, np.arange(NT))
+    lon, lat = -60 + 0.05 * np.arange(NX), 30 + 0.05 * np.arange(NY)
+    kw = dict(Lx_km=20.0, Ly_km=25.0, Lt_days=3.0, R=1e-4)
+    starts = patch_starts(np.arange(NT), ocean.shape, SIZE, (1, 8, 6))
+    args = (truth, obs, ocean, starts, SIZE, np.ones(SIZE, np.float32), norm)
+    ds = PatchDataset(*args, aug=1, seed=1, oi=kw, lon=lon, lat=lat)
+    plain = PatchDataset(*args, aug=1, seed=1)
+    n = len(starts)
+    for idx in (3, n + 3):
+        it = ds[idx]
+        assert "x0" not in plain[idx]
+        t, y, x = starts[idx % n]
+        phys = norm.invert(it["obs"].numpy().astype(np.float64))
+        ref = norm.apply(oi_patch(phys, lon[x:x + SIZE[2]], lat[y:y + SIZE[1]], np.arange(SIZE[0], dtype=float), **kw))
+        np.testing.assert_allclose(it["x0"].numpy(), ref, rtol=1e-5, atol=1e-5)
+        for k in ("obs", "tgt", "weight", "ocean"):
+            np.testing.assert_array_equal(it[k].numpy(), plain[idx][k].numpy())
+    assert not np.allclose(ds[3]["x0"].numpy(), ds[n + 3]["x0"].numpy())  # another mask, another OI
+    cached = PatchDataset(*args, oi=kw, lon=lon, lat=lat, cache_oi=True)
+    np.testing.assert_array_equal(cached[2]["x0"].numpy(), ds[2]["x0"].numpy())
+    assert set(cached._oi_cache) == {2}
+    np.testing.assert_array_equal(cached[2]["x0"].numpy(), ds[2]["x0"].numpy())  # from the cache
+    with pytest.raises(InputError, match="lon and lat"):
+        PatchDataset(*args, oi=kw)
+
+
+def test_loss_starts_from_the_first_guess_and_fine_tuning_loads_weights(tmp_path):
+    """loss_terms feeds ``x0`` to the solver: a zero-update model (lr_grad 0) outputs x0, so
+    its MSE term is wmse(x0 - tgt); load_weights copies weights across init / oi_* changes
+    and refuses another architecture."""
+    from oceanda.train.fourdvarnet import load_weights
+
+    ds, (_, _, _, norm) = dataset()
+    b = {k: torch.stack([ds[i][k] for i in range(3)]) for k in ds[0]}
+    b["x0"] = torch.nan_to_num(b["tgt"]) + 0.1 * torch.randn_like(b["tgt"])
+    cfg = small_model_cfg(lr_grad=0.0, init="oi")
+    torch.manual_seed(0)
+    model = build_model(cfg).zero_update_().train()
+    terms = loss_terms(model, b, TrainConfig(w_grad=0.0, w_prior=0.0))
+    oc = b["ocean"][:, None].float()
+    torch.testing.assert_close(terms["out"], b["x0"] * oc)
+    torch.testing.assert_close(terms["mse"], weighted_mse(b["x0"] * oc - b["tgt"], b["weight"]).mean())
+    src_cfg = small_model_cfg(lr_grad=0.0)  # init obs: weights still load
+    torch.manual_seed(5)
+    src = build_model(src_cfg)
+    save_checkpoint(tmp_path / "src.pt", src, src_cfg, norm)
+    load_weights(model, cfg, tmp_path / "src.pt")
+    for k, v in src.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[k], v)
+    with pytest.raises(InputError, match="lstm_hidden: config 6 vs checkpoint 4"):
+        load_weights(build_model(small_model_cfg(lstm_hidden=6)), small_model_cfg(lstm_hidden=6), tmp_path / "src.pt")
+
+
+def test_cli_trains_an_oi_initialised_model_from_other_weights(tmp_path):
+    """`oceanda train model.init=oi init_checkpoint=... zero_update=true`: the checkpoint
+    records init=oi and, trained with lr 0, holds exactly the given weights with a zeroed
+    modulator output; a missing init_checkpoint is a clear error (exit 2)."""
+    from oceanda.cli import main
+
+    _write_zarrs(tmp_path)
+    base = ["train", f"truth_path={tmp_path / 'truth.zarr'}", f"obs_path={tmp_path / 'obs.zarr'}", *CLI_ARGS]
+    assert main(base + [f"out_dir={tmp_path / 'a'}"]) == 0
+    args = base + [f"out_dir={tmp_path / 'b'}", "model.init=oi", "model.oi_Lx_km=20", "model.oi_Lt_days=3",
+                   f"init_checkpoint={tmp_path / 'a' / 'checkpoint.pt'}", "zero_update=true",
+                   "train.lr=0"]
+    assert main(args) == 0
+    ck = load_checkpoint(tmp_path / "b" / "checkpoint.pt")
+    assert ck["model_cfg"].init == "oi" and ck["model_cfg"].oi_Lx_km == 20
+    a = load_checkpoint(tmp_path / "a" / "checkpoint.pt")["state_dict"]
+    for k, v in ck["state_dict"].items():
+        if k.endswith(("grad_mod.conv_out.weight", "grad_mod.conv_out.bias")):
+            assert not v.any()
+        else:
+            torch.testing.assert_close(v, a[k])
+    assert main(base + [f"out_dir={tmp_path / 'c'}", "init_checkpoint=" + str(tmp_path / "nope.pt")]) == 2

@@ -38,6 +38,14 @@ Solver step k (of n), the anchor's update (4dvarnet-starter ``GradSolver.solver_
 the first gradient (per sample, over ocean cells). The unrolled loop is
 :mod:`oceanda.assim.unroll`.
 
+First guess (``ModelConfig.init``): ``"obs"`` starts from the observations (NaN -> 0, the
+anchor); ``"oi"`` from the exact per-patch OI analysis of the same observations
+(:func:`oi_first_guess`, settings stored in the checkpoint and recomputed by the method at
+inference, so ``method=4dvarnet`` stays one self-contained method). Since ``S``'s output is
+not rescaled by ``||g_0||`` while the raw-gradient part is ``O(1 / n_obs)`` small, a model
+whose ``S`` output layer is zero (:meth:`FourDVarNet.zero_update_`) returns its first guess
+almost exactly: trained from there, the network learns a correction of the OI.
+
 Implementation notes (same arithmetic as the anchor; ``hpc/bench/fourdvarnet.py`` compares
 both side by side with the same weights):
 
@@ -98,6 +106,8 @@ __all__ = [
     "build_model",
     "read_checkpoint",
     "FourDVarNetMethod",
+    "INITS",
+    "oi_first_guess",
     "PRECISIONS",
     "native_bf16",
 ]
@@ -670,6 +680,18 @@ class FourDVarNet(nn.Module):
     def prior(self) -> nn.Module:
         return self.cost.prior
 
+    @torch.no_grad()
+    def zero_update_(self) -> FourDVarNet:
+        """Zero the gradient modulator's output layer (weights and bias), so that ``S(.) = 0``
+        and each step moves the state only by ``lr_grad (k+1)/n grad J``, which is O(1 /
+        n_obs) and O(1 / (T n_ocean)) small: the solver then returns its first guess almost
+        unchanged (exactly with ``lr_grad = 0``). A training start for ``init="oi"``: the
+        untrained model is the OI and learns a correction of it (ReZero-like: the first
+        optimiser steps move only ``conv_out``, then the rest follows). Returns ``self``."""
+        self.grad_mod.conv_out.weight.zero_()
+        self.grad_mod.conv_out.bias.zero_()
+        return self
+
     def forward(self, obs: Tensor, ocean: Tensor | None = None, x0: Tensor | None = None) -> Tensor:
         mask = torch.isfinite(obs)
         if ocean is not None:
@@ -721,13 +743,55 @@ class ModelConfig:
     precision: str = "float32"
     #: ConvLSTM cell as one compiled kernel (``torch.compile``); runtime only, like precision
     fuse_cell: bool = False
+    #: first guess of the solver: ``"obs"`` (the observations, NaN -> 0: the anchor, and every
+    #: checkpoint written before this field existed) or ``"oi"`` (the exact per-patch OI
+    #: analysis :func:`oceanda.assim.oi.oi_patch` of the same observations with the ``oi_*``
+    #: settings below, computed by the method / the training patches themselves)
+    init: str = "obs"
+    oi_Lx_km: float = 100.0
+    oi_Ly_km: float = 100.0
+    oi_Lt_days: float = 10.0
+    oi_noise_std: float = 0.05
 
     def __post_init__(self) -> None:
         _compute_dtype(self.precision)  # ConfigError naming the bad value
+        if self.init not in INITS:
+            raise ConfigError(f"model.init={self.init!r}: expected one of {list(INITS)}")
+        for key in ("oi_Lx_km", "oi_Ly_km", "oi_Lt_days", "oi_noise_std"):
+            if not float(getattr(self, key)) > 0:
+                raise ConfigError(f"model.{key} must be > 0, got {getattr(self, key)}")
+
+    def oi_kwargs(self) -> dict[str, float]:
+        """Keyword arguments of :func:`oceanda.assim.oi.oi_patch` for the ``init="oi"`` first
+        guess (prior mean and variance estimated per patch, as ``method=oi``'s defaults)."""
+        return {"Lx_km": float(self.oi_Lx_km), "Ly_km": float(self.oi_Ly_km),
+                "Lt_days": float(self.oi_Lt_days), "R": float(self.oi_noise_std) ** 2}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         return dataclass_from_dict(cls, d, "model config")
+
+
+#: accepted values of ``ModelConfig.init``
+INITS = ("obs", "oi")
+
+
+def oi_first_guess(obs: Tensor, lon: Tensor, lat: Tensor, time: Tensor, cfg: ModelConfig,
+                   max_obs: int | None = None) -> Tensor:
+    """The ``init="oi"`` first guess: the exact OI analysis of every patch of ``obs``
+    ``(B, T, H, W)`` [physical units, NaN where unobserved] with ``lon (B, W)``, ``lat (B, H)``
+    [deg], ``time (B, T)`` [days] (:func:`oceanda.assim.oi.oi_patch` with
+    :meth:`ModelConfig.oi_kwargs`; prior mean and variance from each patch's observations).
+    Returns ``(B, T, H, W)`` in ``obs``' dtype and device (float64 arithmetic on the CPU)."""
+    import numpy as np
+
+    from oceanda.assim.oi import oi_patch
+
+    o = obs.detach().cpu().double().numpy()
+    lo, la, ti = (v.detach().cpu().double().numpy() for v in (lon, lat, time))
+    out = np.stack([oi_patch(o[b], lo[b], la[b], ti[b], max_obs=max_obs, **cfg.oi_kwargs())
+                    for b in range(o.shape[0])])
+    return torch.from_numpy(out).to(device=obs.device, dtype=obs.dtype)
 
 
 def build_model(cfg: ModelConfig) -> FourDVarNet:
@@ -814,7 +878,9 @@ class FourDVarNetMethod:
     under ``torch.inference_mode`` and de-normalised; land stays at the mean (ignored by
     the blender). The patch length must equal the model's ``n_time``; H and W must be
     divisible by the prior's downsampling. Deterministic and batch-independent (every
-    normalisation in the solver is per patch).
+    normalisation in the solver is per patch). A checkpoint trained with ``init="oi"``
+    starts its solver from the exact OI analysis of the same patch (:func:`oi_first_guess`,
+    the checkpoint's ``oi_*`` settings), computed here: one method, nothing precomputed.
 
     ``precision`` (``"float32"`` / ``"bf16"`` / ``"auto"``: bf16 where the device has native
     bfloat16 arithmetic — CUDA with bf16 support, a CPU with AVX512-BF16/AMX — else float32)
@@ -859,7 +925,12 @@ class FourDVarNetMethod:
         if self._auto:
             self.model.set_precision("bf16" if native_bf16(dev) else "float32")
             self._auto = False
+        x0 = None
+        if self.cfg.init == "oi":  # the OI analysis of the same observations, normalised
+            # memory guard of method=oi (the m x m matrix): a ConfigError naming max_obs
+            oi = oi_first_guess(batch.obs, batch.lon, batch.lat, batch.time, self.cfg, max_obs=20000)
+            x0 = (oi.to(torch.float32) - self.mean) / self.std
         obs = (batch.obs.to(torch.float32) - self.mean) / self.std
         with torch.inference_mode():
-            out = self.model(obs, batch.ocean.to(torch.bool))
+            out = self.model(obs, batch.ocean.to(torch.bool), x0=x0)
         return PatchResult(mean=(out * self.std + self.mean).to(batch.obs.dtype))

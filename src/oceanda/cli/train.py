@@ -5,6 +5,9 @@ usage:
   oceanda train ... model=4dvarnet_unet train.epochs=50 val_period=[2012-10-22,2012-12-02]
   mpiexec -n 4 oceanda train ... train.batch_size=1      # global batch = 4 (gloo on CPU, NCCL on GPU)
   oceanda train ... resume=true                          # continue from DIR/checkpoint.pt
+  oceanda train ... model.init=oi init_checkpoint=default zero_update=true
+      # solver starts from the per-patch OI analysis; fine-tune the shipped weights, the
+      # gradient modulator's output zeroed so that training starts from the OI itself
   oceanda train truth_path=null obs_path=... out_dir=... train.mode=semi   # no truth: held-out observations
   oceanda train ... model=spde_4dvarnet +train.w_nll=0.1   # SPDE-prior 4DVarNet (oceanda.train.spde_fourdvarnet)
   oceanda train ... patch=nrt          # near-real-time model (or patch=forecast2 / forecast4: lead 2 / 4 days)
@@ -83,7 +86,8 @@ def run(cfg: DictConfig) -> int:
     device = bind_device(comm, str(cfg.system.get("device", "auto")), cfg.system.get("threads", 1))
     dist = init_distributed(device)
 
-    truth, obs, ocean, times = load_arrays(truth_path, str(cfg.obs_path), _plain(cfg.box), _plain(cfg.dates))
+    truth, obs, ocean, times, grid = load_arrays(truth_path, str(cfg.obs_path), _plain(cfg.box),
+                                                 _plain(cfg.dates), with_grid=True)
     v0, nv = validation_window(times, _plain(cfg.val_period), cfg.val_fraction)
     train_days, val_days = time_split(len(times), v0, nv, int(cfg.gap_days))
     stride = tuple(_plain(cfg.stride) or geom.stride)
@@ -93,10 +97,12 @@ def run(cfg: DictConfig) -> int:
     weight = geom.weights().full().astype(np.float32)
     common = dict(size=geom.size, weight=weight, norm=norm, holdout=float(cfg.holdout), seed=train_cfg.seed,
                   lead=geom.lead)
+    if model_cfg.init == "oi":  # the solver's first guess: each item's OI analysis (oceanda.train.data)
+        common.update(oi=model_cfg.oi_kwargs(), lon=grid.lon, lat=grid.lat)
     train_ds = PatchDataset(truth, obs, ocean, tr_starts, aug=int(cfg.aug), mode=train_cfg.mode, **common)
     val_ds = None
     if len(va_starts):
-        val_ds = PatchDataset(truth, obs, ocean, va_starts, aug=0, mode=train_cfg.mode, **common)
+        val_ds = PatchDataset(truth, obs, ocean, va_starts, aug=0, mode=train_cfg.mode, cache_oi=True, **common)
     if dist.rank == 0:
         log.info("training on %d patches (%d days, aug x%d), validating on %d patches (%d days); "
                  "mode %s; normalisation mean %.4f m std %.4f m; %d rank(s), device %s",
@@ -104,6 +110,16 @@ def run(cfg: DictConfig) -> int:
                  len(val_days), geom.mode, norm.mean, norm.std, dist.world, device)
     torch.manual_seed(train_cfg.seed)
     model = build_model(model_cfg)
+    init_from = cfg.get("init_checkpoint")
+    if init_from is not None and not (bool(cfg.resume) and (out_dir / "checkpoint.pt").is_file()):
+        from oceanda.train.fourdvarnet import load_weights
+        from oceanda.weights import resolve_checkpoint
+
+        src = load_weights(model, model_cfg, resolve_checkpoint(str(init_from)))
+        if dist.rank == 0:
+            log.info("initial weights from %s", src)
+    if bool(cfg.get("zero_update", False)) and not (bool(cfg.resume) and (out_dir / "checkpoint.pt").is_file()):
+        model.zero_update_()  # the untrained solver returns its first guess (the OI with model.init=oi)
     extra = {"truth": None if truth_path is None else str(truth_path), "obs": str(cfg.obs_path),
              "val_days": [int(val_days[0]), int(val_days[-1])], "gap_days": int(cfg.gap_days),
              "patch": patch, "mode": geom.mode_record()}

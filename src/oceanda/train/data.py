@@ -122,7 +122,13 @@ class PatchDataset(torch.utils.data.Dataset):
 
     ``obs (T, H, W)`` input observations (NaN where unobserved), ``tgt (T, H, W)`` target
     (truth, or held-out observations in semi-supervised mode; NaN where undefined),
-    ``weight (T, H, W)`` loss weight (blend weight x ocean), ``ocean (H, W)`` bool.
+    ``weight (T, H, W)`` loss weight (blend weight x ocean), ``ocean (H, W)`` bool, and with
+    ``oi`` (keyword arguments of :func:`oceanda.assim.oi.oi_patch`; needs the grid's ``lon``,
+    ``lat``) ``x0 (T, H, W)``: the normalised OI analysis of the item's input observations
+    (the solver's first guess of a ``model.init=oi`` 4DVarNet), computed on the fly, so the
+    augmented items (other windows' masks) get the OI of what they observe; ``cache_oi``
+    keeps them (for a fixed set such as the supervised validation patches; ignored in
+    semi-supervised mode, whose inputs change every epoch).
 
     ``lead`` (forecast): the observations of the last ``lead`` days of every window are
     removed from the input (in semi-supervised mode they join the target: nothing of them
@@ -132,7 +138,9 @@ class PatchDataset(torch.utils.data.Dataset):
     def __init__(self, truth: np.ndarray | None, obs: np.ndarray, ocean: np.ndarray,
                  starts: np.ndarray, size: tuple[int, int, int], weight: np.ndarray,
                  norm: Normalisation, aug: int = 0, mode: str = "supervised",
-                 holdout: float = 0.2, seed: int = 0, lead: int = 0) -> None:
+                 holdout: float = 0.2, seed: int = 0, lead: int = 0, oi: dict | None = None,
+                 lon: np.ndarray | None = None, lat: np.ndarray | None = None,
+                 cache_oi: bool = False) -> None:
         if mode not in ("supervised", "semi"):
             raise ConfigError(f"train.mode must be 'supervised' or 'semi', got {mode!r}")
         if mode == "supervised" and truth is None:
@@ -156,6 +164,17 @@ class PatchDataset(torch.utils.data.Dataset):
         self.seed = int(seed)
         self.perm = np.random.default_rng(seed).permutation(len(self.starts))
         self.epoch = 0
+        self.oi = None if oi is None else dict(oi)
+        if self.oi is not None:
+            if lon is None or lat is None:
+                raise InputError("PatchDataset(oi=...) needs the grid's lon and lat")
+            self.lon, self.lat = np.asarray(lon, np.float64), np.asarray(lat, np.float64)
+            if self.lon.shape != (ocean.shape[1],) or self.lat.shape != (ocean.shape[0],):
+                raise InputError(f"lon {self.lon.shape} / lat {self.lat.shape} do not fit the grid "
+                                 f"{tuple(ocean.shape)}")
+        # the cache is only valid for fixed inputs (semi-supervised hold-outs change per epoch)
+        self.cache_oi = bool(cache_oi) and self.mode == "supervised"
+        self._oi_cache: dict[int, np.ndarray] = {}
 
     def set_epoch(self, epoch: int) -> None:
         """Changes the semi-supervised hold-out draw (deterministic per epoch and item)."""
@@ -201,12 +220,31 @@ class PatchDataset(torch.utils.data.Dataset):
                 held[-self.lead:] = np.isfinite(full[-self.lead:])
             obs = np.where(held, np.nan, full)
             tgt = np.where(held, full, np.nan)
-        return {
+        item = {}
+        if self.oi is not None:
+            item["x0"] = torch.from_numpy(self._first_guess(idx, obs, y, x))
+        return item | {
             "obs": torch.from_numpy(np.ascontiguousarray(obs, np.float32)),
             "tgt": torch.from_numpy(np.ascontiguousarray(tgt, np.float32)),
             "weight": torch.from_numpy(np.ascontiguousarray(w, np.float32)),
             "ocean": torch.from_numpy(np.ascontiguousarray(oc)),
         }
+
+    def _first_guess(self, idx: int, obs: np.ndarray, y: int, x: int) -> np.ndarray:
+        """Normalised OI analysis of the item's input observations ``obs`` (normalised units):
+        computed in metres exactly as ``method=4dvarnet`` does on an inference patch
+        (:func:`oceanda.assim.oi.oi_patch`, days ``0..T-1``), then normalised."""
+        if self.cache_oi and idx in self._oi_cache:
+            return self._oi_cache[idx]
+        from oceanda.assim.oi import oi_patch
+
+        T, H, W = self.size
+        phys = self.norm.invert(np.asarray(obs, np.float64))
+        a = oi_patch(phys, self.lon[x:x + W], self.lat[y:y + H], np.arange(T, dtype=np.float64), **self.oi)
+        out = np.ascontiguousarray(self.norm.apply(a), np.float32)
+        if self.cache_oi:
+            self._oi_cache[idx] = out
+        return out
 
 
 def load_arrays(truth_path: str | None, obs_path: str, box=None, period=None, *, with_grid: bool = False):

@@ -68,7 +68,7 @@ log = logging.getLogger("oceanda.train")
 
 __all__ = ["ModelConfig", "build_model", "TrainConfig", "fit", "train_step", "load_checkpoint",
            "save_checkpoint", "checkpoint_mode", "init_distributed", "shutdown_distributed", "DistContext", "run_epoch",
-           "optimise_step", "write_history"]
+           "optimise_step", "write_history", "load_weights"]
 
 
 @dataclass
@@ -194,7 +194,7 @@ def loss_terms(model: FourDVarNet, batch: dict[str, torch.Tensor], cfg: TrainCon
     """Forward + the training loss terms (see the module docstring); ``total`` is the
     batch mean of the weighted sum."""
     obs, tgt, w, ocean = batch["obs"], batch["tgt"], batch["weight"], batch["ocean"]
-    out = model(obs, ocean)
+    out = model(obs, ocean, x0=batch.get("x0"))
     mse = weighted_mse(out - tgt, w)
     terms = {"mse": mse}
     total = cfg.w_mse * mse
@@ -254,6 +254,27 @@ def load_checkpoint(path: str | os.PathLike, expect: ModelConfig | None = None) 
     ck = read_checkpoint(path, expect)
     ck["normalisation"] = Normalisation(float(ck["norm"]["mean"]), float(ck["norm"]["std"]))
     return ck
+
+
+#: ModelConfig fields that may differ between a checkpoint and the model it initialises
+#: (:func:`load_weights`): runtime options and the solver's first guess (same weights)
+_FINE_TUNE_FREE = ("precision", "fuse_cell", "init", "oi_Lx_km", "oi_Ly_km", "oi_Lt_days", "oi_noise_std")
+
+
+def load_weights(model: FourDVarNet, model_cfg: ModelConfig, path: str | os.PathLike) -> Path:
+    """Load the weights of checkpoint ``path`` into ``model`` (fine-tuning start; optimizer,
+    history and normalisation are not taken). The architecture must match ``model_cfg``;
+    the first guess (``init``, ``oi_*``) and runtime options may differ. Returns the path;
+    :class:`InputError` naming it when it does not fit."""
+    ck = read_checkpoint(path)
+    have = ck["model_cfg"]
+    diff = {k: (v, getattr(have, k)) for k, v in asdict(model_cfg).items()
+            if k not in _FINE_TUNE_FREE and getattr(have, k) != v}
+    if diff:
+        raise InputError(f"init_checkpoint {path} does not fit the model config: "
+                         + ", ".join(f"{k}: config {a!r} vs checkpoint {b!r}" for k, (a, b) in diff.items()))
+    model.load_state_dict(ck["state_dict"])
+    return Path(path)
 
 
 def checkpoint_mode(ck: dict[str, Any]) -> dict[str, Any] | None:
@@ -359,7 +380,7 @@ def validate(model: FourDVarNet, ds, norm: Normalisation, device, batch_size: in
     with torch.inference_mode():
         for i in range(0, len(idx), batch_size):
             b = _to(_collate(ds, idx[i:i + batch_size]), device)
-            out = model(b["obs"], b["ocean"])
+            out = model(b["obs"], b["ocean"], x0=b.get("x0"))
             ok = (b["weight"] > 0) & torch.isfinite(b["tgt"])
             w = torch.where(ok, b["weight"], torch.zeros_like(b["weight"])).double()
             err = torch.where(ok, out - b["tgt"], torch.zeros_like(out)).double() * norm.std

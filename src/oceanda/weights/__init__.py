@@ -3,8 +3,9 @@
 ``gulfstream_4nadirs.pt``: a small 4DVarNet (bilinear auto-encoder prior, ConvLSTM solver)
 trained by ``oceanda train`` on a year of the Gulf Stream quasi-geostrophic OSSE with the
 four nadir altimeters of the 2020a data challenge, the challenge's evaluation period
-(2012-10-22..2012-12-02) held out. How it was trained (the exact command) and what it
-scores: ``README.md`` in this folder.
+(2012-10-22..2012-12-02) held out. It is OI-initialised (``model.init="oi"``): the
+method computes each patch's OI analysis and the trained solver corrects it. How it was
+trained (the exact commands) and what it scores: ``README.md`` in this folder.
 
 ``method=4dvarnet`` with ``method.checkpoint=null`` (the default of
 ``configs/method/4dvarnet.yaml``) uses :func:`default_checkpoint`.
