@@ -435,7 +435,24 @@ def test_run_spde_training_reads_the_train_config_and_writes_a_loadable_checkpoi
     method = build_method("spde_4dvarnet", checkpoint=str(tmp_path / "run" / "best_checkpoint.pt"))
     obs, ocean, dx, _ = tiny_batch(B=1, T=3, H=8, W=8, dtype=torch.float32)
     assert torch.isfinite(method(_patch_batch(obs, ocean, dx * 4500.0)).mean).all()
+    # a second stage from these weights with the likelihood terms only: the solver is not run
+    # (its weights are unchanged), Theta and R move
+    stage2 = OmegaConf.merge(cfg, {"out_dir": str(tmp_path / "run2"), "aug": 0,
+                                   "init_checkpoint": str(tmp_path / "run" / "checkpoint.pt"),
+                                   "train": {"w_mse": 0.0, "w_nll": 1.0, "w_nll_obs": 1.0, "theta_grad": "nll",
+                                             "lr": 1e-2}})
+    assert run_spde_training(stage2) == 0
+    ck2 = read_spde_checkpoint(tmp_path / "run2" / "checkpoint.pt")
+    assert ck2["extra"]["init_checkpoint"] == str(tmp_path / "run" / "checkpoint.pt")
+    s1, s2 = ck["state_dict"], ck2["state_dict"]
+    for k in s1:
+        if k.startswith("grad_mod."):
+            assert torch.equal(s1[k], s2[k]), k
+    assert not torch.equal(s1["log_noise"], s2["log_noise"])
+    assert not torch.equal(s1["theta_net.head.bias"], s2["theta_net.head.bias"])
     cfg.model.lstm_hidden = 6
+    with pytest.raises(InputError, match="does not fit"):
+        run_spde_training(OmegaConf.merge(stage2, {"model": {"lstm_hidden": 6}, "out_dir": str(tmp_path / "run3")}))
     cfg.resume = True
     with pytest.raises(InputError, match="does not fit"):
         run_spde_training(cfg)
@@ -453,3 +470,188 @@ def test_observation_nll_is_minimised_by_the_empirical_noise_variance():
     (g,) = torch.autograd.grad(t["total"], model.log_noise)
     assert abs(float(g)) < 1e-4
     torch.testing.assert_close(t["nll_obs"].double(), 0.5 * (1 + torch.log(2 * np.pi * r2)), rtol=1e-5, atol=0)
+
+
+# ----------------------------------------------------------------------------- theta="global"
+
+
+def test_global_theta_is_one_trained_value_independent_of_the_observations(tmp_path):
+    from oceanda.train.spde_fourdvarnet import make_spde_optimizer
+
+    cfg = tiny_cfg(theta="global", params=["kappa", "std", "gamma"])
+    model = SPDEFourDVarNet(cfg).double()
+    assert model.theta_net is None and model.theta_global.shape == (3,)
+    obs, ocean, dx, dy = tiny_batch(B=3)
+    th = model.predict_theta(obs, ocean)  # fresh: the reference values
+    for k, ref in (("kappa", 0.5), ("std", 1.0), ("gamma", 2.0)):
+        torch.testing.assert_close(th[k], torch.full((3,), ref, dtype=torch.float64))
+    raw = torch.tensor([0.4, -0.7, 5.0], dtype=torch.float64)
+    with torch.no_grad():
+        model.theta_global.copy_(raw)
+    th1 = model.predict_theta(obs, ocean)
+    th2 = model.predict_theta(torch.randn_like(obs), ~ocean | True)  # other observations: same Theta
+    bounded = 3 * np.tanh(raw.numpy() / 3)
+    for i, (k, ref) in enumerate((("kappa", 0.5), ("std", 1.0), ("gamma", 2.0))):
+        np.testing.assert_allclose(th1[k].detach().numpy(), ref * np.exp(bounded[i]), rtol=1e-12)
+        assert torch.equal(th1[k], th2[k])
+    # the reconstruction depends on theta_global (gradient reaches it) and it trains at lr * lr_theta
+    out = model(obs, ocean, dx, dy)
+    (g,) = torch.autograd.grad(out.pow(2).sum(), model.theta_global)
+    assert torch.isfinite(g).all() and g.abs().max() > 0
+    opt = make_spde_optimizer(model, SPDETrainConfig(lr=1e-3, lr_theta=7.0))
+    fast = [g for g in opt.param_groups if any(p is model.theta_global for p in g["params"])]
+    assert len(fast) == 1 and fast[0]["lr"] == pytest.approx(7e-3)
+    # checkpoint round trip
+    path = save_spde_checkpoint(tmp_path / "g.pt", model, {"mean": 0.0, "std": 1.0})
+    ck = read_spde_checkpoint(path, expect=cfg)
+    torch.testing.assert_close(ck["model"].theta_global.double(), raw)
+
+
+def test_fit_theta_mle_is_the_maximum_likelihood_estimate():
+    """fit_theta_mle (theta="global"): theta_global reaches the MLE of (kappa, std) computed
+    independently (scipy on SPDEPrior.nll), near the generating parameters; R is the mean
+    squared observation-minus-truth misfit."""
+    from scipy.optimize import minimize
+
+    from oceanda.train.spde_fourdvarnet import fit_theta_mle
+
+    n, T, B, kappa, gamma = 6, 3, 4, 0.6, 2.0
+    dx = torch.full((n, n), 1.0, dtype=torch.float64)
+
+    def prior(k, s):
+        tau = s * np.sqrt(8 * np.pi * gamma * k**2)
+        return SPDEPrior(dx, dx, None, T=T, kappa=k, gamma=gamma, tau=tau)
+
+    X = torch.as_tensor(prior(kappa, 1.0).sample(B, rng=np.random.default_rng(3)))
+    g = torch.Generator().manual_seed(4)
+    Y = torch.where(torch.rand(X.shape, generator=g, dtype=torch.float64) < 0.3,
+                    X + 0.1 * torch.randn(X.shape, generator=g, dtype=torch.float64), float("nan"))
+    items = [{"obs": Y[b], "tgt": X[b], "weight": torch.ones_like(X[b]), "ocean": torch.ones(n, n, dtype=torch.bool),
+              "dx": dx, "dy": dx} for b in range(B)]
+    model = SPDEFourDVarNet(tiny_cfg(theta="global", n_time=T, kappa0=0.3, gamma0=gamma)).double()
+    with pytest.raises(ConfigError, match="theta=global"):
+        fit_theta_mle(SPDEFourDVarNet(tiny_cfg()), items, SPDETrainConfig())
+    res = fit_theta_mle(model, items, SPDETrainConfig(nll_crop=n))
+    m = torch.isfinite(Y)
+    torch.testing.assert_close(model.R.detach(), ((Y - X)[m] ** 2).mean())
+    assert res["mle_noise_std"] == pytest.approx(float(model.R.sqrt()))
+
+    def nll(z):
+        return float(prior(float(np.exp(z[0])), float(np.exp(z[1]))).nll(X).sum())
+
+    ref = minimize(nll, np.log([0.3, 1.0]), method="L-BFGS-B", options={"ftol": 1e-14, "gtol": 1e-7})
+    k_mle, s_mle = np.exp(ref.x)
+    np.testing.assert_allclose([res["mle_kappa"], res["mle_std"]], [k_mle, s_mle], rtol=2e-3)
+    assert abs(k_mle / kappa - 1) < 0.3 and abs(s_mle - 1) < 0.3
+
+
+def test_crop_nll_shares_one_prior_between_samples_of_equal_theta_and_metric():
+    """theta="global" on a uniform grid: one prior (one log-determinant) for the batch; values
+    and the gradient w.r.t. theta_global equal the per-sample SPDEPrior NLLs."""
+    model = SPDEFourDVarNet(tiny_cfg(theta="global")).double()
+    with torch.no_grad():
+        model.theta_global.copy_(torch.tensor([0.3, -0.2]))
+    B, T, n = 4, 3, 6
+    dx = torch.full((B, n, n), 1.5, dtype=torch.float64)
+    dx[3] = 1.7  # another metric: a second prior
+    ocean = torch.ones(B, n, n, dtype=torch.bool)
+    ocean[2, 3, 3] = False  # land in the crop: no term
+    X = torch.randn(B, T, n, n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    obs = torch.full_like(X, float("nan"))
+    nll = crop_nll(model, model.predict_theta(obs, ocean), X, ocean, dx, dx, 4)
+    (g,) = torch.autograd.grad(nll.sum(), model.theta_global)
+    raw = model.theta_global.detach().clone().requires_grad_(True)
+    k, s = 0.5 * torch.exp(3 * torch.tanh(raw[0] / 3)), torch.exp(3 * torch.tanh(raw[1] / 3))
+    ref = []
+    for b in range(B):
+        if b == 2:
+            ref.append(torch.zeros((), dtype=torch.float64))
+            continue
+        d = dx[b, 1:5, 1:5]
+        p = SPDEPrior(d, d, None, T=T, kappa=k, gamma=2.0, tau=s * torch.sqrt(8 * np.pi * 2.0 * k**2 / (d * d).mean()))
+        ref.append(p.nll(X[b, :, 1:5, 1:5]) / 48)
+    ref = torch.stack(ref)
+    torch.testing.assert_close(nll.detach(), ref.detach(), rtol=1e-10, atol=0)
+    (g_ref,) = torch.autograd.grad(ref.sum(), raw)
+    torch.testing.assert_close(g, g_ref, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("theta", ["global", "patch"])
+def test_theta_grad_nll_trains_theta_and_R_by_the_likelihoods_only(theta):
+    torch.manual_seed(9)
+    model = SPDEFourDVarNet(tiny_cfg(theta=theta, n_steps=2)).double()
+    if theta == "patch":
+        random_head(model)
+    b = {k: (v.double() if v.is_floating_point() else v) for k, v in _train_batch().items()}
+    th_params = [model.theta_global] if theta == "global" else list(model.theta_net.parameters())
+
+    def grads(cfg):
+        t = spde_loss_terms(model, b, cfg)
+        gs = torch.autograd.grad(t["total"], [*th_params, model.log_noise, model.grad_mod.conv_out.weight],
+                                 allow_unused=True)
+        return t, [torch.zeros(()) if g is None else g for g in gs]
+
+    mse_only = dict(w_mse=1.0, w_nll=0.0, w_nll_obs=0.0)
+    t_all, g_all = grads(SPDETrainConfig(**mse_only))
+    t_nll, g_nll = grads(SPDETrainConfig(**mse_only, theta_grad="nll"))
+    torch.testing.assert_close(t_all["mse"], t_nll["mse"])  # the same forward
+    assert all(g.abs().max() > 0 for g in g_all[:-1])          # "all": the MSE reaches Theta and R
+    assert all(g.abs().max() == 0 for g in g_nll[:-1])         # "nll": it does not
+    assert g_nll[-1].abs().max() > 0                           # ... but still trains the solver
+    with pytest.raises(ConfigError, match="theta_grad"):
+        SPDETrainConfig.from_dict({"theta_grad": "mse"})
+    with pytest.raises(ConfigError, match="nothing to train"):
+        SPDETrainConfig.from_dict({"w_mse": 0.0, "w_nll": 0.0})
+    # likelihood terms only (w_mse = w_grad = 0): the solver is not run; the terms and their
+    # Theta / R gradients are those of the full loss in "nll" mode minus its MSE
+    lik = dict(w_nll=1.0, w_nll_obs=1.0, nll_crop=4, theta_grad="nll")
+    full, g_full = grads(SPDETrainConfig(w_mse=1.0, **lik))
+    model.forward = None  # would fail if called
+    only, g_only = grads(SPDETrainConfig(w_mse=0.0, **lik))
+    del model.forward
+    assert "mse" not in only
+    for k in ("nll", "nll_obs"):
+        torch.testing.assert_close(only[k], full[k])
+    torch.testing.assert_close(only["total"], full["total"] - full["mse"])
+    for u, v in zip(g_only[:-1], g_full[:-1]):
+        assert u.abs().max() > 0
+        torch.testing.assert_close(u, v)
+
+
+# ----------------------------------------------------------------------------- mean="obs"
+
+
+def test_obs_mean_prior_is_the_mean_of_the_observations_and_the_solver_reaches_its_posterior_mean():
+    """mean="obs": mu = mean of the patch's observations (a Theta entry, so members and the crop
+    NLL use it); the untrained solver converges to the dense posterior mean
+    mu + (Q + H^T H / R)^{-1} H^T (y - H mu) / R."""
+    n, T, R = 6, 3, 0.05
+    cfg = tiny_cfg(n_time=T, kappa0=0.6, gamma0=20.0, n_steps=40, noise_std=R**0.5, learn_noise=False,
+                   mean="obs")
+    model = SPDEFourDVarNet(cfg).double().eval()
+    obs, ocean, dx, dy = tiny_batch(B=1, T=T, H=n, W=n, frac=0.3)
+    obs = obs + 2.0  # far from the zero mean
+    dx, dy = 3 * dx, 3 * dy
+    mask = (torch.isfinite(obs) & ocean[:, None])[0]
+    mu = float(obs[0][mask].mean())
+    th = model.predict_theta(obs, ocean)
+    torch.testing.assert_close(th["mean"], torch.tensor([mu], dtype=torch.float64))
+    prior = model.priors(th, ocean, dx, dy)[0]
+    Hm = torch.diag(mask.reshape(-1).double())
+    y = torch.nan_to_num(obs[0]).reshape(-1) * mask.reshape(-1)
+    oc = ocean[0].expand(T, n, n).reshape(-1).double()
+    exact = mu * oc + torch.linalg.solve(prior.precision_dense() + Hm / R, (y - mu * mask.reshape(-1)) / R)
+    with torch.no_grad():
+        out = model(obs, ocean, dx, dy)[0]
+    torch.testing.assert_close(out.reshape(-1), exact * oc, rtol=0, atol=1e-4 * float(exact.abs().max()))
+    # a zero-mean model of the same weights reconstructs something else
+    zero = SPDEFourDVarNet(tiny_cfg(**{**cfg.__dict__, "mean": "zero"})).double().eval()
+    with torch.no_grad():
+        assert (zero(obs, ocean, dx, dy)[0] - out).abs().max() > 20e-4 * float(exact.abs().max())
+    # Matheron members (prior draws around mu, the solver with the same Theta and mu) are
+    # centred on the reconstruction
+    m, mem = model.members(obs, ocean, dx, dy, 64, seeds=[0])
+    sd = mem[0].std(0)
+    assert ((mem[0].mean(0) - m[0]).abs() <= 5 * sd / 8 + 1e-9).all()
+    with pytest.raises(ConfigError, match="model.mean"):
+        tiny_cfg(mean="patch").validate()

@@ -12,7 +12,9 @@ ocean cells ``Omega_b``, ``N_b = T n_ocean,b``)::
     J_b(x) = [ sum_{(t,i) in Omega_b} (x_ti - y_ti)^2 / R  +  (x - mu)^T Q_Theta_b (x - mu) ] / N_b
 
 ``Q_Theta`` the trajectory precision of :class:`oceanda.priors.spde.SPDEPrior` on the patch
-grid (block-tridiagonal in time, land cells closed), ``mu = 0`` (the normalisation mean),
+grid (block-tridiagonal in time, land cells closed), ``mu = 0`` (the normalisation mean;
+``mean="obs"``: ``mu_b`` the mean of patch ``b``'s observations, a constant like OI's
+``mean="patch"``, so that ``Theta``'s std is the local variability, not the basin's),
 ``R`` a learned scalar observation-error variance (normalised units). The prior term equals
 ``SPDEPrior.quad`` exactly (tested); with ``F_k = I + dt A^alpha`` and ``S_k`` the noise
 variances (diagonal ``s``)::
@@ -29,8 +31,12 @@ an advection field ``m = (mx, my)`` and an anisotropy direction ``v`` with ``H =
 gamma_0 v v^T``) are predicted by a small CNN from the *augmented observation state*
 ``[y (zero-filled), mask, ocean]``, never from the truth (in training the truth only enters
 the loss). ``theta="patch"``: one value per patch (masked spatial mean of the CNN's output);
-``"field"``: one value per cell. Transforms: ``kappa = kappa_0 exp(a)``, ``std = std_0 exp(a)``
-with ``a = 3 tanh(raw / 3)``, ``gamma = gamma_0 exp(a)``, ``m = m_scale raw``, ``v = raw``;
+``"field"``: one value per cell; ``"global"``: one trained value for every patch (no CNN: the
+raw parameters are a trained vector), the right inductive bias for a stationary truth whose
+parameters are the same in every window (a maximum-likelihood estimate when trained by the
+NLL; it depends on neither the truth nor the observations at inference). Transforms:
+``kappa = kappa_0 exp(a)``, ``std = std_0 exp(a)`` with ``a = 3 tanh(raw / 3)``,
+``gamma = gamma_0 exp(a)``, ``m = m_scale raw``, ``v = raw``;
 ``tau = std sqrt(8 pi gamma kappa^2 / abar)`` (:func:`oceanda.priors.spde.tau_for_std`,
 ``abar`` the mean ocean cell area). The last CNN layer starts at zero, so a fresh model
 uses ``(kappa_0, std_0, gamma_0)``.
@@ -56,7 +62,7 @@ condition number ~1e5 on a 10 km grid with ``alpha = 2`` (``Q``'s spectrum spans
 ``(1 + dt (kappa^2 + gamma k^2)^2)^2``), which a 10-step solver cannot cover; preconditioned by
 the prior covariance ``Q^{-1}`` (the same two SPDE sweeps that draw prior samples, held fixed
 w.r.t. ``Theta`` in the backward pass) its spectrum lies in ``[1, 1 + prior var / R]``. The
-state then starts from the prior mean (0); with ``"none"`` from the zero-filled observations.
+state then starts from the prior mean (``mu``); with ``"none"`` from the zero-filled observations.
 The preconditioner runs on CPU (scipy sparse LU per patch and forward pass).
 
 Conditional ensembles (:meth:`SPDEFourDVarNet.members`): ``x_i = x*(y) + s_i - x*(H s_i +
@@ -66,11 +72,17 @@ SPDE simulation each) and ``x*(.)`` the trained solver run with that *same* ``Th
 posterior mean these are exact posterior draws (tested); with the trained solver they sample
 its error distribution (the paper's 4DVarNet-Gen ensembles).
 
-Measured (``hpc/bench/spde_fourdvarnet.py``, SPDE truth 32 x 32 x 5, 8.6 % observed, CPU):
-the trained model's RMSE is 1.04-1.06x the exact OI's (10-20 steps; the untrained solver with
-the true Theta: 1.054 / 1.023 / 1.007 at 10 / 20 / 30 steps), its Matheron members have a
-spread/skill ratio 0.97-1.03 (exact posterior members 0.98-1.00); the anchor's update
-without preconditioning: 1.215 and 6.2.
+Measured (``hpc/bench/spde_fourdvarnet.py``, SPDE truth 32 x 32 x 5, 8.6 % observed, CPU,
+64 held-out samples): with ``theta="global"`` and Theta / R by maximum likelihood
+(``train.theta_init=mle``), 30 steps, the RMSE is 1.0066 +- 0.0011 x the exact OI's (the
+same as the solver with the TRUE parameters; 1.0197 +- 0.0035 after one epoch of ConvLSTM
+training at lr 1e-4, 1.32 at lr 2e-3: the learned corrections do not help on a Gaussian
+truth), Matheron members' spread/skill 1.02 (exact posterior members 1.01). A per-patch CNN
+Theta trained with the MSE: 1.04-1.10 (its Theta drifts along the flat kappa-std ridge of
+the likelihood); the anchor's update without preconditioning: 1.215 and 6.2. On the QG OSSE
+(``hpc/bench/spde_fourdvarnet_qg.py``) the members are over-dispersed (spread/skill 2.4):
+the ML prior std of an alpha = 2 SPDE fitted to the smoother QG field is ~1.7x the local
+variability.
 
 Checkpoints (format ``oceanda-spde-4dvarnet``, :func:`read_spde_checkpoint`) hold the model
 config, weights and normalisation; ``oceanda infer method=spde_4dvarnet`` loads one.
@@ -138,7 +150,7 @@ class SPDEModelConfig:
     std0: float = 1.0               # reference marginal std (normalised units)
     m_scale: float = 10.0           # advection per unit of CNN output [length unit / day]
     params: list[str] = field(default_factory=lambda: ["kappa", "std"])  # + gamma, m, anisotropy
-    theta: str = "patch"            # patch (one value per patch) | field (one per cell)
+    theta: str = "patch"            # patch (one value per patch) | field (one per cell) | global (one trained value)
     theta_hidden: int = 32
     noise_std: float = 0.2          # initial observation-error std (normalised units)
     learn_noise: bool = True        # R is a trained scalar
@@ -150,6 +162,7 @@ class SPDEModelConfig:
     precond: str = "prior"          # prior: the solver sees Q_Theta^{-1} grad J | none: grad J (the anchor's)
     update: str = "subspace"        # subspace: ConvLSTM direction + exact 2-D line search | anchor: 4DVarNet's update
     length_unit_m: float = 1000.0   # metres per length unit (the grid's dx_m, dy_m are divided by it)
+    mean: str = "zero"              # prior mean: zero (the normalisation mean) | obs (mean of the patch's obs)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SPDEModelConfig:
@@ -170,8 +183,10 @@ class SPDEModelConfig:
             raise ConfigError(f"model.precond must be 'prior' or 'none', got {self.precond!r}")
         if self.update not in ("anchor", "subspace"):
             raise ConfigError(f"model.update must be 'anchor' or 'subspace', got {self.update!r}")
-        if self.theta not in ("patch", "field"):
-            raise ConfigError(f"model.theta must be 'patch' or 'field', got {self.theta!r}")
+        if self.mean not in ("zero", "obs"):
+            raise ConfigError(f"model.mean must be 'zero' or 'obs', got {self.mean!r}")
+        if self.theta not in ("patch", "field", "global"):
+            raise ConfigError(f"model.theta must be 'patch', 'field' or 'global', got {self.theta!r}")
         bad = [p for p in self.params if p not in _PARAM_SETS]
         if bad or "kappa" not in self.params or "std" not in self.params:
             raise ConfigError(f"model.params={list(self.params)}: must contain kappa and std, "
@@ -418,17 +433,22 @@ def _solve2_or_first(A: Tensor, r: Tensor) -> Tensor:
 class SPDEFourDVarNet(nn.Module):
     """SPDE-prior 4DVarNet (see the module docstring).
 
-    ``forward(obs, ocean, dx, dy, theta=None)``: ``obs (B, T, H, W)`` normalised observations
-    (NaN unobserved), ``ocean (B, H, W)`` bool, ``dx, dy (B, H, W)`` cell sizes in the
-    model's length unit; ``theta`` (optional) a dict of parameters to use instead of the
-    predicted ones (Matheron members). Returns the reconstruction ``(B, T, H, W)``.
+    ``forward(obs, ocean, dx, dy, theta=None, R=None)``: ``obs (B, T, H, W)`` normalised
+    observations (NaN unobserved), ``ocean (B, H, W)`` bool, ``dx, dy (B, H, W)`` cell sizes in
+    the model's length unit; ``theta`` (optional) a dict of parameters to use instead of the
+    predicted ones (Matheron members), ``R`` (optional) an observation-error variance instead
+    of the model's :attr:`R`. Returns the reconstruction ``(B, T, H, W)``.
     """
 
     def __init__(self, cfg: SPDEModelConfig) -> None:
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        self.theta_net = ThetaNet(cfg.n_time, cfg.n_raw, cfg.theta_hidden)
+        if cfg.theta == "global":  # one trained raw vector; starts at the reference values
+            self.theta_net = None
+            self.theta_global = nn.Parameter(torch.zeros(cfg.n_raw))
+        else:
+            self.theta_net = ThetaNet(cfg.n_time, cfg.n_raw, cfg.theta_hidden)
         self.grad_mod = ConvLSTMGradModulator(cfg.n_time, cfg.lstm_hidden, dropout=cfg.dropout,
                                               downsample=cfg.lstm_downsample)
         self.step = SPDESolverStep(self.grad_mod, cfg.n_steps, cfg.lr_grad, cfg.update)
@@ -457,14 +477,18 @@ class SPDEFourDVarNet(nn.Module):
     def predict_theta(self, obs: Tensor, ocean: Tensor | None = None) -> dict[str, Tensor]:
         """Parameters from the observations only: dict of ``(B,)`` (``theta="patch"``) or
         ``(B, H, W)`` (``"field"``) tensors: ``kappa``, ``std`` and, as configured,
-        ``gamma``, ``mx``, ``my``, ``vx``, ``vy``."""
+        ``gamma``, ``mx``, ``my``, ``vx``, ``vy``; ``theta="global"``: ``(B,)`` tensors holding
+        the one trained value. ``mean="obs"`` adds ``mean`` ``(B,)``: the prior mean, the mean
+        of each patch's observations (0 without any)."""
         y, mask, ocean = self._inputs(obs, ocean)
-        raw = self.theta_net(y, mask, ocean)  # (B, P, H, W)
-        if self.cfg.theta == "patch":
+        if self.cfg.theta == "global":
+            raw = self.theta_global.to(y.dtype).expand(y.shape[0], -1)  # (B, P)
+        elif self.cfg.theta == "patch":
+            raw = self.theta_net(y, mask, ocean)  # (B, P, H, W)
             oc = ocean.to(raw.dtype).unsqueeze(1)
             raw = (raw * oc).sum((-2, -1)) / oc.sum((-2, -1)).clamp_min(1.0)  # (B, P)
         else:
-            raw = raw.movedim(1, -1)  # (B, H, W, P)
+            raw = self.theta_net(y, mask, ocean).movedim(1, -1)  # (B, H, W, P)
         c, out, i = self.cfg, {}, 0
         for p in c.params:
             if p == "kappa":
@@ -480,6 +504,9 @@ class SPDEFourDVarNet(nn.Module):
                 out["vx"], out["vy"] = raw[..., i], raw[..., i + 1]
                 i += 1
             i += 1
+        if c.mean == "obs":
+            m = mask.to(y.dtype)
+            out["mean"] = (y * m).sum((1, 2, 3)) / m.sum((1, 2, 3)).clamp_min(1.0)
         return out
 
     def priors(self, theta: dict[str, Tensor], ocean: Tensor, dx: Tensor, dy: Tensor,
@@ -490,6 +517,7 @@ class SPDEFourDVarNet(nn.Module):
         out = []
         for b in range(dx.shape[0]):
             th = {k: v[b].to(dtype) for k, v in theta.items()}
+            mean = th.pop("mean", 0.0)
             oc = ocean[b].to(torch.bool)
             area = (dx[b] * dy[b]).to(dtype)
             abar = area[oc].mean() if bool(oc.any()) else area.mean()
@@ -501,13 +529,14 @@ class SPDEFourDVarNet(nn.Module):
             if "vx" in th:
                 kw.update(beta=c.gamma0, vx=th["vx"], vy=th["vy"])
             out.append(SPDEPrior(dx[b].to(dtype), dy[b].to(dtype), oc, T=c.n_time, dt=c.dt,
-                                 alpha=c.alpha, init=c.init, mean=0.0, dtype=dtype,
+                                 alpha=c.alpha, init=c.init, mean=mean, dtype=dtype,
                                  device=dx.device, **kw))
         return out
 
     # -- solve
     def forward(self, obs: Tensor, ocean: Tensor | None, dx: Tensor, dy: Tensor,
-                theta: dict[str, Tensor] | None = None, return_theta: bool = False):
+                theta: dict[str, Tensor] | None = None, return_theta: bool = False,
+                R: Tensor | float | None = None):
         y, mask, ocean = self._inputs(obs, ocean)
         if obs.shape[1] != self.cfg.n_time:
             raise InputError(f"window of {obs.shape[1]} frames; the model has n_time={self.cfg.n_time}")
@@ -519,9 +548,10 @@ class SPDEFourDVarNet(nn.Module):
         if self.cfg.precond == "prior":  # float64: Q_0's stencil cancels badly in float32
             precond = self.priors({k: v.detach().double() for k, v in theta.items()}, ocean,
                                   dx.double(), dy.double(), torch.float64)
-        cost = SPDECost(prec, y, mask, ocean4, self.R.to(obs.dtype), precond=precond)
+        R = self.R if R is None else torch.as_tensor(R, device=obs.device)
+        cost = SPDECost(prec, y, mask, ocean4, R.to(obs.dtype), precond=precond)
         create_graph = self.training and torch.is_grad_enabled()
-        x0 = torch.zeros_like(y) if self.cfg.precond == "prior" else y * ocean4
+        x0 = prec.mean.to(y.dtype) * ocean4 if self.cfg.precond == "prior" else y * ocean4
         out = self.solver(x0, cost, create_graph=create_graph)
         return (out, theta) if return_theta else out
 

@@ -13,6 +13,14 @@ nll_crop``), with the crop's own SPDE prior (closed crop borders) and ``Theta`` 
 to the crop; patches whose crop holds land skip the term. The crop keeps the dense
 log-determinant affordable (``c^2`` cells per frame); it is the lambda2 NLL of the paper,
 restricted to a window. Semi-supervised mode (no truth): MSE on held-out observations only.
+``theta_grad="nll"``: ``Theta`` and ``R`` are trained by the two likelihood terms only (maximum
+likelihood) and enter the solver detached, so the MSE trains the solver (for a Gaussian truth
+the MLE plus a converged solver is the exact OI; with ``"all"`` the MSE also bends ``Theta``
+towards what suits the truncated solver). ``theta_init="mle"`` (``theta="global"``): before the
+first epoch, :func:`fit_theta_mle` sets Theta by L-BFGS on the exact NLL (the kappa-std ridge of
+the likelihood is too flat for Adam) and R by its closed form; with ``w_nll = w_nll_obs = 0`` and
+``theta_grad="nll"`` they then stay fixed. ``w_mse = w_grad = 0`` (supervised): a likelihood-only
+stage that does not run the solver (e.g. re-fitting Theta of an ``init_checkpoint``).
 
 Optimiser: Adam (the Theta CNN and the noise variance at ``lr_theta`` times the rate),
 cosine annealing over the epochs, gradient-norm clipping; data-parallel
@@ -43,7 +51,7 @@ from oceanda.assim.spde_fourdvarnet import (
     read_spde_checkpoint,
     spde_checkpoint_state,
 )
-from oceanda.errors import ConfigError
+from oceanda.errors import ConfigError, InputError
 from oceanda.train.fourdvarnet import (DistContext, _collate, _to, optimise_step, run_epoch, sobel_magnitude,
                                        weighted_mse, write_history)
 
@@ -52,8 +60,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("oceanda.train")
 
-__all__ = ["SPDETrainConfig", "make_spde_optimizer", "spde_loss_terms", "spde_train_step", "spde_validate", "fit_spde",
-           "save_spde_checkpoint", "MetricPatches", "run_spde_training"]
+__all__ = ["SPDETrainConfig", "fit_theta_mle", "make_spde_optimizer", "spde_loss_terms", "spde_train_step",
+           "spde_validate", "fit_spde", "save_spde_checkpoint", "MetricPatches", "run_spde_training"]
+
+
+#: model config fields an ``init_checkpoint`` may differ in (same weights, other use of them)
+_FINE_TUNE_FREE = ("mean", "noise_std", "learn_noise", "n_steps", "lr_grad", "dropout")
 
 
 @dataclass
@@ -72,6 +84,12 @@ class SPDETrainConfig:
     w_nll_obs: float = 0.0     # NLL of the observations given the truth (fits the noise R; not with
                                # aug > 0, whose re-sampled observations are noise-free)
     lr_theta: float = 10.0     # learning-rate multiplier of the Theta CNN and the noise (few, slow scalars)
+    theta_grad: str = "all"    # all: every loss term trains Theta and R | nll: only the likelihood terms do
+                               # (Theta by NLL(truth | Theta), R by NLL(y | truth, R): maximum likelihood);
+                               # the solver sees them detached, so the MSE trains the solver only
+    theta_init: str = "none"   # mle (theta="global" only): before the first epoch, Theta by L-BFGS on the
+                               # training truths' NLL and R by its closed-form MLE (the obs - truth misfit)
+    mle_items: int = 256       # training items used by theta_init=mle
     mode: str = "supervised"   # supervised | semi
     seed: int = 333
     max_batches: int | None = None
@@ -88,6 +106,12 @@ class SPDETrainConfig:
         cfg = cls(**{k: v for k, v in d.items() if k in known})
         if cfg.mode not in ("supervised", "semi"):
             raise ConfigError(f"train.mode must be 'supervised' or 'semi', got {cfg.mode!r}")
+        if cfg.theta_init not in ("none", "mle"):
+            raise ConfigError(f"train.theta_init must be 'none' or 'mle', got {cfg.theta_init!r}")
+        if cfg.theta_grad not in ("all", "nll"):
+            raise ConfigError(f"train.theta_grad must be 'all' or 'nll', got {cfg.theta_grad!r}")
+        if cfg.mode == "supervised" and not any((cfg.w_mse, cfg.w_grad, cfg.w_nll, cfg.w_nll_obs)):
+            raise ConfigError("train.w_mse, w_grad, w_nll and w_nll_obs are all 0: nothing to train")
         if cfg.nll_crop < 2:
             raise ConfigError(f"train.nll_crop must be >= 2, got {cfg.nll_crop}")
         return cfg
@@ -108,17 +132,32 @@ def crop_nll(model: SPDEFourDVarNet, theta: dict[str, torch.Tensor], truth: torc
     or non-finite truth; see the module docstring)."""
     B, T, H, W = truth.shape
     ys, xs = _crop_slices(H, W, crop)
-    out = []
+
+    def crop_of(b: int) -> list[torch.Tensor]:  # what defines sample b's crop prior
+        th = [v[b] if v.dim() == 1 else v[b, ys, xs] for v in theta.values()]
+        return [t.detach() for t in th] + [dx[b, ys, xs], dy[b, ys, xs]]
+
+    out = [torch.zeros((), dtype=torch.float64, device=truth.device) for _ in range(B)]
+    groups: list[tuple[int, list[int]]] = []  # samples sharing one crop prior (first sample, members)
     for b in range(B):
-        oc = ocean[b, ys, xs]
-        tr = truth[b, :, ys, xs]
-        if not bool(oc.all()) or not bool(torch.isfinite(tr).all()):
-            out.append(torch.zeros((), dtype=torch.float64, device=truth.device))
-            continue
-        th = {k: (v[b:b + 1] if v.dim() == 1 else v[b:b + 1, ys, xs]).double() for k, v in theta.items()}
-        prior = model.priors(th, oc[None], dx[b:b + 1, ys, xs].double(), dy[b:b + 1, ys, xs].double(),
-                             torch.float64)[0]
-        out.append(prior.nll(tr.double()) / tr.numel())
+        if not bool(ocean[b, ys, xs].all()) or not bool(torch.isfinite(truth[b, :, ys, xs]).all()):
+            continue  # land in the crop: no term
+        key = crop_of(b)
+        g = next((g for g in groups if all(torch.equal(u, v) for u, v in zip(key, crop_of(g[0])))), None)
+        if g is None:
+            groups.append((b, [b]))
+        else:
+            g[1].append(b)
+    # one prior and one NLL call (one log-determinant, the costly part) per group, batched over
+    # its samples: e.g. theta="global" on a uniform grid is a single group
+    for b0, members in groups:
+        th = {k: (v[b0:b0 + 1] if v.dim() == 1 else v[b0:b0 + 1, ys, xs]).double() for k, v in theta.items()}
+        prior = model.priors(th, ocean[b0:b0 + 1, ys, xs], dx[b0:b0 + 1, ys, xs].double(),
+                             dy[b0:b0 + 1, ys, xs].double(), torch.float64)[0]
+        tr = truth[members][:, :, ys, xs].double()
+        nll = prior.nll(tr) / tr[0].numel()
+        for j, b in enumerate(members):
+            out[b] = nll[j]
     return torch.stack(out)
 
 
@@ -127,7 +166,17 @@ def spde_loss_terms(model: SPDEFourDVarNet, batch: dict[str, torch.Tensor],
     """Forward + loss terms; ``batch`` holds ``obs, tgt, weight, ocean, dx, dy``. ``Theta`` is
     predicted from ``obs`` only (``tgt`` is not an input of the model)."""
     obs, tgt, w, ocean = batch["obs"], batch["tgt"], batch["weight"], batch["ocean"]
-    out, theta = model(obs, ocean, batch["dx"], batch["dy"], return_theta=True)
+    if cfg.mode == "supervised" and not cfg.w_mse and not cfg.w_grad:
+        # likelihood terms only (a Theta / R stage): the solver is not run
+        theta = model.predict_theta(obs, ocean)
+        total = torch.zeros(obs.shape[0], dtype=obs.dtype, device=obs.device)
+        return _likelihood_terms(model, theta, batch, cfg, {}, total)
+    if cfg.theta_grad == "nll":  # Theta and R by maximum likelihood only; the MSE trains the solver
+        theta = model.predict_theta(obs, ocean)
+        out = model(obs, ocean, batch["dx"], batch["dy"], theta={k: v.detach() for k, v in theta.items()},
+                    R=model.R.detach())
+    else:
+        out, theta = model(obs, ocean, batch["dx"], batch["dy"], return_theta=True)
     mse = weighted_mse(out - tgt, w)
     terms = {"mse": mse}
     total = cfg.w_mse * mse
@@ -135,6 +184,14 @@ def spde_loss_terms(model: SPDEFourDVarNet, batch: dict[str, torch.Tensor],
         g = weighted_mse(sobel_magnitude(out) - sobel_magnitude(torch.nan_to_num(tgt)), w)
         terms["grad"] = g
         total = total + cfg.w_grad * g
+    return _likelihood_terms(model, theta, batch, cfg, terms, total)
+
+
+def _likelihood_terms(model: SPDEFourDVarNet, theta: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
+                      cfg: SPDETrainConfig, terms: dict[str, torch.Tensor], total: torch.Tensor
+                      ) -> dict[str, torch.Tensor]:
+    """Add the NLL terms (supervised) to per-sample ``terms`` / ``total``; batch means."""
+    obs, tgt, ocean = batch["obs"], batch["tgt"], batch["ocean"]
     if cfg.mode == "supervised" and cfg.w_nll:
         nll = crop_nll(model, theta, tgt, ocean, batch["dx"], batch["dy"], cfg.nll_crop)
         terms["nll"] = nll.to(total.dtype)
@@ -209,9 +266,46 @@ def save_spde_checkpoint(path: str | os.PathLike, model: SPDEFourDVarNet, norm: 
     return path
 
 
+def fit_theta_mle(model: SPDEFourDVarNet, ds, cfg: SPDETrainConfig, device: torch.device | str = "cpu",
+                  max_iter: int = 25) -> dict[str, float]:
+    """Maximum-likelihood ``Theta`` and ``R`` of a ``theta="global"`` model on the first
+    ``cfg.mle_items`` training items: ``theta_global`` by L-BFGS (strong Wolfe) on the mean crop
+    NLL of the truths (:func:`crop_nll`, crop ``cfg.nll_crop``), ``R`` by its closed form, the
+    mean squared observation-minus-truth misfit (the minimiser of the observation NLL).
+    The truth is a training target here, as in the loss; nothing of it reaches inference.
+    Returns the fitted values."""
+    if model.cfg.theta != "global":
+        raise ConfigError(f"train.theta_init=mle needs model.theta=global, got {model.cfg.theta!r}")
+    n = min(len(ds), int(cfg.mle_items))
+    b = _to(_collate(ds, np.arange(n)), device)
+    ok = torch.isfinite(b["obs"]) & b["ocean"].unsqueeze(1) & torch.isfinite(b["tgt"])
+    with torch.no_grad():
+        if bool(ok.any()) and model.log_noise.requires_grad:
+            r2 = ((b["obs"] - b["tgt"])[ok].double() ** 2).mean().clamp_min(1e-12)
+            model.log_noise.fill_(0.5 * float(torch.log(r2)))
+    opt = torch.optim.LBFGS([model.theta_global], lr=1.0, max_iter=max_iter, tolerance_grad=1e-9,
+                            tolerance_change=1e-12, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = crop_nll(model, model.predict_theta(b["obs"], b["ocean"]), b["tgt"], b["ocean"], b["dx"], b["dy"],
+                        cfg.nll_crop).mean()
+        loss.backward()
+        return loss
+
+    loss = float(opt.step(closure).detach())
+    model.theta_global.grad = None
+    with torch.no_grad():
+        th = {k: float(v[0]) for k, v in model.predict_theta(b["obs"][:1], b["ocean"][:1]).items()}
+    out = {**{f"mle_{k}": v for k, v in th.items()}, "mle_noise_std": float(model.R.detach().sqrt()), "mle_nll": loss}
+    log.info("theta_init=mle on %d items: %s", n, ", ".join(f"{k}={v:.4g}" for k, v in out.items()))
+    return out
+
+
 def make_spde_optimizer(model: SPDEFourDVarNet, cfg: SPDETrainConfig) -> torch.optim.Adam:
     """Adam: the solver at ``lr``, the Theta CNN and the noise at ``lr * lr_theta``."""
-    fast = [p for p in [*model.theta_net.parameters(), model.log_noise] if p.requires_grad]
+    theta = model.theta_net.parameters() if model.theta_net is not None else [model.theta_global]
+    fast = [p for p in [*theta, model.log_noise] if p.requires_grad]
     ids = {id(p) for p in fast}
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
     return torch.optim.Adam([{"params": rest, "lr": cfg.lr},
@@ -241,6 +335,8 @@ def fit_spde(model: SPDEFourDVarNet, train_ds, val_ds, norm: dict[str, float], c
             sched.load_state_dict(ck["scheduler"])
         history = list(ck.get("history", []))
         start = int(ck.get("epoch", -1)) + 1
+    if start == 0 and cfg.theta_init == "mle":
+        fit_theta_mle(model, train_ds, cfg, device)
     best = min((h["val_rmse"] for h in history if math.isfinite(h.get("val_rmse", math.nan))), default=math.inf)
     for epoch in range(start, cfg.epochs):
         rec = run_epoch(spde_train_step, model, opt, sched, train_ds, cfg, epoch, device, dist, progress)
@@ -301,7 +397,8 @@ def run_spde_training(cfg: DictConfig) -> int:
     (:class:`SPDETrainConfig` keys; ``w_prior`` ignored), ``patch`` (size, stride, crop,
     anchor, time_weight, space_weight, taper), ``truth_path``, ``obs_path``, ``out_dir``,
     ``box``, ``dates``, ``val_period``, ``val_fraction``, ``gap_days``, ``stride``, ``aug``,
-    ``holdout``, ``resume``, ``progress``, ``system.device``, ``system.threads``. Writes
+    ``holdout``, ``resume``, ``init_checkpoint`` (an SPDE-4DVarNet checkpoint of the same model
+    config to start from; ``resume`` wins), ``progress``, ``system.device``, ``system.threads``. Writes
     ``out_dir/checkpoint.pt``, ``best_checkpoint.pt``, ``history.json``.
     """
     from oceanda.data.patches import PatchGeometry
@@ -351,8 +448,19 @@ def run_spde_training(cfg: DictConfig) -> int:
                                             **common), dx, dy)
     torch.manual_seed(train_cfg.seed)
     model = build_spde_model(model_cfg)
+    init = cfg.get("init_checkpoint")
+    if init is not None and not (bool(cfg.resume) and (out_dir / "checkpoint.pt").is_file()):
+        # start from these weights (same model config), e.g. a second stage with other loss weights
+        ck = read_spde_checkpoint(str(init))
+        have, want = asdict(ck["model_cfg"]), asdict(model_cfg)
+        diff = {k: (want[k], have[k]) for k in want if k not in _FINE_TUNE_FREE and want[k] != have[k]}
+        if diff:
+            raise InputError(f"init_checkpoint {init} does not fit the model config: "
+                             + ", ".join(f"{k}: config {a!r} vs checkpoint {b!r}" for k, (a, b) in diff.items()))
+        model.load_state_dict(ck["state_dict"])
     extra = {"truth": None if cfg.truth_path is None else str(cfg.truth_path), "obs": str(cfg.obs_path),
-             "val_days": [int(val_days[0]), int(val_days[-1])], "patch": patch}
+             "val_days": [int(val_days[0]), int(val_days[-1])], "patch": patch,
+             "init_checkpoint": None if init is None else str(init)}
     history = fit_spde(model, train_ds, val_ds, norm.to_dict(), train_cfg, out_dir / "checkpoint.pt",
                        resume=bool(cfg.resume), device=device, dist=dist, progress=bool(cfg.progress),
                        extra=extra)
