@@ -67,7 +67,7 @@ log = logging.getLogger("oceanda.train")
 # ----------------------------------------------------------------------------- configs
 
 __all__ = ["ModelConfig", "build_model", "TrainConfig", "fit", "train_step", "load_checkpoint",
-           "save_checkpoint", "checkpoint_mode", "init_distributed", "shutdown_distributed", "DistContext", "run_epoch",
+           "save_checkpoint", "save_atomic", "checkpoint_mode", "init_distributed", "shutdown_distributed", "DistContext", "run_epoch",
            "optimise_step", "write_history", "load_weights"]
 
 
@@ -237,6 +237,14 @@ def save_checkpoint(path: str | os.PathLike, model: FourDVarNet, model_cfg: Mode
         "history": list(history or []),
         "extra": dict(extra or {}),
     }
+    return save_atomic(state, path)
+
+
+def save_atomic(state: dict[str, Any], path: str | os.PathLike) -> Path:
+    """``torch.save(state, path)`` through a temporary file in the same folder and a rename,
+    so that ``path`` is never left half-written (an interrupted write removes the temporary)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:

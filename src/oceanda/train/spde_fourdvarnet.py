@@ -36,7 +36,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,8 +51,8 @@ from oceanda.assim.spde_fourdvarnet import (
     spde_checkpoint_state,
 )
 from oceanda.errors import ConfigError, InputError
-from oceanda.train.fourdvarnet import (DistContext, _collate, _to, optimise_step, run_epoch, sobel_magnitude,
-                                       weighted_mse, write_history)
+from oceanda.train.fourdvarnet import (DistContext, _collate, _to, optimise_step, run_epoch, save_atomic,
+                                       sobel_magnitude, weighted_mse, write_history)
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -255,15 +254,7 @@ def save_spde_checkpoint(path: str | os.PathLike, model: SPDEFourDVarNet, norm: 
         optimizer=None if optimizer is None else optimizer.state_dict(),
         scheduler=None if scheduler is None else scheduler.state_dict(),
         epoch=int(epoch), history=list(history or []), extra=dict(extra or {}))
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return save_atomic(state, path)
 
 
 def fit_theta_mle(model: SPDEFourDVarNet, ds, cfg: SPDETrainConfig, device: torch.device | str = "cpu",
