@@ -221,9 +221,7 @@ def save_checkpoint(path: str | os.PathLike, model: FourDVarNet, model_cfg: Mode
                     norm: Normalisation, train_cfg: TrainConfig | None = None,
                     optimizer=None, scheduler=None, epoch: int = -1,
                     history: list | None = None, extra: dict | None = None) -> Path:
-    """Write a checkpoint atomically (temporary file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write a checkpoint atomically (:func:`save_atomic`)."""
     state = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,

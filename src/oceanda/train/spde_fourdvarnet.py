@@ -246,9 +246,7 @@ def spde_validate(model: SPDEFourDVarNet, ds, norm_std: float, device, batch_siz
 def save_spde_checkpoint(path: str | os.PathLike, model: SPDEFourDVarNet, norm: dict[str, float],
                          train_cfg: SPDETrainConfig | None = None, optimizer=None, scheduler=None,
                          epoch: int = -1, history: list | None = None, extra: dict | None = None) -> Path:
-    """Write an SPDE-4DVarNet checkpoint atomically (temporary file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write an SPDE-4DVarNet checkpoint atomically (:func:`save_atomic`)."""
     state = spde_checkpoint_state(
         model, norm, train_config=None if train_cfg is None else asdict(train_cfg),
         optimizer=None if optimizer is None else optimizer.state_dict(),
