@@ -4,8 +4,10 @@ Per DAW patch: prior :class:`~oceanda.priors.spde.SPDEPrior` on the patch grid (
 factors ``dx_m``, ``dy_m`` expressed in ``length_unit_m``; land / padding cells closed),
 observations ``y`` = the finite entries of ``obs`` with error variance ``noise_std^2``;
 the analysis is the exact posterior mean (CG on the whitened normal equations to relative
-residual ``rtol``, :meth:`SPDEPrior.posterior_mean`). With ``members = N > 0`` it also draws
-``N`` prior trajectories by simulating the SPDE, conditions them by Matheron's rule
+residual ``rtol``, :meth:`SPDEPrior.posterior_mean`; in the exact spectral modes of the prior
+when it is separable: open-ocean patches of a regular lon/lat grid). With ``members = N > 0``
+it also draws ``N`` prior trajectories (simulating the SPDE, or spectrally when separable),
+conditions them by Matheron's rule
 (:func:`oceanda.assim.ensemble.matheron_members`; the ``N + 1`` solves share one block
 CG with ``N + 1`` right-hand sides) and returns the ensemble standard deviation (and the members
 if ``return_members``). The members are exact posterior draws, so ``std`` estimates the
@@ -56,9 +58,12 @@ class SPDEOptimalInterpolation:
             :class:`SPDEPrior`.
         backend: ``"auto"`` / ``"superlu"`` / ``"numba"`` triangular solves (numba: the grid's
             strips on ``threads`` threads), see :class:`SPDEPrior`.
-        solver: posterior solver, ``"auto"`` (the single-precision prior-preconditioned PCG
-            for the mean alone, block CG on the whitened system for ensembles), ``"pcg"`` or
-            ``"whitened"``; see :meth:`SPDEPrior.posterior_mean`.
+        solver: posterior solver, ``"auto"`` (``"spectral"`` when the patch's prior is
+            separable: no land, parameters constant along rows; otherwise the single-precision
+            prior-preconditioned PCG for the mean alone, block CG on the whitened system for
+            ensembles), ``"spectral"``, ``"pcg"`` or ``"whitened"``; see
+            :meth:`SPDEPrior.posterior_mean`. Prior draws for the members use the spectral
+            sampler when the prior is separable (``SPDEPrior.sample(method="auto")``).
         block_size: right-hand sides per block CG for the ensemble (memory: about 8 arrays
             of ``T n block_size`` float64; ``None``: as many as fit in 1 GiB).
     """
@@ -96,9 +101,9 @@ class SPDEOptimalInterpolation:
         if block_size is not None and (int(block_size) != block_size or block_size < 1):
             raise ConfigError(f"spde_oi: block_size must be null or an integer >= 1, got "
                               f"{block_size}")
-        if solver not in ("auto", "pcg", "whitened"):
-            raise ConfigError(f"spde_oi: solver must be 'auto', 'pcg' or 'whitened', got "
-                              f"{solver!r}")
+        if solver not in ("auto", "spectral", "pcg", "whitened"):
+            raise ConfigError(f"spde_oi: solver must be 'auto', 'spectral', 'pcg' or "
+                              f"'whitened', got {solver!r}")
         self.factor, self.threads, self.block_size = factor, threads, block_size
         self.backend, self.solver = backend, solver
         # validate the SPDE parameters once, on a tiny grid
@@ -131,7 +136,7 @@ class SPDEOptimalInterpolation:
         if not self.members:
             return reconstruct(y[None])[0], None, None
         rng = np.random.default_rng(seed)
-        S = P.sample(self.members, rng=rng)
+        S = P.sample(self.members, rng=rng, method="auto")
         members, xm = matheron_members(reconstruct, y, mask, self.R, S, rng=rng,
                                        include_mean=True)
         return xm, members.std(axis=0, ddof=1), members
