@@ -620,6 +620,26 @@ def batched_pcg(
     return X, CGInfo(it, true_res, ok)
 
 
+def _orthonormal_basis(Y: np.ndarray) -> np.ndarray:
+    """Orthonormal basis of the columns of a tall ``Y`` ``(n, k)``: Cholesky QR done twice
+    (CholQR2: two Gram products and two triangular solves, BLAS-3; as accurate as Householder
+    QR when ``Y`` is not close to rank-deficient, and much faster than ``numpy.linalg.qr``
+    on 600 000 x 21: GEMMs instead of Householder sweeps), falling back to Householder QR when a Gram matrix is not numerically
+    positive definite."""
+    import scipy.linalg as sla
+
+    Q = Y
+    try:
+        for _ in range(2):
+            G = Q.T @ Q
+            L = np.linalg.cholesky(0.5 * (G + G.T))
+            Linv = sla.solve_triangular(L, np.eye(L.shape[0]), lower=True, check_finite=False)
+            Q = Q @ Linv.T
+    except np.linalg.LinAlgError:
+        Q, _ = np.linalg.qr(Y)
+    return np.ascontiguousarray(Q)
+
+
 def block_cg(
     matvec: Callable[[np.ndarray], np.ndarray],
     b: np.ndarray,
@@ -635,7 +655,8 @@ def block_cg(
     together: far fewer iterations when many right-hand sides share one matrix (Matheron
     members). Search blocks are orthonormalised (thin QR) each iteration, which avoids the
     breakdown of O'Leary's original recursion when columns become dependent (Dubrulle,
-    2001, "Retooling the method of block conjugate gradients", ETNA 12). Stops when every
+    2001, "Retooling the method of block conjugate gradients", ETNA 12), by Cholesky QR
+    (:func:`_orthonormal_basis`). Stops when every
     column has ``||b - M x|| <= rtol ||b||``.
     """
     vec = b.ndim == 1
@@ -644,7 +665,7 @@ def block_cg(
     bnorm = np.linalg.norm(B, axis=0)
     bnorm = np.where(bnorm == 0, 1.0, bnorm)
     Rr = B.copy()
-    P, _ = np.linalg.qr(Rr)
+    P = _orthonormal_basis(Rr)
     it = 0
     res = np.linalg.norm(Rr, axis=0) / bnorm
     while it < maxiter and np.any(res > rtol):
@@ -659,7 +680,7 @@ def block_cg(
         if not np.any(res > rtol):
             break
         beta = -np.linalg.solve(PtMP, MP.T @ Rr)
-        P, _ = np.linalg.qr(Rr + P @ beta)
+        P = _orthonormal_basis(Rr + P @ beta)
     true_res = np.linalg.norm(B - matvec(X), axis=0) / bnorm
     ok = bool(np.all(true_res <= 10 * rtol))
     if not ok and raise_on_fail:

@@ -64,7 +64,8 @@ from oceanda.errors import ConfigError, InputError, NumericalError
 from oceanda.linalg.sparse import (CGInfo, LUFactor, SPDFactor, SquarePlusIdentityFactor,
                                    batched_pcg, block_cg, block_pcg, stencil_to_csr)
 from oceanda.linalg.stencil import Stencil, diffusion_advection, power
-from oceanda.priors.spde_spectral import SeparableSpectrum, separable_spectrum
+from oceanda.priors.spde_spectral import (SeparableSpectrum, TorchSeparableSpectrum,
+                                          separable_spectrum)
 
 PARAM_NAMES = ("kappa", "tau", "gamma", "beta", "vx", "vy", "mx", "my")
 
@@ -689,7 +690,7 @@ class SPDEPrior:
     def posterior_mean(self, y, mask, R, *, rtol: float = 1e-8, maxiter: int = 5000,
                        coarse: tuple[int, int] | None = None, block: bool = True,
                        return_info: bool = False, split: int | None = None,
-                       block_size: int | None = None, solver: str = "auto"):
+                       block_size: int | None = None, solver: str = "auto", device=None):
         """Exact posterior mean ``(Q + H^T R^{-1} H)^{-1} (Q mu + H^T R^{-1} y)``.
 
         ``solver="spectral"`` (what ``"auto"`` picks when :meth:`spectrum` exists: no land,
@@ -807,6 +808,8 @@ class SPDEPrior:
                 is False.
             mask: ``(T, ny, nx)`` bool.
             R: observation-error variance, scalar or ``(T, ny, nx)`` (> 0).
+            device: with the spectral solver, run it in torch on this device (e.g. ``"cuda"``;
+                float64, columns by plain CG); ``None``: numpy.
             solver: ``"auto"``, ``"spectral"``, ``"pcg"`` or ``"whitened"`` (above);
                 ``coarse`` selects the two-level variant whatever ``solver`` says (and
                 ``split`` the whitened one).
@@ -841,8 +844,11 @@ class SPDEPrior:
         if solver == "auto" and coarse is None and (split or 1) == 1 \
                 and self.spectrum() is not None:
             solver = "spectral"
+        if device is not None and solver != "spectral":
+            raise ConfigError("posterior_mean: device= runs the spectral solver only (a "
+                              "separable prior); the sparse solvers are CPU")
         if solver == "spectral":
-            X, info = self._posterior_spectral(Ri, U, rtol, maxiter, block_size, block)
+            X, info = self._posterior_spectral(Ri, U, rtol, maxiter, block_size, block, device)
             X = np.moveaxis(X + mu, -1, 0).reshape(k, *grid)
             X = X[0] if single else X
             return (X, info) if return_info else X
@@ -1034,11 +1040,22 @@ class SPDEPrior:
             X[k] = self._F_pre(k, single).solve(X[k - 1] + X[k])
         return X
 
-    def _posterior_spectral(self, Ri, U, rtol, maxiter, block_size, block=True):
+    def _posterior_spectral(self, Ri, U, rtol, maxiter, block_size, block=True, device=None):
         """CG on the whitened system in the modes of :meth:`spectrum` (see
-        :meth:`posterior_mean`, ``solver="spectral"``); returns ``(d (T, n, k), CGInfo)``."""
+        :meth:`posterior_mean`, ``solver="spectral"``); returns ``(d (T, n, k), CGInfo)``.
+        ``device``: run it in torch there (columns independent, float64)."""
         spec = self.spectrum()
         T, n, k = self.T, self.n, U.shape[-1]
+        if device is not None:
+            ts = TorchSeparableSpectrum(spec, device=device)
+            tt = lambda a: torch.as_tensor(a, dtype=torch.float64, device=ts.device)  # noqa
+            d, its, rel = ts.posterior(tt(Ri), tt(U), rtol=rtol, maxiter=maxiter)
+            rel = rel.cpu().numpy()
+            info = CGInfo(its, rel, bool(np.all(rel <= 10 * rtol)))
+            if not info.converged:
+                raise NumericalError(f"spectral CG did not reach rtol={rtol:g} in {maxiter} "
+                                     f"iterations (worst relative residual {rel.max():.2e})")
+            return d.cpu().numpy(), info
         nm = T * n
         sRi = Ri * self._np(self._sk(0)).reshape(1, n, 1)  # S^{1/2} D S^{1/2}
 
