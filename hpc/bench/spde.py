@@ -5,7 +5,8 @@ direct solve (scipy ``spsolve`` of ``Q + H^T R^{-1} H``, SuperLU) in the same ru
         --direct-ny 40 --coarse 0 0 --nll-ny 0            # 200 x 200 x 15 vs previous solver
     OMP_NUM_THREADS=2 python hpc/bench/spde.py --rtol 1e-5 --previous --members 0 \
         --direct-ny 40 --coarse 0 0 --nll-ny 0 --threads 2   # 2 threads (numba strips)
-    OMP_NUM_THREADS=2 python hpc/bench/spde.py --threads 2 --members 200 --members-ny 60
+    OMP_NUM_THREADS=2 python hpc/bench/spde.py --threads 2 --rtol 1e-5 --members 200 \
+        --direct-ny 40 --coarse 0 0 --nll-ny 0          # 200 members of 200 x 200 x 15
     python hpc/bench/spde.py --ny 100 --nx 100 --members 20 --json out.json
 
 Set-up: 1/20 deg Gulf Stream-like grid (dx = 5.57 km cos(lat), dy = 5.55 km, 33..43 N),
@@ -17,13 +18,15 @@ Rows:
 - ``F solve lu`` / ``F solve complex``: the two factorisations of ``F = I + dt A^2`` side by
   side (real SuperLU LU of the 13-point ``F`` vs complex LU of the 5-point
   ``I - i sqrt(dt) A``, ``F^{-1} b = Re(...)``): factor time, factor entries, one solve.
-- ``factor``: the factor used (``--factor``) and LDL^T of ``Q_0`` (once per DAW).
-- ``posterior``: the exact solve with ``--solver`` (default ``auto``: PCG on ``Q + D`` with
-  the single-precision prior preconditioner, :meth:`SPDEPrior.posterior_mean`) to
-  ``--rtol``, on a fresh prior: seconds include every factorisation.
-- ``posterior previous`` (``--previous``): the previous default in the same run (whitened CG,
-  complex double-precision factors, SuperLU, one thread, the same ``--rtol``, factorisations
-  included), with the agreement of the two means and the time ratios.
+- ``factor``: the factor used (``--factor``) and LDL^T of ``Q_0`` (once per DAW; for the
+  simulated truth draw).
+- ``posterior``: the exact solve with ``--solver`` (default ``auto``: on this separable prior
+  the spectral representer CG of :meth:`SPDEPrior.posterior_mean`, nothing factorised) to
+  ``--rtol``, on a fresh prior: seconds include every set-up (eigenvectors, factors).
+- ``posterior previous`` (``--previous``): the previous default in the same run (PCG on
+  ``Q + D`` with the single-precision sparse-factor prior preconditioner, ``solver="pcg"``,
+  the same threads, factorisations included), with the agreement of the two means and the
+  time ratios.
 - ``posterior 2-level CG``: PCG on ``Q + D`` with the prior and a coarse space-time grid
   (``--coarse H HT``) as balancing preconditioner; agreement with the row above.
 - ``posterior direct`` (``--direct-ny`` grid, default 60 x 60 x T): ``spsolve(Q + D)``,
@@ -32,8 +35,10 @@ Rows:
 - ``nll+grad sparse`` (``--nll-ny``, default 100 x 100 x T): NLL of one prior draw and its
   gradient in (kappa, gamma, tau) through the sparse log-det (exact complex-step gradient);
   ``nll+grad dense`` on ``--nll-dense-ny`` (default 40) for the agreement of both paths.
-- ``members``: ``--members`` Matheron members = prior simulation + one block CG with N + 1
-  right-hand sides, on ``--members-ny`` (default: the full grid); spread/skill vs the truth.
+- ``members``: ``--members`` Matheron members = prior draws (``--sample-method``, default
+  spectral when separable) + one block CG with N + 1 right-hand sides (on this prior in
+  observation space: all at once), on ``--members-ny`` (default: the full grid);
+  spread/skill vs the truth.
 Peak memory is the process's max resident set size after each row (monotone).
 """
 

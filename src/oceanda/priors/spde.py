@@ -667,9 +667,10 @@ class SPDEPrior:
                method: str = "simulate") -> np.ndarray:
         """Prior draws ``x = mu + L^{-1} Sigma^{1/2} z`` by simulating the SPDE
         (``method="simulate"``: one sparse solve per step), or ``x = mu + S^{1/2} U W z`` in
-        the modes of :meth:`spectrum` (``"spectral"``: two DCTs and one batched ``ny x ny``
-        product per draw; exact, but a different draw for the same ``z``); ``"auto"``:
-        spectral when the prior is separable.
+        the modes of :meth:`spectrum` (``"spectral"``: one inverse DCT and one batched
+        ``ny x ny`` product per draw, the noise drawn directly in the modes; exact, but other
+        draws than the simulation's for the same seed); ``"auto"``: spectral when the prior is
+        separable.
 
         Returns ``(n_samples, T, ny, nx)`` float64.
         """
@@ -682,9 +683,12 @@ class SPDEPrior:
                               "stationary init, isotropic diffusion, no advection, parameters "
                               "constant in time and along rows)")
         rng = np.random.default_rng(rng)
+        if spec is not None:
+            X = spec.sample_fields(rng=rng, k=int(n_samples))
+            X += self._mean_np().reshape(self.T, *self.shape)[None]
+            return X
         Z = rng.standard_normal((self.T, self.n, n_samples))
-        X = (spec.sample(Z) if spec is not None else self.whiten_inverse(Z)) \
-            + self._mean_np()[:, :, None]
+        X = self.whiten_inverse(Z) + self._mean_np()[:, :, None]
         return np.moveaxis(X, -1, 0).reshape(n_samples, self.T, *self.shape)
 
     def posterior_mean(self, y, mask, R, *, rtol: float = 1e-8, maxiter: int = 5000,
@@ -695,21 +699,24 @@ class SPDEPrior:
 
         ``solver="spectral"`` (what ``"auto"`` picks when :meth:`spectrum` exists: no land,
         parameters constant in time and along rows, isotropic, no advection, stationary
-        initial state; e.g. any open-ocean patch of a regular lon/lat grid): CG on the whitened
-        system in the prior's exact modes, ``x = mu + S^{1/2} U W v`` (``U`` = DCT in ``x``
-        then per-mode eigenvectors in ``y``, ``W W^T = Qhat^{-1}`` per-mode bidiagonal; see
-        :mod:`oceanda.priors.spde_spectral`)::
+        initial state; e.g. any open-ocean patch of a regular lon/lat grid): the prior
+        covariance is applied exactly in the prior's modes, ``Sigma = Q^{-1} = S^{1/2} U W W^T
+        U^T S^{1/2}`` (``U`` = DCT in ``x`` then per-mode eigenvectors in ``y``, ``W`` per-mode
+        bidiagonal in time; :mod:`oceanda.priors.spde_spectral`): two DCTs and two batched
+        ``ny x ny`` products, nothing factorised. The solve is in observation space (the
+        representer form, Bennett 1992)::
 
-            (I + W^T U^T S^{1/2} D S^{1/2} U W) v = W^T U^T S^{1/2} D (y - mu)
+            x = mu + Sigma H^T R^{-1/2} w,   (I + R^{-1/2} H Sigma H^T R^{-1/2}) w = R^{-1/2} (y - H mu)
 
-        i.e. the same iterates and stopping rule as the PCG below with the exact ``Q^{-1}``
-        as preconditioner, but each iteration is two DCTs and two batched ``ny x ny``
-        products (BLAS) instead of ``2 (T-1)`` sparse triangular solve pairs and a sparse
-        ``Q`` product, and nothing is factorised. Several right-hand sides: block CG
-        (``block=True``) or column-wise CG. Measured (``hpc/bench/spde.py --previous``,
-        200 x 200 x 15, rtol 1e-5, one thread, the other core busy): 86 iterations, 4.65 s
-        vs the sparse PCG below 93 iterations, 22.0 s (4.7x); the two means agree to 1.3e-5
-        (max difference / max, i.e. within the tolerance).
+        by CG on ``m``-vectors (``m`` observations; the matrix has the eigenvalues of the
+        whitened system above 1, so the same convergence), stopping at ``||r|| <= rtol ||b||``
+        on that system. With several right-hand sides block CG (``block=True``) costs
+        ``O(m k^2)`` per iteration beyond the ``k`` covariance products, so Matheron ensembles
+        solve all ``N + 1`` right-hand sides in one block (``block_size=None``); the products
+        go through the transforms ``2^28 / (8 T n)`` columns at a time. Measured
+        (``hpc/bench/spde.py``, 200 x 200 x 15, 1.25 % observed, rtol 1e-5, one thread, the
+        other core busy): 102 iterations, 4.5 s vs the sparse PCG below 93 iterations, 22.0 s
+        (4.9x); the means agree to 3.2e-5 (max difference / max).
 
         ``solver="pcg"`` (default for non-separable priors with one right-hand side, or several
         with ``block=False``):
@@ -829,11 +836,7 @@ class SPDEPrior:
         Rv = np.broadcast_to(np.asarray(R, dtype=np.float64), grid)
         if not np.all(Rv[mask] > 0):
             raise InputError("observation-error variance R must be > 0")
-        Ri = np.where(mask, 1.0 / np.where(mask, Rv, 1.0), 0.0).reshape(self.T, self.n, 1)
         k = Y.shape[0]
-        mu = self._mean_np()[:, :, None]
-        innov = np.where(mask[None], Y - self._mean_np().reshape(grid)[None], 0.0)
-        U = np.moveaxis(innov.reshape(k, self.T, self.n), 0, -1)  # (T, n, k)
         if solver not in ("auto", "pcg", "whitened", "spectral"):
             raise ConfigError(f"posterior_mean: solver must be 'auto', 'pcg', 'whitened' or "
                               f"'spectral', got {solver!r}")
@@ -848,10 +851,14 @@ class SPDEPrior:
             raise ConfigError("posterior_mean: device= runs the spectral solver only (a "
                               "separable prior); the sparse solvers are CPU")
         if solver == "spectral":
-            X, info = self._posterior_spectral(Ri, U, rtol, maxiter, block_size, block, device)
-            X = np.moveaxis(X + mu, -1, 0).reshape(k, *grid)
+            X, info = self._posterior_spectral(Y, mask, Rv, rtol, maxiter, block_size, block,
+                                               device)
             X = X[0] if single else X
             return (X, info) if return_info else X
+        Ri = np.where(mask, 1.0 / np.where(mask, Rv, 1.0), 0.0).reshape(self.T, self.n, 1)
+        mu = self._mean_np()[:, :, None]
+        innov = np.where(mask[None], Y - self._mean_np().reshape(grid)[None], 0.0)
+        U = np.moveaxis(innov.reshape(k, self.T, self.n), 0, -1)  # (T, n, k)
         if solver == "auto":
             solver = "pcg" if (coarse is None and (split or 1) == 1
                                and (k == 1 or not block)) else "whitened"
@@ -1040,13 +1047,19 @@ class SPDEPrior:
             X[k] = self._F_pre(k, single).solve(X[k - 1] + X[k])
         return X
 
-    def _posterior_spectral(self, Ri, U, rtol, maxiter, block_size, block=True, device=None):
-        """CG on the whitened system in the modes of :meth:`spectrum` (see
-        :meth:`posterior_mean`, ``solver="spectral"``); returns ``(d (T, n, k), CGInfo)``.
-        ``device``: run it in torch there (columns independent, float64)."""
+    def _posterior_spectral(self, Y, mask, Rv, rtol, maxiter, block_size, block=True,
+                            device=None):
+        """Posterior means ``(k, T, ny, nx)`` of the right-hand sides ``Y`` ``(k, T, ny, nx)``
+        in the representer form with the spectral covariance (:meth:`posterior_mean`,
+        ``solver="spectral"``), and the :class:`CGInfo`. ``device``: the torch path there
+        (whitened CG, columns independent, float64)."""
         spec = self.spectrum()
-        T, n, k = self.T, self.n, U.shape[-1]
+        T, n, k = self.T, self.n, Y.shape[0]
+        ny, nx = self.shape
+        mean = self._mean_np().reshape(T, ny, nx)
         if device is not None:
+            Ri = np.where(mask, 1.0 / np.where(mask, Rv, 1.0), 0.0).reshape(T, n, 1)
+            U = np.moveaxis(np.where(mask[None], Y - mean[None], 0.0).reshape(k, T, n), 0, -1)
             ts = TorchSeparableSpectrum(spec, device=device)
             tt = lambda a: torch.as_tensor(a, dtype=torch.float64, device=ts.device)  # noqa
             d, its, rel = ts.posterior(tt(Ri), tt(U), rtol=rtol, maxiter=maxiter)
@@ -1055,38 +1068,53 @@ class SPDEPrior:
             if not info.converged:
                 raise NumericalError(f"spectral CG did not reach rtol={rtol:g} in {maxiter} "
                                      f"iterations (worst relative residual {rel.max():.2e})")
-            return d.cpu().numpy(), info
-        nm = T * n
-        sRi = Ri * self._np(self._sk(0)).reshape(1, n, 1)  # S^{1/2} D S^{1/2}
+            X = np.moveaxis(d.cpu().numpy(), -1, 0).reshape(k, T, ny, nx) + mean[None]
+            return X, info
+        # representer form: x - mu = Sigma H^T R^{-1/2} w, (I + B B^T) w = R^{-1/2} (y - H mu),
+        # B = R^{-1/2} H S^{1/2} U W (m x T n): CG on m-vectors, so block CG with many
+        # right-hand sides costs O(m k^2), not O(T n k^2)
+        obs = np.flatnonzero(mask.reshape(-1))
+        m = obs.size
+        X = np.empty((k, T, ny, nx))
+        X[:] = mean[None]
+        if m == 0:
+            return X, CGInfo(0, np.zeros(k), True)
+        rs = 1.0 / np.sqrt(Rv.reshape(-1)[obs])[:, None]  # R^{-1/2} per observation
+        sq = np.sqrt(self._np(self._sk(0)).reshape(-1))  # S^{1/2} per cell
+        coef = rs * sq[obs % n][:, None]  # S^{1/2} H^T R^{-1/2}: one value per observation
+        chunk = max(1, int(2**28 // (8 * T * n)))  # columns per transform (~256 MB arrays)
 
-        def G(v):  # U W v, v (nm, c) in mode layout
-            return spec.from_modes(spec.whiten(v.reshape(spec.nx, spec.ny, T, -1)))
+        def core(w):  # U Qhat^{-1} U^T S^{1/2} H^T R^{-1/2} w as fields (c, T, ny, nx)
+            P = np.zeros((w.shape[1], T * n))
+            P[:, obs] = (coef * w).T
+            return spec.covariance_core(P.reshape(-1, T, ny, nx))
 
-        def Gt(u):  # W^T U^T u
-            return spec.whiten_t(spec.to_modes(u)).reshape(nm, -1)
+        def matvec(w):
+            out = np.empty_like(w)
+            for c0 in range(0, w.shape[1], chunk):
+                wc = w[:, c0:c0 + chunk]
+                out[:, c0:c0 + chunk] = wc + coef * core(wc).reshape(wc.shape[1], -1)[:, obs].T
+            return out
 
-        def matvec(v):
-            return v + Gt(sRi * G(v))
-
-        b = Gt(spec._scale(Ri * U, 1))
-        if block_size is None:  # memory: about 8 arrays of T n block_size float64
-            bs = max(1, int(2**30 // (8 * 8 * nm)))
-        else:
-            bs = max(1, int(block_size))
-        V = np.empty((nm, k))
+        c = rs * (Y.reshape(k, T * n)[:, obs] - mean.reshape(-1)[obs]).T  # (m, k)
+        bs = k if block_size is None else max(1, int(block_size))
+        Wsol = np.empty((m, k))
         its, rels = 0, []
         for c0 in range(0, k, bs):
             c1 = min(k, c0 + bs)
-            bc = np.ascontiguousarray(b[:, c0:c1])
+            bc = np.ascontiguousarray(c[:, c0:c1])
             if block and c1 - c0 > 1:
-                vc, inf = block_cg(matvec, bc, rtol=rtol, maxiter=maxiter)
+                wc, inf = block_cg(matvec, bc, rtol=rtol, maxiter=maxiter)
             else:
-                vc, inf = batched_pcg(matvec, bc, rtol=rtol, maxiter=maxiter)
-            V[:, c0:c1] = vc
+                wc, inf = batched_pcg(matvec, bc, rtol=rtol, maxiter=maxiter)
+            Wsol[:, c0:c1] = wc
             its = max(its, inf.iterations)
             rels.append(inf.rel_residual)
         rel = np.concatenate(rels)
-        return spec._scale(G(V), 1), CGInfo(its, rel, bool(np.all(rel <= 10 * rtol)))
+        sqf = sq.reshape(ny, nx)
+        for c0 in range(0, k, chunk):
+            X[c0:c0 + chunk] += core(Wsol[:, c0:c0 + chunk]) * sqf
+        return X, CGInfo(its, rel, bool(np.all(rel <= 10 * rtol)))
 
     def _posterior_pcg(self, Ri, U, rtol, maxiter, block_size, block=False):
         T, n, k = self.T, self.n, U.shape[-1]
