@@ -39,22 +39,23 @@ factors. Memory: the ``V_j`` take ``nx ny^2`` floats (64 MB on 200 x 200).
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import scipy.fft as sfft
 import scipy.linalg as sla
 import scipy.sparse as sp
-from numba import njit
+from numba import njit, prange
 
 _JIT = dict(cache=True, nogil=True)
 _TILE = 16  # east-west cells per tile of the layout changes
 
 
-@njit(**_JIT)
-def _fields_to_modes_layout(P, out):  # pragma: no cover - compiled
+def _fields_to_modes_py(P, out):  # pragma: no cover - compiled below
     """``out[j, i, t, q] = P[q, t, i, j]``: fields ``(c, T, ny, nx)`` -> ``(nx, ny, T, c)``,
     tiled over ``j`` so both sides stream through cache."""
     c, T, ny, nx = P.shape
-    for t in range(T):
+    for t in prange(T):
         for i in range(ny):
             for j0 in range(0, nx, _TILE):
                 j1 = min(nx, j0 + _TILE)
@@ -63,11 +64,10 @@ def _fields_to_modes_layout(P, out):  # pragma: no cover - compiled
                         out[j, i, t, q] = P[q, t, i, j]
 
 
-@njit(**_JIT)
-def _modes_to_fields_layout(X, out):  # pragma: no cover - compiled
-    """The inverse of :func:`_fields_to_modes_layout`."""
+def _modes_to_fields_py(X, out):  # pragma: no cover - compiled below
+    """The inverse of :func:`_fields_to_modes_py`."""
     nx, ny, T, c = X.shape
-    for t in range(T):
+    for t in prange(T):
         for i in range(ny):
             for j0 in range(0, nx, _TILE):
                 j1 = min(nx, j0 + _TILE)
@@ -76,12 +76,11 @@ def _modes_to_fields_layout(X, out):  # pragma: no cover - compiled
                         out[q, t, i, j] = X[j, i, t, q]
 
 
-@njit(**_JIT)
-def _qhat_solve_inplace(Z, d, lo):  # pragma: no cover - compiled
+def _qhat_solve_py(Z, d, lo):  # pragma: no cover - compiled below
     """``Z <- Qhat^{-1} Z`` per mode: ``Z`` ``(nx, ny, T, c)``, ``Qhat = L D L^T`` with pivots
     ``d`` and sub-diagonal ``lo`` ``(T, nx, ny)`` of the unit bidiagonal ``L``."""
     nx, ny, T, c = Z.shape
-    for j in range(nx):
+    for j in prange(nx):
         for i in range(ny):
             for t in range(1, T):
                 lt = lo[t, j, i]
@@ -97,11 +96,10 @@ def _qhat_solve_inplace(Z, d, lo):  # pragma: no cover - compiled
                     Z[j, i, t, q] -= lt * Z[j, i, t + 1, q]
 
 
-@njit(**_JIT)
-def _whiten_inplace(Z, d, lo):  # pragma: no cover - compiled
+def _whiten_py(Z, d, lo):  # pragma: no cover - compiled below
     """``Z <- Lhat^{-T} D^{-1/2} Z`` per mode (``W`` of :meth:`SeparableSpectrum.whiten`)."""
     nx, ny, T, c = Z.shape
-    for j in range(nx):
+    for j in prange(nx):
         for i in range(ny):
             for t in range(T):
                 inv = 1.0 / np.sqrt(d[t, j, i])
@@ -111,6 +109,22 @@ def _whiten_inplace(Z, d, lo):  # pragma: no cover - compiled
                 lt = lo[t + 1, j, i]
                 for q in range(c):
                     Z[j, i, t, q] -= lt * Z[j, i, t + 1, q]
+
+
+# serial kernels (one thread: prange is range) and parallel ones (``threads > 1``: numba's
+# threads over frames / east-west modes; never called concurrently from several Python threads)
+# (the parallel ones compile renamed copies, so that numba's on-disk cache, keyed by the
+# function's qualified name, keeps the two apart)
+def _renamed(f, suffix: str):
+    g = types.FunctionType(f.__code__, f.__globals__, f.__name__ + suffix, f.__defaults__,
+                           f.__closure__)
+    g.__qualname__, g.__module__ = f.__qualname__ + suffix, f.__module__
+    return g
+
+
+_PY = (_fields_to_modes_py, _modes_to_fields_py, _qhat_solve_py, _whiten_py)
+_KERNELS = {False: tuple(njit(**_JIT)(f) for f in _PY),
+            True: tuple(njit(parallel=True, **_JIT)(_renamed(f, "_par")) for f in _PY)}
 
 
 class SeparableSpectrum:
@@ -131,6 +145,7 @@ class SeparableSpectrum:
         self.nx, self.ny = mu.shape
         self.n = self.nx * self.ny
         self.T, self.workers = int(T), max(1, int(workers))
+        (self._f2m, self._m2f, self._qsolve, self._whiten_k) = _KERNELS[self.workers > 1]
         self.sqrt_s = np.sqrt(np.asarray(s, dtype=np.float64))[:, None]  # (ny, 1)
         f = 1.0 + dt * mu**alpha  # (nx, ny) per mode
         self.f = f
@@ -198,12 +213,12 @@ class SeparableSpectrum:
         c, T = P.shape[:2]
         P = sfft.dct(P, type=2, axis=-1, norm="ortho", workers=self.workers, overwrite_x=True)
         M = np.empty((self.nx, self.ny, T, c))
-        _fields_to_modes_layout(P, M)
+        self._f2m(P, M)
         Z = np.matmul(self.Vt, M.reshape(self.nx, self.ny, T * c)).reshape(M.shape)
-        _qhat_solve_inplace(Z, self._d, self._lo)
+        self._qsolve(Z, self._d, self._lo)
         np.matmul(self.V, Z.reshape(self.nx, self.ny, T * c), out=M.reshape(
             self.nx, self.ny, T * c))
-        _modes_to_fields_layout(M, P)
+        self._m2f(M, P)
         return sfft.idct(P, type=2, axis=-1, norm="ortho", workers=self.workers,
                          overwrite_x=True)
 
@@ -265,10 +280,10 @@ class SeparableSpectrum:
             else:
                 W = np.ascontiguousarray(
                     Zn[..., c0:c1].reshape(T, self.nx, self.ny, c1 - c0).transpose(1, 2, 0, 3))
-            _whiten_inplace(W, self._d, self._lo)
+            self._whiten_k(W, self._d, self._lo)
             M = np.matmul(self.V, W.reshape(self.nx, self.ny, -1)).reshape(W.shape)
             F = np.empty((c1 - c0, T, self.ny, self.nx))
-            _modes_to_fields_layout(M, F)
+            self._m2f(M, F)
             out[c0:c1] = sfft.idct(F, type=2, axis=-1, norm="ortho", workers=self.workers,
                                    overwrite_x=True)
         out *= self.sqrt_s[None, None]
