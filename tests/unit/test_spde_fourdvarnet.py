@@ -655,3 +655,167 @@ def test_obs_mean_prior_is_the_mean_of_the_observations_and_the_solver_reaches_i
     assert ((mem[0].mean(0) - m[0]).abs() <= 5 * sd / 8 + 1e-9).all()
     with pytest.raises(ConfigError, match="model.mean"):
         tiny_cfg(mean="patch").validate()
+
+
+# ----------------------------------------------------------------------------- spread calibration
+
+
+def test_scaled_perturbations_are_the_matheron_members_of_the_prior_with_tau_c_and_noise_c():
+    """With the exact (linear) posterior mean as the solver, x* + c (x_i - x*) equals, draw by draw,
+    the Matheron members of the prior with tau c and noise std sqrt(R) c (same random numbers):
+    the posterior mean is invariant under (Q, R) -> (Q / c^2, R c^2)."""
+    from oceanda.assim.spde_fourdvarnet import scale_members
+
+    rng = np.random.default_rng(4)
+    T, H, W, R, c = 3, 4, 5, 0.1, 0.37
+    ocean = np.ones((H, W), bool)
+    ocean[0, :2] = False
+    dx = 1.0 + 0.3 * rng.random((H, W))
+    mask = (rng.random((T, H, W)) < 0.35) & ocean
+    y = np.where(mask, rng.standard_normal((T, H, W)), np.nan)
+
+    def ensemble(tau, Rv):
+        prior = SPDEPrior(dx, dx, ocean, T=T, kappa=0.7, gamma=1.5, tau=tau)
+        A = prior.precision_dense().numpy() + np.diag(mask.reshape(-1) / Rv)
+
+        def exact(Y):  # exact posterior mean (mu = 0), dense solve
+            Yz = np.nan_to_num(Y).reshape(len(Y), -1) * mask.reshape(-1)
+            return np.linalg.solve(A, (Yz / Rv).T).T.reshape(Y.shape)
+
+        return spde_conditional_members(exact, prior, y, mask, Rv, 6, rng=11)
+
+    m1, x1 = ensemble(1.3, R)
+    mc, xc = ensemble(1.3 * c, R * c * c)
+    np.testing.assert_allclose(xc, x1, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(scale_members(x1, m1, c, axis=0), mc, rtol=1e-8, atol=1e-11)
+    assert np.abs(m1 - x1).max() > 0.1  # a non-trivial check
+    assert scale_members(x1, m1, 1.0, axis=0) is m1
+    with pytest.raises(ConfigError, match="spread_scale"):
+        scale_members(x1, m1, -1.0)
+
+
+def test_fit_spread_scale_closed_forms_and_the_independent_spread_skill():
+    from oceanda.assim.ensemble import spread_skill
+    from oceanda.assim.spde_fourdvarnet import scale_members
+    from oceanda.train.spde_fourdvarnet import fit_spread_scale
+
+    rng = np.random.default_rng(0)
+    N, shape = 8, (30, 40)
+    truth = rng.standard_normal(shape)
+    centre = truth + 0.3 * rng.standard_normal(shape)
+    mask = rng.random(shape) < 0.8
+    # antithetic members (dbar = 0): c = rmse(centre) / sqrt(k V), k = (N + 1) / N
+    d = rng.standard_normal((N // 2, *shape))
+    mem = centre + 2.0 * np.concatenate([d, -d])
+    V = (mem - centre).var(0, ddof=1)[mask].mean()
+    A = ((centre - truth) ** 2)[mask].mean()
+    out = fit_spread_scale(mem, centre, truth, mask)
+    assert out["spread_scale"] == pytest.approx(np.sqrt(A / ((N + 1) / N * V)), rel=1e-12)
+    assert out["n_cells"] == mask.sum() and out["n_members"] == N
+    # general members: after scaling, the independently coded spread/skill is sqrt(N / (N + 1))
+    # (k = (N + 1) / N) or 1 (k = 1), and "before" is the raw ensemble's
+    mem = centre + 0.2 + 1.7 * rng.standard_normal((N, *shape))
+    for fe, target in ((True, np.sqrt(N / (N + 1))), (False, 1.0)):
+        out = fit_spread_scale(mem, centre, truth, mask, finite_ensemble=fe)
+        scaled = scale_members(centre, mem, out["spread_scale"], axis=0)
+        assert spread_skill(scaled, truth, mask) == pytest.approx(target, rel=1e-10)
+        assert out["spread_skill_after"] == pytest.approx(target, rel=1e-10)
+        assert out["spread_skill_before"] == pytest.approx(spread_skill(mem, truth, mask), rel=1e-10)
+    # exchangeable truth and members of spread sigma / c0 around the true centre: c -> c0
+    c0, sigma, M = 0.4, 0.5, 200_000
+    centre = rng.standard_normal(M)
+    truth = centre + sigma * rng.standard_normal(M)
+    mem = centre + (sigma / c0) * rng.standard_normal((10, M))
+    assert fit_spread_scale(mem, centre, truth)["spread_scale"] == pytest.approx(c0, rel=0.02)
+    with pytest.raises(InputError, match="no spread"):
+        fit_spread_scale(np.repeat(centre[None] + 1.0, 3, 0), centre, truth)
+    with pytest.raises(InputError, match="must be"):
+        fit_spread_scale(mem, centre[:-1], truth)
+    with pytest.raises(InputError, match="selects no"):
+        fit_spread_scale(mem, centre, truth, np.zeros(M, bool))
+
+
+def test_method_spread_scale_from_the_calibrated_checkpoint_old_checkpoints_and_overrides(tmp_path):
+    from oceanda.assim.registry import build_method
+    from oceanda.train.spde_fourdvarnet import calibrate_spde_checkpoint
+
+    torch.manual_seed(2)
+    model = SPDEFourDVarNet(tiny_cfg(length_unit_m=1000.0)).eval()
+    random_head(model)
+    norm = {"mean": 0.3, "std": 0.1}
+    old = save_spde_checkpoint(tmp_path / "old.pt", model, norm)
+    assert "spread_scale" not in torch.load(old, weights_only=True)  # the format before calibration
+    assert read_spde_checkpoint(old)["spread_scale"] == 1.0
+    obs, ocean, dx, _ = tiny_batch(dtype=torch.float32)
+    batch = _patch_batch(obs * 0.1 + 0.3, ocean, dx * 1000.0)
+    r1 = build_method("spde_4dvarnet", checkpoint=str(old), members=5, return_members=True)(batch)
+    c = 0.45
+    cal = calibrate_spde_checkpoint(old, tmp_path / "cal.pt", c, {"period": ["2013-01-01", "2013-02-01"],
+                                                                  "n_cells": 10})
+    ck = read_spde_checkpoint(cal)
+    assert ck["spread_scale"] == c and ck["calibration"]["n_cells"] == 10
+    torch.testing.assert_close(ck["state_dict"]["log_noise"], model.state_dict()["log_noise"])
+    r2 = build_method("spde_4dvarnet", checkpoint=str(cal), members=5, return_members=True)(batch)
+    torch.testing.assert_close(r2.mean, r1.mean)
+    ref = r1.mean[:, None] + c * (r1.members - r1.mean[:, None])  # in metres: scaling commutes with the affine norm
+    torch.testing.assert_close(r2.members, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(r2.std, c * r1.std, rtol=1e-5, atol=1e-7)
+    r3 = build_method("spde_4dvarnet", checkpoint=str(cal), members=5, return_members=True, spread_scale=1.0)(batch)
+    torch.testing.assert_close(r3.members, r1.members)
+    with pytest.raises(ConfigError, match="spread_scale"):
+        build_method("spde_4dvarnet", checkpoint=str(cal), spread_scale=0.0)
+    with pytest.raises(ConfigError, match="spread_scale"):
+        calibrate_spde_checkpoint(old, tmp_path / "x.pt", float("nan"))
+    assert not (tmp_path / "x.pt").exists()
+    torch.save(dict(torch.load(cal, weights_only=True), spread_scale=-2.0), tmp_path / "neg.pt")
+    with pytest.raises(InputError, match="spread_scale"):
+        read_spde_checkpoint(tmp_path / "neg.pt")
+
+
+def test_obs_std_spread_mode_scales_each_patch_by_its_observed_std_over_the_prior_std(tmp_path):
+    """spread_mode="obs_std": patch b's factor is c sigma_y,b / sigma_Theta,b with sigma_y,b^2 =
+    var(observations of b) - R (numpy reference), applied about the solver's mean."""
+    from oceanda.assim.registry import build_method
+    from oceanda.assim.spde_fourdvarnet import spread_factors
+    from oceanda.train.spde_fourdvarnet import calibrate_spde_checkpoint
+
+    torch.manual_seed(5)
+    model = SPDEFourDVarNet(tiny_cfg(length_unit_m=1000.0, theta="field")).eval()
+    random_head(model)
+    norm = {"mean": 0.3, "std": 0.1}
+    old = save_spde_checkpoint(tmp_path / "old.pt", model, norm)
+    obs, ocean, dx, _ = tiny_batch(dtype=torch.float32, frac=0.5)
+    obs[1] = 3.0 * obs[1]  # a more variable patch
+    batch = _patch_batch(obs * 0.1 + 0.3, ocean, dx * 1000.0)
+    c = 0.6
+    cal = calibrate_spde_checkpoint(old, tmp_path / "cal.pt", c, spread_mode="obs_std")
+    assert read_spde_checkpoint(cal)["spread_mode"] == "obs_std"
+    assert read_spde_checkpoint(old)["spread_mode"] == "global"
+    r1 = build_method("spde_4dvarnet", checkpoint=str(old), members=4, return_members=True)(batch)
+    r2 = build_method("spde_4dvarnet", checkpoint=str(cal), members=4, return_members=True)(batch)
+    R = float(model.R.detach())
+    with torch.no_grad():
+        sd = model.predict_theta(obs, ocean)["std"].double().numpy()  # (B, H, W): theta="field"
+    r_refs = []
+    for b in range(2):
+        oc = ocean[b].numpy()
+        v = obs[b].numpy()[:, oc]
+        v = v[np.isfinite(v)].astype(np.float64)
+        r_ref = c * np.sqrt(max(v.var(ddof=1) - R, R)) / sd[b][oc].mean()
+        ref = r1.mean[b, None] + r_ref * (r1.members[b] - r1.mean[b, None])
+        torch.testing.assert_close(r2.members[b], ref, rtol=1e-5, atol=1e-6)
+        r_refs.append(r_ref)
+    assert r_refs[1] > 2.0 * r_refs[0]  # the more variable patch gets the wider members
+    torch.testing.assert_close(r2.mean, r1.mean)
+    # global mode is ones; a patch without observations gets 1; bad modes are config errors
+    f = spread_factors(torch.full((1, 2, 3, 3), float("nan")), torch.ones(1, 3, 3, dtype=torch.bool),
+                       torch.ones(1), 0.1, "obs_std")
+    assert f.tolist() == [1.0]
+    assert spread_factors(obs, ocean, torch.ones(2), R, "global").tolist() == [1.0, 1.0]
+    with pytest.raises(ConfigError, match="spread_mode"):
+        build_method("spde_4dvarnet", checkpoint=str(cal), spread_mode="local")
+    with pytest.raises(ConfigError, match="spread_mode"):
+        calibrate_spde_checkpoint(old, tmp_path / "y.pt", 1.0, spread_mode="local")
+    torch.save(dict(torch.load(cal, weights_only=True), spread_mode="bogus"), tmp_path / "bad.pt")
+    with pytest.raises(InputError, match="spread_mode"):
+        read_spde_checkpoint(tmp_path / "bad.pt")

@@ -29,6 +29,11 @@ Checkpoints are written atomically (``checkpoint.pt`` every epoch, ``best_checkp
 the best validation RMSE) and read back by :func:`oceanda.assim.spde_fourdvarnet.read_spde_checkpoint`.
 
 Entry point for ``oceanda train`` (:func:`run_spde_training`): reads the same DictConfig.
+
+Spread calibration of the Matheron members (after training, on training-period patches only):
+:func:`fit_spread_scale` (one scalar ``c``, closed form) and :func:`calibrate_spde_checkpoint`
+(a copy of the checkpoint holding ``spread_scale = c``); driven by
+``hpc/bench/spde_fourdvarnet_qg.py --fit-patches N --calibrated-out PATH``.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ import numpy as np
 import torch
 
 from oceanda.assim.spde_fourdvarnet import (
+    SPREAD_MODES,
     SPDEFourDVarNet,
     SPDEModelConfig,
     build_spde_model,
@@ -253,6 +259,73 @@ def save_spde_checkpoint(path: str | os.PathLike, model: SPDEFourDVarNet, norm: 
         scheduler=None if scheduler is None else scheduler.state_dict(),
         epoch=int(epoch), history=list(history or []), extra=dict(extra or {}))
     return save_atomic(state, path)
+
+
+def fit_spread_scale(members, centre, truth, mask=None, *, finite_ensemble: bool = True) -> dict[str, float]:
+    """Spread factor ``c`` of the members ``centre + c (members - centre)``, fitted in closed form.
+
+    ``members`` ``(N, ...)``, ``centre`` (the solver's ``x*(y)``) and ``truth`` ``(...)``,
+    ``mask`` bool ``(...)`` (all entries when ``None``). With ``d_i = members_i - centre``,
+    ``e = centre - truth`` and, over the masked entries, ``A = mean(e^2)``, ``B = mean(e dbar)``,
+    ``C = mean(dbar^2)``, ``V = mean(var_i d_i)`` (``N - 1`` denominator), the scaled ensemble
+    has mean variance ``c^2 V`` and ensemble-mean MSE ``A + 2 c B + c^2 C``; ``c`` solves
+
+        k c^2 V = A + 2 c B + c^2 C,   k = (N + 1) / N  (finite_ensemble) or 1,
+
+    i.e. ``c = (B + sqrt(B^2 + A (k V - C))) / (k V - C)``, the only positive root. With
+    ``k = (N + 1) / N`` this is the spread-error identity of an exchangeable ``N``-member
+    ensemble (Fortin et al. 2014): a calibrated ensemble has ``spread/skill = sqrt(N / (N + 1))``
+    (the bench's ratio, ``oceanda.assim.ensemble.spread_skill``); ``k = 1`` makes that ratio 1.
+
+    Returns ``{"spread_scale": c, "spread_skill_before", "spread_skill_after", "rmse_centre"
+    (sqrt(A)), "spread_before" (sqrt(V)), "n_members", "n_cells", "finite_ensemble"}``. Raises :class:`InputError` when the shapes disagree, nothing is selected, or
+    the members have no spread (``k V <= C``).
+    """
+    m = np.asarray(members, dtype=np.float64)
+    x = np.asarray(centre, dtype=np.float64)
+    t = np.asarray(truth, dtype=np.float64)
+    if m.ndim < 1 or m.shape[1:] != x.shape or x.shape != t.shape:
+        raise InputError(f"fit_spread_scale: members {m.shape}, centre {x.shape} and truth {t.shape} "
+                         "must be (N, ...), (...), (...)")
+    n = m.shape[0]
+    if n < 2:
+        raise InputError(f"fit_spread_scale: needs at least 2 members, got {n}")
+    sel = np.ones(x.shape, bool) if mask is None else np.broadcast_to(np.asarray(mask, bool), x.shape)
+    if not sel.any():
+        raise InputError("fit_spread_scale: the mask selects no entry")
+    d = m[:, sel] - x[sel][None]
+    e = x[sel] - t[sel]
+    dbar = d.mean(0)
+    A, B, C = float(np.mean(e * e)), float(np.mean(e * dbar)), float(np.mean(dbar * dbar))
+    V = float(np.mean(d.var(0, ddof=1)))
+    k = (n + 1) / n if finite_ensemble else 1.0
+    a = k * V - C
+    if not (a > 0 and math.isfinite(a)):
+        raise InputError(f"fit_spread_scale: the members have no spread (k V = {k * V:.3g} <= C = {C:.3g})")
+    c = (B + math.sqrt(B * B + A * a)) / a
+    ss = lambda c: math.sqrt(c * c * V / (A + 2 * c * B + c * c * C))  # noqa: E731
+    return {"spread_scale": c, "spread_skill_before": ss(1.0), "spread_skill_after": ss(c),
+            "rmse_centre": math.sqrt(A), "spread_before": math.sqrt(V), "n_members": int(n), "n_cells": int(sel.sum()), "finite_ensemble": bool(finite_ensemble)}
+
+
+def calibrate_spde_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, spread_scale: float,
+                              info: dict[str, Any] | None = None, spread_mode: str = "global") -> Path:
+    """Copy the SPDE-4DVarNet checkpoint ``src`` to ``dst`` (atomically) with ``spread_scale = c``,
+    ``spread_mode`` (and ``calibration = info``: plain numbers / strings / lists describing the
+    fit); the weights, config and normalisation are unchanged. ``oceanda infer
+    method=spde_4dvarnet`` then scales the members by ``c r_b``
+    (:func:`oceanda.assim.spde_fourdvarnet.scale_members`, :func:`~oceanda.assim.spde_fourdvarnet.spread_factors`)."""
+    c = float(spread_scale)
+    if not (math.isfinite(c) and c > 0):
+        raise ConfigError(f"spread_scale must be a finite number > 0, got {spread_scale!r}")
+    if spread_mode not in SPREAD_MODES:
+        raise ConfigError(f"spread_mode must be one of {list(SPREAD_MODES)}, got {spread_mode!r}")
+    read_spde_checkpoint(src)  # validate (clear InputError naming src)
+    ck = torch.load(src, map_location="cpu", weights_only=True)
+    ck["spread_scale"] = c
+    ck["spread_mode"] = str(spread_mode)
+    ck["calibration"] = dict(info or {})
+    return save_atomic(ck, dst)
 
 
 def fit_theta_mle(model: SPDEFourDVarNet, ds, cfg: SPDETrainConfig, device: torch.device | str = "cpu",
