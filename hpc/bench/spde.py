@@ -304,7 +304,7 @@ def main(argv=None) -> int:
         its = []
 
         def recon(Y):
-            X, inf = Pm.posterior_mean(np.nan_to_num(Y), maskm, R, rtol=a.rtol,
+            X, inf = Pm.posterior_mean(Y, maskm, R, rtol=a.rtol,  # NaN off the mask: ignored
                                        return_info=True, block_size=a.block_size)
             its.append(inf.iterations)
             return X

@@ -60,9 +60,11 @@ def matheron_members(
                          f"{mask.shape} must share the field shape")
     rng = np.random.default_rng(rng)
     N = S.shape[0]
-    noise = rng.standard_normal(S.shape) * np.sqrt(np.broadcast_to(R, mask.shape))
-    pseudo = np.where(mask[None], S + noise, np.nan)
-    Y = np.concatenate([np.where(mask, y, np.nan)[None], pseudo], axis=0)
+    # pseudo-observations only where observed (noise drawn there alone)
+    Y = np.full((N + 1, *mask.shape), np.nan)
+    Y[0][mask] = y[mask]
+    noise = rng.standard_normal((N, int(mask.sum()))) * np.sqrt(np.broadcast_to(R, mask.shape)[mask])
+    Y[1:, mask] = S[:, mask] + noise
     if is_torch:
         X = reconstruct(torch.as_tensor(Y, dtype=prior_samples.dtype,
                                         device=prior_samples.device))

@@ -129,7 +129,7 @@ class SPDEOptimalInterpolation:
         y = np.where(mask, obs, 0.0)
 
         def reconstruct(Y):
-            return P.posterior_mean(np.where(mask[None], Y, 0.0), mask, self.R, rtol=self.rtol,
+            return P.posterior_mean(Y, mask, self.R, rtol=self.rtol,  # reads Y where mask
                                     maxiter=self.maxiter, coarse=self.coarse,
                                     block_size=self.block_size, solver=self.solver)
 

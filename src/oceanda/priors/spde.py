@@ -812,7 +812,7 @@ class SPDEPrior:
 
         Args:
             y: ``(T, ny, nx)`` or ``(k, T, ny, nx)`` observations; ignored where ``mask``
-                is False.
+                is False (NaN allowed there).
             mask: ``(T, ny, nx)`` bool.
             R: observation-error variance, scalar or ``(T, ny, nx)`` (> 0).
             device: with the spectral solver, run it in torch on this device (e.g. ``"cuda"``;
@@ -1084,10 +1084,17 @@ class SPDEPrior:
         coef = rs * sq[obs % n][:, None]  # S^{1/2} H^T R^{-1/2}: one value per observation
         chunk = max(1, int(2**28 // (8 * T * n)))  # columns per transform (~256 MB arrays)
 
+        work: dict = {}  # mode-layout buffers and the scatter buffer, reused by every product
+
         def core(w):  # U Qhat^{-1} U^T S^{1/2} H^T R^{-1/2} w as fields (c, T, ny, nx)
-            P = np.zeros((w.shape[1], T * n))
+            P = work.get("P")
+            if P is None or P.shape[0] != w.shape[1]:
+                P = work["P"] = np.zeros((w.shape[1], T * n))
+            else:
+                P.fill(0.0)
             P[:, obs] = (coef * w).T
-            return spec.covariance_core(P.reshape(-1, T, ny, nx))
+            # may share memory with P: every caller consumes it before the next product
+            return spec.covariance_core(P.reshape(-1, T, ny, nx), work)
 
         def matvec(w):
             out = np.empty_like(w)

@@ -205,19 +205,27 @@ class SeparableSpectrum:
             out[:, :, :-1] -= f * Z[:, :, 1:]
         return out
 
-    def covariance_core(self, P: np.ndarray) -> np.ndarray:
+    def covariance_core(self, P: np.ndarray, work: dict | None = None) -> np.ndarray:
         """``U Qhat^{-1} U^T`` of fields ``P`` ``(c, T, ny, nx)`` (overwritten), returned as
         fields ``(c, T, ny, nx)``: ``Q^{-1} = S^{1/2} (this) S^{1/2}``. Fields stay
         east-west-contiguous so the DCTs run on contiguous lanes; the two layout changes and
-        the time recursion are compiled loops (no numpy temporaries)."""
+        the time recursion are compiled loops (no numpy temporaries). ``work``: a dict in
+        which the two mode-layout buffers are kept between calls (repeated calls of one
+        size then touch no fresh memory); the result may then share memory with ``P``."""
         c, T = P.shape[:2]
+        shape = (self.nx, self.ny, T, c)
+        if work is not None and work.get("shape") == shape:
+            M, Z = work["M"], work["Z"]
+        else:
+            M, Z = np.empty(shape), np.empty(shape)
+            if work is not None:
+                work.update(shape=shape, M=M, Z=Z)
         P = sfft.dct(P, type=2, axis=-1, norm="ortho", workers=self.workers, overwrite_x=True)
-        M = np.empty((self.nx, self.ny, T, c))
         self._f2m(P, M)
-        Z = np.matmul(self.Vt, M.reshape(self.nx, self.ny, T * c)).reshape(M.shape)
+        cols = (self.nx, self.ny, T * c)
+        np.matmul(self.Vt, M.reshape(cols), out=Z.reshape(cols))
         self._qsolve(Z, self._d, self._lo)
-        np.matmul(self.V, Z.reshape(self.nx, self.ny, T * c), out=M.reshape(
-            self.nx, self.ny, T * c))
+        np.matmul(self.V, Z.reshape(cols), out=M.reshape(cols))
         self._m2f(M, P)
         return sfft.idct(P, type=2, axis=-1, norm="ortho", workers=self.workers,
                          overwrite_x=True)
