@@ -1083,24 +1083,25 @@ class SPDEPrior:
         sq = np.sqrt(self._np(self._sk(0)).reshape(-1))  # S^{1/2} per cell
         coef = rs * sq[obs % n][:, None]  # S^{1/2} H^T R^{-1/2}: one value per observation
         chunk = max(1, int(2**28 // (8 * T * n)))  # columns per transform (~256 MB arrays)
+        ot, oi, oj = obs // n, (obs % n) // nx, obs % nx
+        xo = (oj * ny + oi) * T + ot  # the observations' rows in the x-major layout
+        work: dict = {}  # buffers reused by every product
 
-        work: dict = {}  # mode-layout buffers and the scatter buffer, reused by every product
-
-        def core(w):  # U Qhat^{-1} U^T S^{1/2} H^T R^{-1/2} w as fields (c, T, ny, nx)
+        def core(w):  # U Qhat^{-1} U^T S^{1/2} H^T R^{-1/2} w, x-major (nx, ny, T, c)
             P = work.get("P")
-            if P is None or P.shape[0] != w.shape[1]:
-                P = work["P"] = np.zeros((w.shape[1], T * n))
+            if P is None or P.shape[1] != w.shape[1]:
+                P = work["P"] = np.zeros((nx * ny * T, w.shape[1]))
             else:
                 P.fill(0.0)
-            P[:, obs] = (coef * w).T
+            P[xo] = coef * w
             # may share memory with P: every caller consumes it before the next product
-            return spec.covariance_core(P.reshape(-1, T, ny, nx), work)
+            return spec.covariance_xmajor(P.reshape(nx, ny, T, -1), work)
 
         def matvec(w):
             out = np.empty_like(w)
             for c0 in range(0, w.shape[1], chunk):
                 wc = w[:, c0:c0 + chunk]
-                out[:, c0:c0 + chunk] = wc + coef * core(wc).reshape(wc.shape[1], -1)[:, obs].T
+                out[:, c0:c0 + chunk] = wc + coef * core(wc).reshape(-1, wc.shape[1])[xo]
             return out
 
         c = rs * (Y.reshape(k, T * n)[:, obs] - mean.reshape(-1)[obs]).T  # (m, k)
@@ -1120,7 +1121,7 @@ class SPDEPrior:
         rel = np.concatenate(rels)
         sqf = sq.reshape(ny, nx)
         for c0 in range(0, k, chunk):
-            X[c0:c0 + chunk] += core(Wsol[:, c0:c0 + chunk]) * sqf
+            X[c0:c0 + chunk] += core(Wsol[:, c0:c0 + chunk]).transpose(3, 2, 1, 0) * sqf
         return X, CGInfo(its, rel, bool(np.all(rel <= 10 * rtol)))
 
     def _posterior_pcg(self, Ri, U, rtol, maxiter, block_size, block=False):

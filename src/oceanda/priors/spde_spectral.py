@@ -48,24 +48,12 @@ import scipy.sparse as sp
 from numba import njit, prange
 
 _JIT = dict(cache=True, nogil=True)
-_TILE = 16  # east-west cells per tile of the layout changes
-
-
-def _fields_to_modes_py(P, out):  # pragma: no cover - compiled below
-    """``out[j, i, t, q] = P[q, t, i, j]``: fields ``(c, T, ny, nx)`` -> ``(nx, ny, T, c)``,
-    tiled over ``j`` so both sides stream through cache."""
-    c, T, ny, nx = P.shape
-    for t in prange(T):
-        for i in range(ny):
-            for j0 in range(0, nx, _TILE):
-                j1 = min(nx, j0 + _TILE)
-                for q in range(c):
-                    for j in range(j0, j1):
-                        out[j, i, t, q] = P[q, t, i, j]
+_TILE = 16  # east-west cells per tile of the layout change
 
 
 def _modes_to_fields_py(X, out):  # pragma: no cover - compiled below
-    """The inverse of :func:`_fields_to_modes_py`."""
+    """``out[q, t, i, j] = X[j, i, t, q]``: x-major ``(nx, ny, T, c)`` -> fields
+    ``(c, T, ny, nx)``, tiled over ``j`` so both sides stream through cache."""
     nx, ny, T, c = X.shape
     for t in prange(T):
         for i in range(ny):
@@ -122,7 +110,7 @@ def _renamed(f, suffix: str):
     return g
 
 
-_PY = (_fields_to_modes_py, _modes_to_fields_py, _qhat_solve_py, _whiten_py)
+_PY = (_modes_to_fields_py, _qhat_solve_py, _whiten_py)
 _KERNELS = {False: tuple(njit(**_JIT)(f) for f in _PY),
             True: tuple(njit(parallel=True, **_JIT)(_renamed(f, "_par")) for f in _PY)}
 
@@ -145,7 +133,7 @@ class SeparableSpectrum:
         self.nx, self.ny = mu.shape
         self.n = self.nx * self.ny
         self.T, self.workers = int(T), max(1, int(workers))
-        (self._f2m, self._m2f, self._qsolve, self._whiten_k) = _KERNELS[self.workers > 1]
+        (self._m2f, self._qsolve, self._whiten_k) = _KERNELS[self.workers > 1]
         self.sqrt_s = np.sqrt(np.asarray(s, dtype=np.float64))[:, None]  # (ny, 1)
         f = 1.0 + dt * mu**alpha  # (nx, ny) per mode
         self.f = f
@@ -205,29 +193,26 @@ class SeparableSpectrum:
             out[:, :, :-1] -= f * Z[:, :, 1:]
         return out
 
-    def covariance_core(self, P: np.ndarray, work: dict | None = None) -> np.ndarray:
-        """``U Qhat^{-1} U^T`` of fields ``P`` ``(c, T, ny, nx)`` (overwritten), returned as
-        fields ``(c, T, ny, nx)``: ``Q^{-1} = S^{1/2} (this) S^{1/2}``. Fields stay
-        east-west-contiguous so the DCTs run on contiguous lanes; the two layout changes and
-        the time recursion are compiled loops (no numpy temporaries). ``work``: a dict in
-        which the two mode-layout buffers are kept between calls (repeated calls of one
-        size then touch no fresh memory); the result may then share memory with ``P``."""
-        c, T = P.shape[:2]
-        shape = (self.nx, self.ny, T, c)
-        if work is not None and work.get("shape") == shape:
-            M, Z = work["M"], work["Z"]
-        else:
-            M, Z = np.empty(shape), np.empty(shape)
+    def covariance_xmajor(self, F: np.ndarray, work: dict | None = None) -> np.ndarray:
+        """``U Qhat^{-1} U^T`` of fields stored x-major, ``F`` ``(nx, ny, T, c)``
+        (``F[j, i, t, q]`` = column ``q``, frame ``t``, cell ``(i, j)``; overwritten), returned
+        in the same layout: ``Q^{-1} = S^{1/2} (this) S^{1/2}``. In this layout the DCTs run
+        along axis 0 (many contiguous lanes at once) and the ``ny x ny`` products act on
+        ``(ny, T c)`` slabs in place, so no transposed copy is ever made; the time recursion
+        is a compiled loop. ``work``: a dict keeping the second buffer between calls (calls of
+        one size then touch no fresh memory); the result may share memory with ``F``."""
+        nx, ny, T, c = F.shape
+        cols = (nx, ny, T * c)
+        Z = None if work is None else work.get("Z")
+        if Z is None or Z.shape != F.shape:
+            Z = np.empty(F.shape)
             if work is not None:
-                work.update(shape=shape, M=M, Z=Z)
-        P = sfft.dct(P, type=2, axis=-1, norm="ortho", workers=self.workers, overwrite_x=True)
-        self._f2m(P, M)
-        cols = (self.nx, self.ny, T * c)
-        np.matmul(self.Vt, M.reshape(cols), out=Z.reshape(cols))
+                work["Z"] = Z
+        F = sfft.dct(F, type=2, axis=0, norm="ortho", workers=self.workers, overwrite_x=True)
+        np.matmul(self.Vt, F.reshape(cols), out=Z.reshape(cols))
         self._qsolve(Z, self._d, self._lo)
-        np.matmul(self.V, Z.reshape(cols), out=M.reshape(cols))
-        self._m2f(M, P)
-        return sfft.idct(P, type=2, axis=-1, norm="ortho", workers=self.workers,
+        np.matmul(self.V, Z.reshape(cols), out=F.reshape(cols))
+        return sfft.idct(F, type=2, axis=0, norm="ortho", workers=self.workers,
                          overwrite_x=True)
 
     def _scale(self, X: np.ndarray, power: float) -> np.ndarray:
