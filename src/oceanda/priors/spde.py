@@ -684,9 +684,8 @@ class SPDEPrior:
                               "constant in time and along rows)")
         rng = np.random.default_rng(rng)
         if spec is not None:
-            X = spec.sample_fields(rng=rng, k=int(n_samples))
-            X += self._mean_np().reshape(self.T, *self.shape)[None]
-            return X
+            return spec.sample_fields(rng=rng, k=int(n_samples),
+                                      mean=self._mean_np().reshape(self.T, *self.shape))
         Z = rng.standard_normal((self.T, self.n, n_samples))
         X = self.whiten_inverse(Z) + self._mean_np()[:, :, None]
         return np.moveaxis(X, -1, 0).reshape(n_samples, self.T, *self.shape)
