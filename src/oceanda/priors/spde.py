@@ -129,7 +129,9 @@ class SPDEPrior:
             solve runs its grid strips on this many threads (:class:`~oceanda.linalg.sparse.
             GridLU`), also for a single right-hand side; ``"superlu"``: the columns of
             several right-hand sides are split between threads (scipy 1.17's SuperLU solve
-            was measured to hold the GIL: no gain). ``None``: 1.
+            was measured to hold the GIL: no gain). For separable priors (:meth:`spectrum`)
+            the DCT workers and the compiled per-mode loops use this many threads (the
+            ``ny x ny`` products use BLAS's own, ``OMP_NUM_THREADS``). ``None``: 1.
         backend: ``"superlu"`` (SuperLU's own solves; ``"auto"`` with one thread) or
             ``"numba"`` (``"auto"`` with ``threads > 1``; the same
             SuperLU factors, or for more than one thread factors ordered strip by strip,
@@ -713,9 +715,12 @@ class SPDEPrior:
         ``O(m k^2)`` per iteration beyond the ``k`` covariance products, so Matheron ensembles
         solve all ``N + 1`` right-hand sides in one block (``block_size=None``); the products
         go through the transforms ``2^28 / (8 T n)`` columns at a time. Measured
-        (``hpc/bench/spde.py``, 200 x 200 x 15, 1.25 % observed, rtol 1e-5, one thread, the
-        other core busy): 102 iterations, 4.5 s vs the sparse PCG below 93 iterations, 22.0 s
-        (4.9x); the means agree to 3.2e-5 (max difference / max).
+        (``hpc/bench/spde.py``, 200 x 200 x 15, 1.25 % observed, rtol 1e-5, idle 2-core
+        machine, every set-up included): two threads 103 iterations, 4.57 s vs the sparse PCG
+        below 94 iterations, 17.5 s (3.8x), one thread 4.2 s vs 15.6 s; the means agree to
+        2.6e-5 (max difference / max). 200 Matheron members of that DAW: 45-54 s on two
+        threads (11 block iterations over 201 right-hand sides, spread/skill 0.97), 36x less
+        per member than the previous path (simulated draws, whitened block CG).
 
         ``solver="pcg"`` (default for non-separable priors with one right-hand side, or several
         with ``block=False``):
