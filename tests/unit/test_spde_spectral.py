@@ -237,3 +237,12 @@ def test_threaded_kernels_match_serial():
     np.testing.assert_allclose(x2, x1, atol=1e-12 * np.abs(x1).max())
     np.testing.assert_allclose(P2.sample(5, rng=3, method="spectral"),
                                P1.sample(5, rng=3, method="spectral"), atol=1e-13)
+
+
+def test_spectrum_size_guard_falls_back_to_sparse(monkeypatch):
+    P = _prior(ny=7, nx=5, T=2)
+    monkeypatch.setattr(SPDEPrior, "spectral_max_bytes", 8 * 5 * 7 * 7 - 1)
+    assert P.spectrum() is None
+    P2 = _prior(ny=7, nx=5, T=2)
+    monkeypatch.setattr(SPDEPrior, "spectral_max_bytes", 8 * 5 * 7 * 7)
+    assert P2.spectrum() is not None

@@ -1019,14 +1019,19 @@ class SPDEPrior:
             Y = Ainv.solve(Y)
         return Y / self.dt
 
+    spectral_max_bytes = 2**30  # the eigenvectors (8 nx ny^2 bytes) beyond which not to go
+
     def spectrum(self) -> SeparableSpectrum | None:
         """The exact spectral factors of ``Q`` (:mod:`oceanda.priors.spde_spectral`) when the
         prior is separable (no land, stationary initial state, time-invariant parameters
-        constant along rows, isotropic, no advection), else ``None``. Cached."""
+        constant along rows, isotropic, no advection) and its eigenvectors take at most
+        ``spectral_max_bytes`` (1 GiB: grids up to ~500 x 500), else ``None``. Cached."""
         key = ("spectrum",)
         if key not in self._np_cache:
             spec = None
-            if (self.init == "stationary" and self.A.coef.shape[0] == 1
+            ny, nx = self.shape
+            if (8 * nx * ny * ny <= self.spectral_max_bytes
+                    and self.init == "stationary" and self.A.coef.shape[0] == 1
                     and self.s.shape[0] == 1 and bool(self.ocean.all())):
                 Ak = self._Ak(0)
                 spec = separable_spectrum(stencil_to_csr(Ak.offsets, self._np(Ak.coef)),
