@@ -717,7 +717,7 @@ class SPDEPrior:
         go through the transforms ``2^28 / (8 T n)`` columns at a time. Measured
         (``hpc/bench/spde.py``, 200 x 200 x 15, 1.25 % observed, rtol 1e-5, idle 2-core
         machine, every set-up included): two threads 103 iterations, 4.57 s vs the sparse PCG
-        below 94 iterations, 17.5 s (3.8x), one thread 4.2 s vs 15.6 s; the means agree to
+        below 94 iterations, 17.5 s (3.8x), one thread 3.8 s vs 16.5 s (4.4x); the means agree to
         2.6e-5 (max difference / max). 200 Matheron members of that DAW: 45-54 s on two
         threads (11 block iterations over 201 right-hand sides, spread/skill 0.97), 36x less
         per member than the previous path (simulated draws, whitened block CG).
