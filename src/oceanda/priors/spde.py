@@ -103,6 +103,26 @@ class _DiagFactor:
         return float(2.0 * np.sum(np.log(self.g)))
 
 
+def _solve_columns(B: np.ndarray, bs: int, rtol: float, solve_block, solve_cols
+                   ) -> tuple[np.ndarray, CGInfo]:
+    """Solve the right-hand sides ``B`` ``(N, k)`` ``bs`` columns at a time: ``solve_block``
+    (block CG) for chunks of several columns, ``solve_cols`` (column-wise CG) for single
+    ones, both ``Bc -> (Xc, CGInfo)``; one :class:`CGInfo` for all (most iterations, every
+    column's residual, converged within ``10 rtol``)."""
+    N, k = B.shape
+    X = np.empty((N, k))
+    its, rels = 0, []
+    for c0 in range(0, k, bs):
+        c1 = min(k, c0 + bs)
+        solve = solve_block if c1 - c0 > 1 else solve_cols
+        xc, inf = solve(np.ascontiguousarray(B[:, c0:c1]))
+        X[:, c0:c1] = xc
+        its = max(its, inf.iterations)
+        rels.append(inf.rel_residual)
+    rel = np.concatenate(rels)
+    return X, CGInfo(its, rel, bool(np.all(rel <= 10 * rtol)))
+
+
 class SPDEPrior:
     """Gaussian prior ``N(mu, Q^{-1})`` of a DAW trajectory defined by the SPDE above.
 
@@ -899,22 +919,15 @@ class SPDEPrior:
                 raise NumericalError(f"split block CG did not reach rtol={rtol:g} in "
                                      f"{maxiter} iterations (relative residual {rel:.2e})")
         else:
-            solver = block_cg if (block and k > 1) else batched_pcg
             if block_size is None:
                 bs = max(1, int(2**30 // (8 * 8 * self.T * self.n)))
             else:
                 bs = max(1, int(block_size))
-            v = np.empty((b.size // k, k))
-            its, rels = 0, []
-            for c0 in range(0, k, bs):
-                c1 = min(k, c0 + bs)
-                vc, inf = solver(matvec, np.ascontiguousarray(b.reshape(-1, k)[:, c0:c1]),
-                                 rtol=rtol, maxiter=maxiter)
-                v[:, c0:c1] = vc
-                its = max(its, inf.iterations)
-                rels.append(inf.rel_residual)
-            rel = np.concatenate(rels)
-            info = CGInfo(its, rel, bool(np.all(rel <= 10 * rtol)))
+            cols = lambda Bc: batched_pcg(matvec, Bc, rtol=rtol, maxiter=maxiter)  # noqa: E731
+            v, info = _solve_columns(
+                b.reshape(-1, k), bs, rtol,
+                (lambda Bc: block_cg(matvec, Bc, rtol=rtol, maxiter=maxiter)) if block else cols,
+                cols)
         X = self.whiten_inverse(v.reshape(shp)) + mu
         X = np.moveaxis(X, -1, 0).reshape(k, *grid)
         X = X[0] if single else X
@@ -1115,23 +1128,14 @@ class SPDEPrior:
 
         c = rs * (Y.reshape(k, T * n)[:, obs] - mean.reshape(-1)[obs]).T  # (m, k)
         bs = k if block_size is None else max(1, int(block_size))
-        Wsol = np.empty((m, k))
-        its, rels = 0, []
-        for c0 in range(0, k, bs):
-            c1 = min(k, c0 + bs)
-            bc = np.ascontiguousarray(c[:, c0:c1])
-            if block and c1 - c0 > 1:
-                wc, inf = block_cg(matvec, bc, rtol=rtol, maxiter=maxiter)
-            else:
-                wc, inf = batched_pcg(matvec, bc, rtol=rtol, maxiter=maxiter)
-            Wsol[:, c0:c1] = wc
-            its = max(its, inf.iterations)
-            rels.append(inf.rel_residual)
-        rel = np.concatenate(rels)
+        cols = lambda Bc: batched_pcg(matvec, Bc, rtol=rtol, maxiter=maxiter)  # noqa: E731
+        Wsol, info = _solve_columns(
+            c, bs, rtol,
+            (lambda Bc: block_cg(matvec, Bc, rtol=rtol, maxiter=maxiter)) if block else cols, cols)
         sqf = sq.reshape(ny, nx)
         for c0 in range(0, k, chunk):
             X[c0:c0 + chunk] += core(Wsol[:, c0:c0 + chunk]).transpose(3, 2, 1, 0) * sqf
-        return X, CGInfo(its, rel, bool(np.all(rel <= 10 * rtol)))
+        return X, info
 
     def _posterior_pcg(self, Ri, U, rtol, maxiter, block_size, block=False):
         T, n, k = self.T, self.n, U.shape[-1]
@@ -1153,22 +1157,15 @@ class SPDEPrior:
             bs = k if not block else max(1, int(2**30 // (10 * 8 * N)))
         else:
             bs = max(1, int(block_size))
-        X = np.empty((N, k))
-        its, rels = 0, []
-        for c0 in range(0, k, bs):
-            c1 = min(k, c0 + bs)
-            Bc = np.ascontiguousarray(B[:, c0:c1])
-            if block and c1 - c0 > 1:
-                xc, inf = block_pcg(matvec, Bc, precond=prec, metric=metric, rtol=rtol,
-                                    maxiter=maxiter)
-            else:
-                xc, inf = batched_pcg(matvec, Bc, precond=prec, rtol=rtol, maxiter=maxiter,
-                                      norm="preconditioned", flexible=True)
-            X[:, c0:c1] = xc
-            its = max(its, inf.iterations)
-            rels.append(inf.rel_residual)
-        rel = np.concatenate(rels)
-        return X.reshape(T, n, k), CGInfo(its, rel, bool(np.all(rel <= 10 * rtol)))
+        def cols(Bc):
+            return batched_pcg(matvec, Bc, precond=prec, rtol=rtol, maxiter=maxiter,
+                               norm="preconditioned", flexible=True)
+
+        def blk(Bc):
+            return block_pcg(matvec, Bc, precond=prec, metric=metric, rtol=rtol, maxiter=maxiter)
+
+        X, info = _solve_columns(B, bs, rtol, blk if block else cols, cols)
+        return X.reshape(T, n, k), info
 
     # ------------------------------------------------------------------ two-level solve
     def _coupling_csr(self) -> tuple[sp.csr_matrix, sp.csr_matrix, np.ndarray]:

@@ -64,6 +64,17 @@ def _modes_to_fields_py(X, out):  # pragma: no cover - compiled below
                         out[q, t, i, j] = X[j, i, t, q]
 
 
+@njit(**_JIT)
+def _back_sweep(Z, lo, j, i):  # pragma: no cover - compiled
+    """``Z[j, i] <- Lhat^{-T} Z[j, i]`` (unit upper bidiagonal, ``-lo`` above the diagonal)
+    for mode ``(j, i)`` of ``Z`` ``(nx, ny, T, c)``."""
+    T, c = Z.shape[2], Z.shape[3]
+    for t in range(T - 2, -1, -1):
+        lt = lo[t + 1, j, i]
+        for q in range(c):
+            Z[j, i, t, q] -= lt * Z[j, i, t + 1, q]
+
+
 def _qhat_solve_py(Z, d, lo):  # pragma: no cover - compiled below
     """``Z <- Qhat^{-1} Z`` per mode: ``Z`` ``(nx, ny, T, c)``, ``Qhat = L D L^T`` with pivots
     ``d`` and sub-diagonal ``lo`` ``(T, nx, ny)`` of the unit bidiagonal ``L``."""
@@ -78,10 +89,7 @@ def _qhat_solve_py(Z, d, lo):  # pragma: no cover - compiled below
                 inv = 1.0 / d[t, j, i]
                 for q in range(c):
                     Z[j, i, t, q] *= inv
-            for t in range(T - 2, -1, -1):
-                lt = lo[t + 1, j, i]
-                for q in range(c):
-                    Z[j, i, t, q] -= lt * Z[j, i, t + 1, q]
+            _back_sweep(Z, lo, j, i)
 
 
 def _whiten_py(Z, d, lo):  # pragma: no cover - compiled below
@@ -93,10 +101,7 @@ def _whiten_py(Z, d, lo):  # pragma: no cover - compiled below
                 inv = 1.0 / np.sqrt(d[t, j, i])
                 for q in range(c):
                     Z[j, i, t, q] *= inv
-            for t in range(T - 2, -1, -1):
-                lt = lo[t + 1, j, i]
-                for q in range(c):
-                    Z[j, i, t, q] -= lt * Z[j, i, t + 1, q]
+            _back_sweep(Z, lo, j, i)
 
 
 # serial kernels (one thread: prange is range) and parallel ones (``threads > 1``: numba's
