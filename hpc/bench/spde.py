@@ -57,7 +57,7 @@ import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
-from oceanda.assim.ensemble import matheron_members
+from oceanda.assim.ensemble import matheron_members, spread_skill
 from oceanda.priors.spde import SPDEPrior, tau_for_std
 
 
@@ -320,7 +320,7 @@ def main(argv=None) -> int:
         t_s = time.perf_counter() - t
         members = matheron_members(recon, ym, maskm, R, S, rng=rngm)
         t_m = time.perf_counter() - t
-        ss = np.sqrt(members.var(0, ddof=1).mean() / ((members.mean(0) - truthm) ** 2).mean())
+        ss = spread_skill(members, truthm)
         row(f"members N={a.members}", msize, t_m, prior_sampling_s=round(t_s, 2),
             cg_iterations_max_block=its[0], block_size=a.block_size or "auto",
             cpu_s=round(time.process_time() - c_m, 2), threads=Pm.threads,
@@ -347,8 +347,7 @@ def main(argv=None) -> int:
                 seconds_per_member=round(t_p / kp, 2),
                 seconds_per_member_new=round(t_m / a.members, 3),
                 per_member_ratio_previous_over_new=round((t_p / kp) / (t_m / a.members), 1),
-                spread_skill=round(float(np.sqrt(mp.var(0, ddof=1).mean()
-                                                 / ((mp.mean(0) - truthm) ** 2).mean())), 3))
+                spread_skill=round(spread_skill(mp, truthm), 3))
             del Pp, Sp, mp
 
     print("\n| row | size | seconds | peak RSS MB | notes |\n|---|---|---|---|---|")

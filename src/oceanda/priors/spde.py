@@ -727,7 +727,8 @@ class SPDEPrior:
         ``ny x ny`` products, nothing factorised. The solve is in observation space (the
         representer form, Bennett 1992)::
 
-            x = mu + Sigma H^T R^{-1/2} w,   (I + R^{-1/2} H Sigma H^T R^{-1/2}) w = R^{-1/2} (y - H mu)
+            x = mu + Sigma H^T R^{-1/2} w,
+            (I + R^{-1/2} H Sigma H^T R^{-1/2}) w = R^{-1/2} (y - H mu)
 
         by CG on ``m``-vectors (``m`` observations; the matrix has the eigenvalues of the
         whitened system above 1, so the same convergence), stopping at ``||r|| <= rtol ||b||``
@@ -839,8 +840,8 @@ class SPDEPrior:
                 is False (NaN allowed there).
             mask: ``(T, ny, nx)`` bool.
             R: observation-error variance, scalar or ``(T, ny, nx)`` (> 0).
-            device: with the spectral solver, run it in torch on this device (e.g. ``"cuda"``;
-                float64, columns by plain CG); ``None``: numpy.
+            device: with the spectral solver, run its covariance products in torch on this
+                device (e.g. ``"cuda"``, float64; the CG is the same); ``None``: numpy.
             solver: ``"auto"``, ``"spectral"``, ``"pcg"`` or ``"whitened"`` (above);
                 ``coarse`` selects the two-level variant whatever ``solver`` says (and
                 ``split`` the whitened one).
@@ -1073,25 +1074,13 @@ class SPDEPrior:
                             device=None):
         """Posterior means ``(k, T, ny, nx)`` of the right-hand sides ``Y`` ``(k, T, ny, nx)``
         in the representer form with the spectral covariance (:meth:`posterior_mean`,
-        ``solver="spectral"``), and the :class:`CGInfo`. ``device``: the torch path there
-        (whitened CG, columns independent, float64)."""
+        ``solver="spectral"``), and the :class:`CGInfo`. ``device``: the covariance products
+        run in torch there (:class:`TorchSeparableSpectrum`); the CG on the ``m``-vectors is
+        the same."""
         spec = self.spectrum()
         T, n, k = self.T, self.n, Y.shape[0]
         ny, nx = self.shape
         mean = self._mean_np().reshape(T, ny, nx)
-        if device is not None:
-            Ri = np.where(mask, 1.0 / np.where(mask, Rv, 1.0), 0.0).reshape(T, n, 1)
-            U = np.moveaxis(np.where(mask[None], Y - mean[None], 0.0).reshape(k, T, n), 0, -1)
-            ts = TorchSeparableSpectrum(spec, device=device)
-            tt = lambda a: torch.as_tensor(a, dtype=torch.float64, device=ts.device)  # noqa
-            d, its, rel = ts.posterior(tt(Ri), tt(U), rtol=rtol, maxiter=maxiter)
-            rel = rel.cpu().numpy()
-            info = CGInfo(its, rel, bool(np.all(rel <= 10 * rtol)))
-            if not info.converged:
-                raise NumericalError(f"spectral CG did not reach rtol={rtol:g} in {maxiter} "
-                                     f"iterations (worst relative residual {rel.max():.2e})")
-            X = np.moveaxis(d.cpu().numpy(), -1, 0).reshape(k, T, ny, nx) + mean[None]
-            return X, info
         # representer form: x - mu = Sigma H^T R^{-1/2} w, (I + B B^T) w = R^{-1/2} (y - H mu),
         # B = R^{-1/2} H S^{1/2} U W (m x T n): CG on m-vectors, so block CG with many
         # right-hand sides costs O(m k^2), not O(T n k^2)
@@ -1107,23 +1096,43 @@ class SPDEPrior:
         chunk = max(1, int(2**28 // (8 * T * n)))  # columns per transform (~256 MB arrays)
         ot, oi, oj = obs // n, (obs % n) // nx, obs % nx
         xo = (oj * ny + oi) * T + ot  # the observations' rows in the x-major layout
-        work: dict = {}  # buffers reused by every product
+        if device is None:
+            work: dict = {}  # buffers reused by every product
 
-        def core(w):  # U Qhat^{-1} U^T S^{1/2} H^T R^{-1/2} w, x-major (nx, ny, T, c)
-            P = work.get("P")
-            if P is None or P.shape[1] != w.shape[1]:
-                P = work["P"] = np.zeros((nx * ny * T, w.shape[1]))
-            else:
-                P.fill(0.0)
-            P[xo] = coef * w
-            # may share memory with P: every caller consumes it before the next product
-            return spec.covariance_xmajor(P.reshape(nx, ny, T, -1), work)
+            def core(w):  # U Qhat^{-1} U^T S^{1/2} H^T R^{-1/2} w, x-major (nx, ny, T, c)
+                P = work.get("P")
+                if P is None or P.shape[1] != w.shape[1]:
+                    P = work["P"] = np.zeros((nx * ny * T, w.shape[1]))
+                else:
+                    P.fill(0.0)
+                P[xo] = coef * w
+                # may share memory with P: every caller consumes it before the next product
+                return spec.covariance_xmajor(P.reshape(nx, ny, T, -1), work)
+
+            def at_obs(F):  # (m, c) values of x-major fields at the observations
+                return F.reshape(-1, F.shape[-1])[xo]
+
+            to_np = np.asarray
+        else:
+            ts = TorchSeparableSpectrum(spec, device=device)
+            xo_t = torch.as_tensor(xo, device=ts.device)
+
+            def core(w):  # the same on the device (fields stay there)
+                P = torch.zeros((nx * ny * T, w.shape[1]), dtype=ts.dtype, device=ts.device)
+                P[xo_t] = torch.as_tensor(coef * w, dtype=ts.dtype, device=ts.device)
+                return ts.covariance_xmajor(P.reshape(nx, ny, T, -1))
+
+            def at_obs(F):  # gathered on the device: only m values per column come back
+                return F.reshape(-1, F.shape[-1])[xo_t].cpu().numpy()
+
+            def to_np(F):
+                return F.cpu().numpy()
 
         def matvec(w):
             out = np.empty_like(w)
             for c0 in range(0, w.shape[1], chunk):
                 wc = w[:, c0:c0 + chunk]
-                out[:, c0:c0 + chunk] = wc + coef * core(wc).reshape(-1, wc.shape[1])[xo]
+                out[:, c0:c0 + chunk] = wc + coef * at_obs(core(wc))
             return out
 
         c = rs * (Y.reshape(k, T * n)[:, obs] - mean.reshape(-1)[obs]).T  # (m, k)
@@ -1134,7 +1143,7 @@ class SPDEPrior:
             (lambda Bc: block_cg(matvec, Bc, rtol=rtol, maxiter=maxiter)) if block else cols, cols)
         sqf = sq.reshape(ny, nx)
         for c0 in range(0, k, chunk):
-            X[c0:c0 + chunk] += core(Wsol[:, c0:c0 + chunk]).transpose(3, 2, 1, 0) * sqf
+            X[c0:c0 + chunk] += to_np(core(Wsol[:, c0:c0 + chunk])).transpose(3, 2, 1, 0) * sqf
         return X, info
 
     def _posterior_pcg(self, Ri, U, rtol, maxiter, block_size, block=False):

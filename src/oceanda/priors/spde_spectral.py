@@ -177,20 +177,8 @@ class SeparableSpectrum:
         return X.reshape(T, self.n, k)
 
     # -------------------------------------------------------------- per-mode time algebra
-    def qhat_solve(self, Z: np.ndarray) -> np.ndarray:
-        """``Qhat^{-1} Z`` for modes ``Z`` ``(nx, ny, T, k)`` (a new array)."""
-        Z = np.array(Z, dtype=np.float64)
-        d, lo = self._d[..., None], self._lo[..., None]  # (T, nx, ny, 1)
-        for t in range(1, self.T):
-            Z[:, :, t] -= lo[t] * Z[:, :, t - 1]
-        for t in range(self.T):
-            Z[:, :, t] /= d[t]
-        for t in range(self.T - 2, -1, -1):
-            Z[:, :, t] -= lo[t + 1] * Z[:, :, t + 1]
-        return Z
-
     def qhat_apply(self, Z: np.ndarray) -> np.ndarray:
-        """``Qhat Z`` for modes ``Z`` ``(nx, ny, T, k)``."""
+        """``Qhat Z`` for modes ``Z`` ``(nx, ny, T, k)`` (for :meth:`apply`)."""
         out = self._diag.transpose(1, 2, 0)[..., None] * Z
         if self.T > 1:
             f = self.f[:, :, None, None]
@@ -228,32 +216,17 @@ class SeparableSpectrum:
 
     # -------------------------------------------------------------- public operations
     def solve(self, R: np.ndarray) -> np.ndarray:
-        """``Q^{-1} R`` for ``R`` ``(T, n, k)``."""
-        return self._scale(self.from_modes(self.qhat_solve(self.to_modes(self._scale(R, 1)))),
-                           1)
+        """``Q^{-1} R`` for ``R`` ``(T, n, k)`` (through :meth:`covariance_xmajor`)."""
+        T, n, k = R.shape
+        F = np.ascontiguousarray(self._scale(R, 1).reshape(T, self.ny, self.nx, k)
+                                 .transpose(2, 1, 0, 3))
+        X = self.covariance_xmajor(F).transpose(2, 1, 0, 3).reshape(T, n, k)
+        return self._scale(X, 1)
 
     def apply(self, X: np.ndarray) -> np.ndarray:
         """``Q X`` for ``X`` ``(T, n, k)`` (the spectral form; equal to the sparse ``Q``)."""
         return self._scale(self.from_modes(self.qhat_apply(self.to_modes(self._scale(X, -1)))),
                            -1)
-
-    def whiten(self, Zw: np.ndarray) -> np.ndarray:
-        """``W z = Lhat^{-T} D^{-1/2} z`` for modes ``Zw`` ``(nx, ny, T, k)``, so that
-        ``W W^T = Qhat^{-1}`` (``Qhat = Lhat D Lhat^T``); a new array."""
-        W = Zw / np.sqrt(self._d.transpose(1, 2, 0))[..., None]
-        lo = self._lo[..., None]
-        for t in range(self.T - 2, -1, -1):
-            W[:, :, t] -= lo[t + 1] * W[:, :, t + 1]
-        return W
-
-    def whiten_t(self, Zm: np.ndarray) -> np.ndarray:
-        """``W^T z = D^{-1/2} Lhat^{-1} z`` for modes ``Zm`` ``(nx, ny, T, k)``."""
-        Z = np.array(Zm, dtype=np.float64)
-        lo = self._lo[..., None]
-        for t in range(1, self.T):
-            Z[:, :, t] -= lo[t] * Z[:, :, t - 1]
-        Z /= np.sqrt(self._d.transpose(1, 2, 0))[..., None]
-        return Z
 
     def sample_fields(self, Zn: np.ndarray | None = None, chunk: int | None = None, *,
                       rng: np.random.Generator | None = None, k: int | None = None,
@@ -366,8 +339,9 @@ class TorchSeparableSpectrum:
     """The same factors in torch on any device (the GPU path of the spectral solver).
 
     The DCT in ``x`` is a product with the orthonormal DCT-II matrix ``C`` (``nx x nx``), so
-    a whole transform is two batched matrix products; every operation mirrors
-    :class:`SeparableSpectrum` on arrays ``(T, n, k)`` / modes ``(nx, ny, T, k)``.
+    a whole transform is two matrix products; :meth:`covariance_xmajor` and :meth:`sample`
+    mirror :class:`SeparableSpectrum`'s (the posterior solve itself is shared:
+    :meth:`SPDEPrior.posterior_mean` with ``device=``).
     """
 
     def __init__(self, spec: SeparableSpectrum, device=None, dtype=None):
@@ -385,75 +359,32 @@ class TorchSeparableSpectrum:
         self.lo = t(spec._lo)[..., None]  # (T, nx, ny, 1)
         self.device, self.dtype = self.V.device, dtype
 
-    def to_modes(self, R):
-        T, n, k = R.shape
-        X = R.reshape(T, self.ny, self.nx, k).permute(2, 1, 0, 3).reshape(self.nx, -1)
-        X = (self.C @ X).reshape(self.nx, self.ny, T * k)
-        return self.torch.bmm(self.Vt, X).reshape(self.nx, self.ny, T, k)
-
-    def from_modes(self, Z):
-        nx, ny, T, k = Z.shape
-        X = self.torch.bmm(self.V, Z.reshape(nx, ny, T * k)).reshape(nx, -1)
-        X = (self.C.T @ X).reshape(nx, ny, T, k).permute(2, 1, 0, 3)
-        return X.reshape(T, self.n, k)
+    def _synthesis(self, Z):
+        """``U Z`` for modes ``Z`` ``(nx, ny, T, c)``, x-major fields of the same shape."""
+        nx, ny = self.nx, self.ny
+        X = self.torch.bmm(self.V, Z.reshape(nx, ny, -1))
+        return (self.C.T @ X.reshape(nx, -1)).reshape(Z.shape)
 
     def whiten(self, Zw):
+        """``W z = Lhat^{-T} D^{-1/2} z`` per mode (a new tensor)."""
         W = Zw / self.sqrt_d
         for t in range(self.T - 2, -1, -1):
             W[:, :, t] -= self.lo[t + 1] * W[:, :, t + 1]
         return W
 
-    def whiten_t(self, Zm):
-        Z = Zm.clone()
-        for t in range(1, self.T):
+    def covariance_xmajor(self, F):
+        """:meth:`SeparableSpectrum.covariance_xmajor` (``U W W^T U^T`` of x-major fields
+        ``(nx, ny, T, c)``) in torch."""
+        nx, ny = self.nx, self.ny
+        Z = self.torch.bmm(self.Vt, (self.C @ F.reshape(nx, -1)).reshape(nx, ny, -1))
+        Z = Z.reshape(F.shape)
+        for t in range(1, self.T):  # W^T = D^{-1/2} Lhat^{-1}
             Z[:, :, t] -= self.lo[t] * Z[:, :, t - 1]
-        return Z / self.sqrt_d
-
-    def scale(self, X):
-        """``S^{1/2} X`` for ``X`` ``(T, n, k)``."""
-        T, n, k = X.shape
-        return (X.reshape(T, self.ny, self.nx, k) * self.sqrt_s[None, :, :, None]).reshape(
-            T, n, k)
+        return self._synthesis(self.whiten(Z / self.sqrt_d))
 
     def sample(self, Zn):
+        """:meth:`SeparableSpectrum.sample` in torch: ``(T, n, k)`` draws for ``Zn``."""
         T, n, k = Zn.shape
-        W = self.whiten(Zn.reshape(T, self.nx, self.ny, k).permute(1, 2, 0, 3).contiguous())
-        return self.scale(self.from_modes(W))
-
-    def posterior(self, Ri, U, rtol: float = 1e-8, maxiter: int = 5000):
-        """Whitened CG in the modes (as :meth:`SPDEPrior.posterior_mean` with
-        ``solver="spectral"``, columns independent): returns ``(d (T, n, k), iterations,
-        relative residuals (k,))`` with ``x = mu + d``; ``Ri`` ``(T, n, 1)`` observation
-        precisions (0 where unobserved), ``U`` ``(T, n, k)`` innovations."""
-        torch = self.torch
-        T, n, k = U.shape
-        nm = T * n
-        sRi = Ri * (self.sqrt_s**2).expand(self.ny, self.nx).reshape(1, n, 1)
-
-        def G(v):
-            return self.from_modes(self.whiten(v.reshape(self.nx, self.ny, T, -1)))
-
-        def Gt(u):
-            return self.whiten_t(self.to_modes(u)).reshape(nm, -1)
-
-        def A(v):
-            return v + Gt(sRi * G(v))
-
-        b = Gt(self.scale(Ri * U))
-        x = torch.zeros_like(b)
-        r = b.clone()
-        p = r.clone()
-        rr = (r * r).sum(0)
-        bn = rr.sqrt().clamp_min(torch.finfo(b.dtype).tiny)
-        it = 0
-        while it < maxiter and bool(((rr.sqrt() / bn) > rtol).any()):
-            Ap = A(p)
-            alpha = rr / (p * Ap).sum(0).clamp_min(torch.finfo(b.dtype).tiny)
-            x += alpha * p
-            r -= alpha * Ap
-            rr_new = (r * r).sum(0)
-            p = r + (rr_new / rr.clamp_min(torch.finfo(b.dtype).tiny)) * p
-            rr = rr_new
-            it += 1
-        rel = (b - A(x)).norm(dim=0) / bn
-        return self.scale(G(x)), it, rel
+        W = self.whiten(Zn.reshape(T, self.nx, self.ny, k).permute(1, 2, 0, 3))
+        X = self._synthesis(W).permute(2, 1, 0, 3)  # (T, ny, nx, k)
+        return (X * self.sqrt_s[None, :, :, None]).reshape(T, n, k)
