@@ -228,6 +228,32 @@ _gen_cache: dict = {}
 _gen_lock = threading.Lock()
 
 
+def _tile_load_src(arr: str, k: int, tw: int, rs: int) -> str:
+    """Source of the tile load shared by the generated kernels: the lower band ``arr``
+    ``(B, n, k+1)`` of the tile's systems into ``W`` (``i, w, j`` order: measured fastest);
+    a full tile has constant trip counts (unrolled), a partial one puts identity matrices in
+    the lanes past the batch."""
+    k1 = k + 1
+    return f"""        if nl == {tw}:
+            for i in range(n):
+                ub = U((i + {k}) * {rs})
+                for w in range({tw}):
+                    uw = U(w)
+                    for j in range({k1}):
+                        W[ub + uw + U(j * {tw})] = {arr}[u0 + uw, i, j] if j <= i else 0.0
+        else:
+            for i in range(n):
+                ub = U((i + {k}) * {rs})
+                for w in range({tw}):
+                    uw = U(w)
+                    for j in range({k1}):
+                        if w < nl:
+                            W[ub + uw + U(j * {tw})] = {arr}[u0 + uw, i, j] if j <= i else 0.0
+                        else:
+                            W[ub + uw + U(j * {tw})] = 1.0 if j == 0 else 0.0
+"""
+
+
 def _gen_source(k: int, tw: int) -> str:
     k1, rs = k + 1, (k + 3) * tw
     inv, yo = k1 * tw, (k1 + 1) * tw
@@ -267,25 +293,8 @@ def kernel(band, b, L, x, info, store_l, do_solve, W, first):
     for t0 in range(0, nb, {tw}):
         nl = min({tw}, nb - t0)
         u0 = U(t0)
-        # transpose the tile's band into W (i, w, j order: measured fastest)
-        if nl == {tw}:
-            for i in range(n):
-                ub = U((i + {k}) * {rs})
-                for w in range({tw}):
-                    uw = U(w)
-                    for j in range({k1}):
-                        W[ub + uw + U(j * {tw})] = band[u0 + uw, i, j] if j <= i else 0.0
-        else:  # partial tile: identity matrices in the lanes past the batch
-            for i in range(n):
-                ub = U((i + {k}) * {rs})
-                for w in range({tw}):
-                    uw = U(w)
-                    for j in range({k1}):
-                        if w < nl:
-                            W[ub + uw + U(j * {tw})] = band[u0 + uw, i, j] if j <= i else 0.0
-                        else:
-                            W[ub + uw + U(j * {tw})] = 1.0 if j == 0 else 0.0
-        if do_solve:  # b (B, n): contiguous reads, one system at a time
+        # transpose the tile's band into W
+{_tile_load_src('band', k, tw, rs)}        if do_solve:  # b (B, n): contiguous reads, one system at a time
             for w in range(nl):
                 uw = U(w)
                 for i in range(n):
@@ -397,24 +406,7 @@ def kernel(L, gin, xs, g, gband, scale, do_band, W):
         nl = min({tw}, nb - t0)
         u0 = U(t0)
         # the tile's factor into W (identity in the lanes past the batch), 1 / L[i, i]
-        if nl == {tw}:  # (constant trip counts: unrolled)
-            for i in range(n):
-                ub = U((i + {k}) * {rs})
-                for w in range({tw}):
-                    uw = U(w)
-                    for j in range({k1}):
-                        W[ub + uw + U(j * {tw})] = L[u0 + uw, i, j] if j <= i else 0.0
-        else:
-            for i in range(n):
-                ub = U((i + {k}) * {rs})
-                for w in range({tw}):
-                    uw = U(w)
-                    for j in range({k1}):
-                        if w < nl:
-                            W[ub + uw + U(j * {tw})] = L[u0 + uw, i, j] if j <= i else 0.0
-                        else:
-                            W[ub + uw + U(j * {tw})] = 1.0 if j == 0 else 0.0
-        for i in range(n):
+{_tile_load_src('L', k, tw, rs)}        for i in range(n):
             ub = U((i + {k}) * {rs})
             for w in range({tw}):
                 W[ub + U({inv}) + U(w)] = 1.0 / W[ub + U(w)]
