@@ -335,6 +335,7 @@ def test_demo_scores_oi_and_4dvarnet_side_by_side(tmp_path, capsys):
     ("[{method: {name: 4dvarnet}, patch: {sizes: [15,16,16]}}]", "demo.compare[0].patch.sizes"),
     ("[{method: {name: 4dvarnet}, extra: 1}]", "unknown key"),
     ("[{method: {name: nosuchmethod}}]", "unknown method 'nosuchmethod'"),
+    ("[{method: {name: 4dvarnet, checkpoint: NOFILE.pt}}]", "checkpoint NOFILE.pt: no such file"),
 ])
 def test_demo_compare_errors_before_anything_runs(tmp_path, capsys, compare, message):
     rc = main(["infer", f"demo.dir={tmp_path / 'demo'}", f"demo.compare={compare}", *PATCH15])

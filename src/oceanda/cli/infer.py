@@ -175,10 +175,11 @@ def run(cfg: DictConfig) -> int:
         runs = [cfg]
         if not cfg.dry_run:
             runs += _compare_configs(cfg)
-        from oceanda.assim.registry import get as get_method
+        from oceanda.assim.registry import build_method
 
-        for sub in runs:  # validate every method's name before the (long) first run
-            get_method(_method_kwargs(sub)[0])
+        for sub in runs:  # build every method (name, options, checkpoint) before the long first run
+            name, method_cfg = _method_kwargs(sub)
+            build_method(name, **method_cfg)
         rows = []
         for sub in runs:
             obs_path, truth_path, out_dir = _demo_paths(sub, comm)
