@@ -316,7 +316,9 @@ def test_demo_scores_oi_and_4dvarnet_side_by_side(tmp_path, capsys):
             "demo.generate.domain={name: box, lon_min: -60, lon_max: -58.4, lat_min: 35, lat_max: 36.6,"
             " resolution: 0.05, land: false}",
             'demo.generate.period={start: "2012-10-01", end: "2012-10-20"}', "demo.generate.figures=false"]
-    assert main(["infer", *demo, *PATCH15]) == 0
+    small = "{size: [15,16,16], stride: [1,12,12], crop: [2,2]}"  # the default's 64 x 64: too big here
+    compare = f"demo.compare=[{{method: {{name: 4dvarnet, checkpoint: null}}, patch: {small}}}]"
+    assert main(["infer", *demo, *PATCH15, compare]) == 0
     text = capsys.readouterr().out
     side = text.split("side by side")[1].splitlines()
     assert side[1].split()[:2] == ["method", "mu"]

@@ -54,6 +54,22 @@ def test_default_checkpoint_matches_its_config_and_training_record():
     assert hist[ck["epoch"]]["val_rmse"] < hist[0]["val_rmse"]
 
 
+
+def test_demo_runs_the_shipped_weights_on_their_training_patches():
+    """`oceanda infer` (the demo) scores the shipped 4DVarNet on the patch geometry it was trained
+    on (held-out lambda_x 1.16 deg there vs 1.24 deg on OI's 100 x 100 patches: README)."""
+    from omegaconf import OmegaConf
+
+    from oceanda.cli import config_dir
+
+    compare = OmegaConf.load(config_dir() / "infer.yaml").demo.compare
+    net = [c for c in compare if c.method.name == "4dvarnet" and c.method.get("checkpoint") is None]
+    assert len(net) == 1
+    trained = read_checkpoint(default_checkpoint(), expect=EXPECTED)["extra"]["patch"]
+    for key in ("size", "stride", "crop"):
+        assert list(net[0].patch[key]) == list(trained[key]), key
+
+
 def _synthetic_patch(seed: int, size: int = 64, length_km: float = 80.0):
     """A Gaussian SSH field (Matern 3/2, std 0.2 m like the Gulf Stream OSSE, correlation
     ``length_km``, 15 days) on a 1/20 deg patch, seen along 2 straight tracks a day (~1.3 %
