@@ -57,7 +57,8 @@ def test_default_checkpoint_matches_its_config_and_training_record():
 
 def test_demo_runs_the_shipped_weights_on_their_training_patches():
     """`oceanda infer` (the demo) scores the shipped 4DVarNet on the patch geometry it was trained
-    on (held-out lambda_x 1.16 deg there vs 1.24 deg on OI's 100 x 100 patches: README)."""
+    on (held-out lambda_x 1.17 deg there vs 1.24 deg on OI's 100 x 100 patches: README); a window
+    every 5 days rather than every day (1.16 deg) keeps the demo short."""
     from omegaconf import OmegaConf
 
     from oceanda.cli import config_dir
@@ -66,8 +67,9 @@ def test_demo_runs_the_shipped_weights_on_their_training_patches():
     net = [c for c in compare if c.method.name == "4dvarnet" and c.method.get("checkpoint") is None]
     assert len(net) == 1
     trained = read_checkpoint(default_checkpoint(), expect=EXPECTED)["extra"]["patch"]
-    for key in ("size", "stride", "crop"):
-        assert list(net[0].patch[key]) == list(trained[key]), key
+    assert list(net[0].patch["size"]) == list(trained["size"])
+    assert list(net[0].patch["crop"]) == list(trained["crop"])
+    assert list(net[0].patch["stride"])[1:] == list(trained["stride"])[1:]  # in space
 
 
 def _synthetic_patch(seed: int, size: int = 64, length_km: float = 80.0):
