@@ -54,7 +54,6 @@ def test_default_checkpoint_matches_its_config_and_training_record():
     assert hist[ck["epoch"]]["val_rmse"] < hist[0]["val_rmse"]
 
 
-
 def test_demo_runs_the_shipped_weights_on_their_training_patches():
     """`oceanda infer` (the demo) scores the shipped 4DVarNet on the patch geometry it was trained
     on (held-out lambda_x 1.17 deg there vs 1.24 deg on OI's 100 x 100 patches: README); a window

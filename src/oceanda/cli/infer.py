@@ -177,13 +177,14 @@ def run(cfg: DictConfig) -> int:
             runs += _compare_configs(cfg)
         from oceanda.assim.registry import build_method
 
-        for sub in runs:  # build every method (name, options, checkpoint) before the long first run
+        methods = []
+        for sub in runs:  # every method (name, options, checkpoint) built before the long first run
             name, method_cfg = _method_kwargs(sub)
-            build_method(name, **method_cfg)
+            methods.append(build_method(name, **method_cfg))
         rows = []
-        for sub in runs:
+        for sub, method in zip(runs, methods):
             obs_path, truth_path, out_dir = _demo_paths(sub, comm)
-            row = _run_one(sub, comm, obs_path, truth_path, out_dir)
+            row = _run_one(sub, comm, obs_path, truth_path, out_dir, method)
             if row is not None:
                 rows.append(row)
         if comm.rank == 0 and len(rows) > 1:
@@ -200,8 +201,9 @@ def run(cfg: DictConfig) -> int:
 
 
 def _run_one(cfg: DictConfig, comm, obs_path: str, truth_path: str | None,
-             out_dir: str | None) -> dict[str, Any] | None:
-    """One inference run (+ evaluation when ``truth_path``); the scores on rank 0, else None."""
+             out_dir: str | None, method: Any = None) -> dict[str, Any] | None:
+    """One inference run (+ evaluation when ``truth_path``); the scores on rank 0, else None.
+    ``method``: the method built from ``cfg.method`` (None: built here)."""
     from oceanda.assim.registry import build_method
     from oceanda.data.patches import PatchGeometry, make_patches
     from oceanda.data.store import AnalysisStore, ObsSource, to_json_attr
@@ -211,7 +213,8 @@ def _run_one(cfg: DictConfig, comm, obs_path: str, truth_path: str | None,
     from oceanda.parallel.restart import RunState
 
     name, method_cfg = _method_kwargs(cfg)
-    method = build_method(name, **method_cfg)
+    if method is None:
+        method = build_method(name, **method_cfg)
     geometry = PatchGeometry(**{k: tuple(v) if isinstance(v, list) else v
                                 for k, v in _container(cfg.patch).items()})
     n_time = getattr(getattr(method, "cfg", None), "n_time", None)  # trained window length (4DVarNet)
