@@ -278,8 +278,9 @@ def fit_spread_scale(members, centre, truth, mask=None, *, finite_ensemble: bool
     (the bench's ratio, ``oceanda.assim.ensemble.spread_skill``); ``k = 1`` makes that ratio 1.
 
     Returns ``{"spread_scale": c, "spread_skill_before", "spread_skill_after", "rmse_centre"
-    (sqrt(A)), "spread_before" (sqrt(V)), "n_members", "n_cells", "finite_ensemble"}``. Raises :class:`InputError` when the shapes disagree, nothing is selected, or
-    the members have no spread (``k V <= C``).
+    (sqrt(A)), "spread_before" (sqrt(V)), "n_members", "n_cells", "finite_ensemble"}``. Raises
+    :class:`InputError` when the shapes disagree, nothing is selected, or the members have no
+    spread (``k V <= C``).
     """
     m = np.asarray(members, dtype=np.float64)
     x = np.asarray(centre, dtype=np.float64)
@@ -305,7 +306,8 @@ def fit_spread_scale(members, centre, truth, mask=None, *, finite_ensemble: bool
     c = (B + math.sqrt(B * B + A * a)) / a
     ss = lambda c: math.sqrt(c * c * V / (A + 2 * c * B + c * c * C))  # noqa: E731
     return {"spread_scale": c, "spread_skill_before": ss(1.0), "spread_skill_after": ss(c),
-            "rmse_centre": math.sqrt(A), "spread_before": math.sqrt(V), "n_members": int(n), "n_cells": int(sel.sum()), "finite_ensemble": bool(finite_ensemble)}
+            "rmse_centre": math.sqrt(A), "spread_before": math.sqrt(V), "n_members": int(n),
+            "n_cells": int(sel.sum()), "finite_ensemble": bool(finite_ensemble)}
 
 
 def calibrate_spde_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, spread_scale: float,
