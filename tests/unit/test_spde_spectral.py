@@ -1,4 +1,4 @@
-"""Spectral form of separable SPDE priors (``oceanda.priors.spde_spectral``): every operation
+"""Spectral form of separable SPDE priors (``oceanda.priors.spde.spectral``): every operation
 against the dense ``Q`` assembled from the sparse blocks (float64), the sparse-path
 solvers, and Monte-Carlo bounds for the draws."""
 
@@ -184,7 +184,7 @@ def test_bad_sample_method():
 def test_torch_spectral_path_matches_numpy_and_dense():
     """The torch (GPU-ready) path on CPU: same posterior as the dense solve; same draws as
     the numpy spectral sampler for the same white noise."""
-    from oceanda.priors.spde_spectral import TorchSeparableSpectrum
+    from oceanda.priors.spde.spectral import TorchSeparableSpectrum
 
     P = _prior(ny=8, nx=6, T=4, alpha=2, mean=0.3)
     rng = np.random.default_rng(5)

@@ -64,7 +64,7 @@ from oceanda.errors import ConfigError, InputError, NumericalError
 from oceanda.linalg.sparse import (CGInfo, LUFactor, SPDFactor, SquarePlusIdentityFactor,
                                    batched_pcg, block_cg, block_pcg, stencil_to_csr)
 from oceanda.linalg.stencil import Stencil, diffusion_advection, power
-from oceanda.priors.spde_spectral import (SeparableSpectrum, TorchSeparableSpectrum,
+from oceanda.priors.spde.spectral import (SeparableSpectrum, TorchSeparableSpectrum,
                                           separable_spectrum)
 
 PARAM_NAMES = ("kappa", "tau", "gamma", "beta", "vx", "vy", "mx", "my")
