@@ -170,7 +170,7 @@ def test_spde_truth_stream_matches_prior_statistics():
 
 
 def test_spde_oi_threads_and_block_size_do_not_change_the_result():
-    # threads split the sweeps / the single solve (enlarged Krylov); block_size chunks the
+    # threads split the sweeps; block_size chunks the
     # ensemble's block CG: same members (same random draws) to the CG tolerance
     dx, dy, ocean, prior = _setup()
     T, (ny, nx) = prior.T, prior.shape

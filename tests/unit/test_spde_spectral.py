@@ -11,6 +11,7 @@ import torch
 from oceanda.assim.ensemble import matheron_members
 from oceanda.errors import ConfigError
 from oceanda.priors.spde import SPDEPrior
+from oceanda.priors.spde.precision import SPDEPrecision
 
 
 def _lat_grid(ny, nx, lat0=33.0, lat1=43.0):
@@ -32,7 +33,7 @@ def _prior(ny=7, nx=5, T=4, alpha=2, ocean=None, **kw):
 @pytest.mark.parametrize("T", [1, 2, 5])
 def test_apply_solve_logdet_match_dense(alpha, T):
     P = _prior(T=T, alpha=alpha)
-    spec = P.spectrum()
+    spec = P.precision.spectrum()
     assert spec is not None
     Q = P.precision_dense().numpy()
     N = Q.shape[0]
@@ -53,7 +54,7 @@ def test_apply_solve_logdet_match_dense(alpha, T):
 
 def test_whitening_factors_qhat_and_sample_covariance_within_mc_error():
     P = _prior(ny=4, nx=3, T=3, alpha=2)
-    spec = P.spectrum()
+    spec = P.precision.spectrum()
     Q = P.precision_dense().numpy()
     N = Q.shape[0]
     # W W^T = Qhat^{-1} in the modes, so U-side: S^{1/2} U W W^T U^T S^{1/2} = Q^{-1}
@@ -144,7 +145,7 @@ def test_non_separable_priors_fall_back_to_sparse_factors(case):
     elif case == "white_init":
         kw["init"] = "white"
     P = _prior(ny, nx, T, ocean=ocean, **kw)
-    assert P.spectrum() is None
+    assert P.precision.spectrum() is None
     grid = (T, ny, nx)
     mask = np.zeros(grid, bool)
     mask[:, 1, :] = True
@@ -165,7 +166,7 @@ def test_row_varying_kappa_and_tau_stay_separable():
     ny, nx = 6, 4
     kappa = torch.linspace(0.2, 0.5, ny)[:, None].expand(ny, nx).clone()
     P = _prior(ny, nx, 3, kappa=kappa)
-    spec = P.spectrum()
+    spec = P.precision.spectrum()
     assert spec is not None
     Q = P.precision_dense().numpy()
     X = np.random.default_rng(4).standard_normal((3, P.n, 2))
@@ -200,9 +201,9 @@ def test_torch_spectral_path_matches_numpy_and_dense():
     X, info = P.posterior_mean(Y, mask, R, rtol=1e-12, device="cpu", return_info=True)
     assert info.converged
     np.testing.assert_allclose(X, ref, atol=1e-9 * np.abs(ref).max())
-    ts = TorchSeparableSpectrum(P.spectrum(), device="cpu")
+    ts = TorchSeparableSpectrum(P.precision.spectrum(), device="cpu")
     Z = rng.standard_normal((P.T, P.n, 3))
-    np.testing.assert_allclose(ts.sample(torch.as_tensor(Z)).numpy(), P.spectrum().sample(Z),
+    np.testing.assert_allclose(ts.sample(torch.as_tensor(Z)).numpy(), P.precision.spectrum().sample(Z),
                                atol=1e-13)
     with pytest.raises(ConfigError, match="device"):
         P.posterior_mean(Y[0], mask, R, solver="pcg", device="cpu")
@@ -241,8 +242,8 @@ def test_threaded_kernels_match_serial():
 
 def test_spectrum_size_guard_falls_back_to_sparse(monkeypatch):
     P = _prior(ny=7, nx=5, T=2)
-    monkeypatch.setattr(SPDEPrior, "spectral_max_bytes", 8 * 5 * 7 * 7 - 1)
-    assert P.spectrum() is None
+    monkeypatch.setattr(SPDEPrecision, "spectral_max_bytes", 8 * 5 * 7 * 7 - 1)
+    assert P.precision.spectrum() is None
     P2 = _prior(ny=7, nx=5, T=2)
-    monkeypatch.setattr(SPDEPrior, "spectral_max_bytes", 8 * 5 * 7 * 7)
-    assert P2.spectrum() is not None
+    monkeypatch.setattr(SPDEPrecision, "spectral_max_bytes", 8 * 5 * 7 * 7)
+    assert P2.precision.spectrum() is not None

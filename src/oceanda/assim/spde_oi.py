@@ -31,6 +31,7 @@ from oceanda.assim.ensemble import matheron_members
 from oceanda.assim.registry import register
 from oceanda.errors import ConfigError
 from oceanda.priors.spde import SPDEPrior, tau_for_std
+from oceanda.priors.spde.posterior import SOLVERS
 
 
 @register("spde_oi")
@@ -61,7 +62,8 @@ class SPDEOptimalInterpolation:
         solver: posterior solver, ``"auto"`` (``"spectral"`` when the patch's prior is
             separable: no land, parameters constant along rows; otherwise the single-precision
             prior-preconditioned PCG for the mean alone, block CG on the whitened system for
-            ensembles), ``"spectral"``, ``"pcg"`` or ``"whitened"``; see
+            ensembles, the two-level PCG when ``coarse`` is set) or a key of
+            :data:`oceanda.priors.spde.posterior.SOLVERS`; see
             :meth:`SPDEPrior.posterior_mean`. Prior draws for the members use the spectral
             sampler when the prior is separable (``SPDEPrior.sample(method="auto")``).
         block_size: right-hand sides per block CG for the ensemble (memory: about 8 arrays
@@ -101,9 +103,12 @@ class SPDEOptimalInterpolation:
         if block_size is not None and (int(block_size) != block_size or block_size < 1):
             raise ConfigError(f"spde_oi: block_size must be null or an integer >= 1, got "
                               f"{block_size}")
-        if solver not in ("auto", "spectral", "pcg", "whitened"):
-            raise ConfigError(f"spde_oi: solver must be 'auto', 'spectral', 'pcg' or "
-                              f"'whitened', got {solver!r}")
+        if solver != "auto" and solver not in SOLVERS:
+            raise ConfigError(f"spde_oi: solver must be 'auto' or one of "
+                              f"{', '.join(map(repr, SOLVERS))}, got {solver!r}")
+        if coarse is not None and solver not in ("auto", "two_level"):
+            raise ConfigError(f"spde_oi: coarse is the option of solver 'two_level', not "
+                              f"{solver!r}")
         self.factor, self.threads, self.block_size = factor, threads, block_size
         self.backend, self.solver = backend, solver
         # validate the SPDE parameters once, on a tiny grid
