@@ -57,7 +57,8 @@ import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
-from oceanda.assim.ensemble import matheron_members, spread_skill
+from oceanda.assim.ensemble import matheron_members
+from oceanda.metrics.ensemble import spread_skill_members as spread_skill
 from oceanda.priors.spde import SPDEPrior, tau_for_std
 from oceanda.priors.spde.posterior import SOLVERS, Options, choose
 
