@@ -72,33 +72,7 @@ def test_whitening_factors_qhat_and_sample_covariance_within_mc_error():
     assert abs(draws.mean()) < 5 * np.sqrt(Ci.sum() / N**2 / n_s)
 
 
-@pytest.mark.parametrize("alpha,T", [(1, 4), (2, 4), (2, 1)])
-def test_posterior_spectral_matches_dense_and_sparse_pcg(alpha, T):
-    P = _prior(ny=8, nx=6, T=T, alpha=alpha, mean=0.3)
-    rng = np.random.default_rng(2)
-    grid = (P.T, *P.shape)
-    mask = rng.random(grid) < 0.2
-    y = np.where(mask, rng.standard_normal(grid), 0.0)
-    R = 0.05 + 0.1 * rng.random(grid)  # a variance per observation
-    Q = P.precision_dense().numpy()
-    D = np.diag(mask.reshape(-1) / R.reshape(-1))
-    mu = np.full(Q.shape[0], 0.3)
-    ref = np.linalg.solve(Q + D, Q @ mu + D @ y.reshape(-1)).reshape(grid)
-    y = np.where(mask, y, np.nan)  # unobserved entries are never read
-    x, info = P.posterior_mean(y, mask, R, rtol=1e-12, return_info=True, solver="spectral")
-    assert info.converged
-    np.testing.assert_allclose(x, ref, atol=1e-9 * np.abs(ref).max())
-    xa = P.posterior_mean(y, mask, R, rtol=1e-12)  # auto picks the spectral solver
-    np.testing.assert_allclose(xa, x, atol=1e-12 * np.abs(ref).max())
-    xp = P.posterior_mean(y, mask, R, rtol=1e-12, solver="pcg")
-    np.testing.assert_allclose(xp, ref, atol=1e-9 * np.abs(ref).max())
-    # several right-hand sides: block CG and column-wise CG
-    Y = np.stack([y, np.where(mask, rng.standard_normal(grid), 0.0)])
-    Db = [np.linalg.solve(Q + D, Q @ mu + D @ np.where(mask, Yi, 0.0).reshape(-1)).reshape(grid)
-          for Yi in Y]
-    for block in (True, False):
-        Xb = P.posterior_mean(Y, mask, R, rtol=1e-12, solver="spectral", block=block)
-        np.testing.assert_allclose(Xb, np.stack(Db), atol=1e-9 * np.abs(ref).max())
+# the spectral posterior solver against the dense solve: test_spde.py's problems x solvers table
 
 
 def test_spectral_matheron_members_are_calibrated():
