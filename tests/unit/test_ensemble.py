@@ -216,3 +216,37 @@ def test_spde_oi_solvers_and_backends_give_the_exact_posterior():
             mean, _, mem = run(config, 6)
             assert np.abs(mean - ref_mean).max() < tol * np.abs(ref_mean).max(), config
             assert np.abs(mem - ref_members).max() < tol * np.abs(ref_members).max(), config
+
+
+def test_spde_oi_patch_overhanging_the_domain_takes_the_exact_spectral_path(monkeypatch):
+    """Ocean cells filling a rectangle inside closed padding (a patch overhanging the domain)
+    on a regular lon/lat grid: solved spectrally on the rectangle, equal on the ocean cells
+    to the whole-patch sparse solve (the padding is decoupled by no-flux faces)."""
+    from oceanda.priors.spde import posterior
+
+    T, ny, nx = 4, 12, 10
+    lat = np.linspace(35.0, 35.55, ny)
+    rng = np.random.default_rng(5)
+    # metric factors varying with latitude only, up to rounding-level noise along the rows
+    dx = np.repeat((5566.0 * np.cos(np.deg2rad(lat)))[:, None], nx, 1) * (
+        1.0 + 3e-12 * rng.standard_normal((ny, nx)))
+    dy = np.full((ny, nx), 5550.0)
+    ocean = np.zeros((ny, nx), bool)
+    ocean[3:, :7] = True  # the domain's corner: padding above and to the right
+    obs = np.where((rng.random((T, ny, nx)) < 0.2) & ocean[None],
+                   0.1 * rng.standard_normal((T, ny, nx)), np.nan)
+    calls = []
+    spectral = posterior.SOLVERS["spectral"]
+    monkeypatch.setitem(posterior.SOLVERS, "spectral",
+                        lambda *a: calls.append(1) or spectral(*a))
+    fast = build_method("spde_oi", members=4, **dict(CFG, rtol=1e-11))
+    sparse = build_method("spde_oi", members=4, **dict(CFG, rtol=1e-11, solver="pcg"))
+    mean, std, mem = fast.patch(obs, ocean, dx, dy, seed=1)
+    assert calls
+    ref, ref_std, _ = sparse.patch(obs, ocean, dx, dy, seed=1)
+    assert len(calls) == 1
+    oc = np.broadcast_to(ocean, mean.shape)
+    assert np.abs(mean - ref)[oc].max() < 1e-9 * np.abs(ref[oc]).max()
+    assert np.array_equal(mean[~oc], ref[~oc])  # the prior mean off the ocean in both
+    assert np.isfinite(std[oc]).all() and np.isnan(std[~oc]).all()
+    assert np.isfinite(mem[:, oc]).all() and mem.shape == (4, T, ny, nx)
