@@ -3,8 +3,9 @@
 Per DAW patch: prior :class:`~oceanda.priors.spde.SPDEPrior` on the patch grid (metric
 factors ``dx_m``, ``dy_m`` expressed in ``length_unit_m``; land / padding cells closed),
 observations ``y`` = the finite entries of ``obs`` with error variance ``noise_std^2``;
-the analysis is the exact posterior mean (CG on the whitened normal equations to relative
-residual ``rtol``, :meth:`SPDEPrior.posterior_mean`; in the exact spectral modes of the prior
+the analysis is the exact posterior mean (one of the solvers of
+:mod:`oceanda.priors.spde.posterior` to relative residual ``rtol``,
+:meth:`SPDEPrior.posterior_mean`; in the exact spectral modes of the prior
 when it is separable: open-ocean patches of a regular lon/lat grid, also those overhanging the
 domain, whose ocean cells fill a rectangle, :meth:`SPDEOptimalInterpolation.patch`). With ``members = N > 0``
 it also draws ``N`` prior trajectories (simulating the SPDE, or spectrally when separable),
