@@ -7,7 +7,8 @@ the analysis is the exact posterior mean (one of the solvers of
 :mod:`oceanda.priors.spde.posterior` to relative residual ``rtol``,
 :meth:`SPDEPrior.posterior_mean`; in the exact spectral modes of the prior
 when it is separable: open-ocean patches of a regular lon/lat grid, also those overhanging the
-domain, whose ocean cells fill a rectangle, :meth:`SPDEOptimalInterpolation.patch`). With ``members = N > 0``
+domain, whose ocean cells fill a rectangle, :meth:`SPDEOptimalInterpolation.patch`).
+With ``members = N > 0``
 it also draws ``N`` prior trajectories (simulating the SPDE, or spectrally when separable),
 conditions them by Matheron's rule
 (:func:`oceanda.assim.ensemble.matheron_members`; the ``N + 1`` solves share one block

@@ -136,8 +136,8 @@ def spread_skill(truth: xr.DataArray, mean: xr.DataArray, std_or_members: xr.Dat
     else:
         var = std_or_members**2
     valid = _valid(truth, [mean, var], ocean)
-    total = xr.Dataset({"err2": ((mean - truth) ** 2).where(valid).sum(), "var": var.where(valid).sum(),
-                        "n": valid.sum()}).compute()
+    total = xr.Dataset({"err2": ((mean - truth) ** 2).where(valid).sum(),
+                        "var": var.where(valid).sum(), "n": valid.sum()}).compute()
     if int(total.n) == 0:
         raise InputError("spread-skill: no cell where truth, mean and spread are finite")
     return spread_skill_ratio(float(total["var"]), float(total.err2), n)

@@ -55,7 +55,8 @@ def solve(problem: Problem, opts: Options) -> tuple[np.ndarray, CGInfo]:
     if m == 0:
         return X, CGInfo(0, np.zeros(k), True)
     rs = 1.0 / np.sqrt(Rv.reshape(-1)[obs])[:, None]  # R^{-1/2} per observation
-    sq = np.sqrt(prior._sk(0).detach().to("cpu", torch.float64).numpy().reshape(-1))  # S^{1/2} per cell
+    # S^{1/2} per cell
+    sq = np.sqrt(prior._sk(0).detach().to("cpu", torch.float64).numpy().reshape(-1))
     coef = rs * sq[obs % n][:, None]  # S^{1/2} H^T R^{-1/2}: one value per observation
     chunk = max(1, int(2**28 // (8 * T * n)))  # columns per transform (~256 MB arrays)
     ot, oi, oj = obs // n, (obs % n) // nx, obs % nx
