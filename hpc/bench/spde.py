@@ -29,9 +29,9 @@ Rows:
   time ratios.
 - ``posterior 2-level CG``: PCG on ``Q + D`` with the prior and a coarse space-time grid
   (``--coarse H HT``) as balancing preconditioner; agreement with the row above.
-- ``posterior direct`` (``--direct-ny`` grid, default 60 x 60 x T): ``spsolve(Q + D)``,
-  with CG on the same problem for the ratio and the agreement (max |x_cg - x_direct|
-  relative to max |x_direct|).
+- ``posterior direct`` (``--direct-ny`` grid, default 60 x 60 x T): scipy's ``spsolve(Q + D)``
+  and the library's ``solver="direct"`` (LDL^T of ``Q + D``), with CG on the same problem for
+  the ratio and the agreement (max |x_cg - x_direct| relative to max |x_direct|).
 - ``nll+grad sparse`` (``--nll-ny``, default 100 x 100 x T): NLL of one prior draw and its
   gradient in (kappa, gamma, tau) through the sparse log-det (exact complex-step gradient);
   ``nll+grad dense`` on ``--nll-dense-ny`` (default 40) for the agreement of both paths.
