@@ -187,7 +187,6 @@ class SPDEPrior:
         self.Tp = self.F.coef.shape[0]
         self.precision = SPDEPrecision(self)  # Q: products, factors, log-det, draws
 
-
     # ------------------------------------------------------------------ torch operators
     def _ops(self, params: dict) -> tuple[Stencil, Stencil, torch.Tensor]:
         """``(A, F, s)`` stacks (leading ``Tp`` dim) of the parameters ``params``:
