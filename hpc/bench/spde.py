@@ -29,9 +29,9 @@ Rows:
   time ratios.
 - ``posterior 2-level CG``: PCG on ``Q + D`` with the prior and a coarse space-time grid
   (``--coarse H HT``) as balancing preconditioner; agreement with the row above.
-- ``posterior direct`` (``--direct-ny`` grid, default 60 x 60 x T): ``spsolve(Q + D)``,
-  with CG on the same problem for the ratio and the agreement (max |x_cg - x_direct|
-  relative to max |x_direct|).
+- ``posterior direct`` (``--direct-ny`` grid, default 60 x 60 x T): scipy's ``spsolve(Q + D)``
+  and the library's ``solver="direct"`` (LDL^T of ``Q + D``), with CG on the same problem for
+  the ratio and the agreement (max |x_cg - x_direct| relative to max |x_direct|).
 - ``nll+grad sparse`` (``--nll-ny``, default 100 x 100 x T): NLL of one prior draw and its
   gradient in (kappa, gamma, tau) through the sparse log-det (exact complex-step gradient);
   ``nll+grad dense`` on ``--nll-dense-ny`` (default 40) for the agreement of both paths.
@@ -57,8 +57,10 @@ import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
-from oceanda.assim.ensemble import matheron_members, spread_skill
+from oceanda.assim.ensemble import matheron_members
+from oceanda.metrics.ensemble import spread_skill_members as spread_skill
 from oceanda.priors.spde import SPDEPrior, tau_for_std
+from oceanda.priors.spde.posterior import SOLVERS, Options, choose
 
 
 def rss_mb() -> float:
@@ -109,21 +111,19 @@ def main(argv=None) -> int:
                     help="sweep threads (default 1)")
     ap.add_argument("--backend", default="auto", choices=["auto", "superlu", "numba"],
                     help="triangular solves: SuperLU's or numba's on grid strips (threads)")
-    ap.add_argument("--solver", default="auto", choices=["auto", "spectral", "pcg", "whitened"],
+    ap.add_argument("--solver", default="auto", choices=["auto", *SOLVERS],
                     help="posterior solver of the main row")
     ap.add_argument("--previous", action="store_true",
                     help="also time the previous default in the same run: PCG with the "
                          "sparse-factor prior preconditioner (solver=pcg, same threads)")
     ap.add_argument("--sample-method", default="auto", choices=["auto", "simulate", "spectral"],
                     help="prior draws of the members row")
-    ap.add_argument("--split", type=int, default=1,
-                    help="split the single solve in this many frame blocks (enlarged Krylov)")
     ap.add_argument("--block-size", type=int, default=None,
                     help="right-hand sides per block CG in the members row (default: as many "
                          "as fit in 1 GiB)")
     ap.add_argument("--baseline", action="store_true",
                     help="also time the previous solver on the full grid (real LU of F, one "
-                         "thread, no split) for the ratio")
+                         "thread) for the ratio")
     ap.add_argument("--baseline-rtol", type=float, default=None,
                     help="rtol of the baseline row (default --rtol; 1e-8 = previous default)")
     ap.add_argument("--nll-ny", type=int, default=100, help="0: skip the NLL rows")
@@ -151,7 +151,7 @@ def main(argv=None) -> int:
         for fac in ("lu", "complex"):
             Pf, _, _ = setup(a.ny, a.nx, a.T, a.alpha, a.std, factor=fac)
             t = time.process_time()  # CPU seconds: robust to a shared machine
-            f = Pf._F_lu(1)
+            f = Pf.precision.F_factor(1)
             tf = time.process_time() - t
             f.solve(bvec)
             t = time.process_time()
@@ -171,8 +171,8 @@ def main(argv=None) -> int:
     P, mask, rng = setup(a.ny, a.nx, a.T, a.alpha, a.std, **pk)
     t = time.perf_counter()
     c0 = time.process_time()
-    P._F_lu(1)
-    P._Q0_factor()
+    P.precision.F_factor(1)
+    P.precision.Q0_factor()
     t_fac = time.perf_counter() - t
     cpu_fac = time.process_time() - c0
     row("factor F, Q_0 (draws)", size, t_fac, factor=P.factor, threads=P.threads,
@@ -182,18 +182,17 @@ def main(argv=None) -> int:
     Ps, _, _ = setup(a.ny, a.nx, a.T, a.alpha, a.std, **pk)  # fresh: factors timed too
     t = time.perf_counter()
     c0 = time.process_time()
-    x, info = Ps.posterior_mean(y, mask, R, rtol=a.rtol, return_info=True, split=a.split,
-                                solver=a.solver)
+    x, info = Ps.posterior_mean(y, mask, R, rtol=a.rtol, return_info=True, solver=a.solver)
     t_cg = time.perf_counter() - t
     cpu_cg = time.process_time() - c0
     t_fac = cpu_fac = 0.0  # included above
     row("posterior", size, t_cg, solver=a.solver,
-        used="spectral" if (a.solver in ("auto", "spectral") and Ps.spectrum() is not None
-                            and a.split == 1) else a.solver, iterations=info.iterations,
+        used=choose(Ps, 1, Options()) if a.solver == "auto" else a.solver,
+        iterations=info.iterations,
         obs_fraction=round(float(mask.mean()), 4),
         rmse_vs_truth=round(float(np.sqrt(np.mean((x - truth) ** 2))), 4),
         cpu_s=round(cpu_cg, 2), rel_residual=f"{float(info.rel_residual.max()):.1e}",
-        split=a.split, note="incl. factorisation")
+        note="incl. factorisation")
     del Ps
     if a.previous:
         Pp, _, _ = setup(a.ny, a.nx, a.T, a.alpha, a.std, **pk)
@@ -214,8 +213,8 @@ def main(argv=None) -> int:
         Pb, _, _ = setup(a.ny, a.nx, a.T, a.alpha, a.std, factor="lu", threads=1)
         t = time.perf_counter()
         c0 = time.process_time()
-        Pb._F_lu(1)
-        Pb._Q0_factor()
+        Pb.precision.F_factor(1)
+        Pb.precision.Q0_factor()
         rb = a.rtol if a.baseline_rtol is None else a.baseline_rtol
         xb, infob = Pb.posterior_mean(y, mask, R, rtol=rb, return_info=True)
         tb = time.perf_counter() - t
@@ -244,29 +243,26 @@ def main(argv=None) -> int:
     yd = np.where(maskd, truthd + a.noise_std * rngd.standard_normal(truthd.shape), 0.0)
     dsize = f"{dn}x{dn}x{a.T}"
     t = time.perf_counter()
-    xc, infod = Pd.posterior_mean(yd, maskd, R, rtol=a.rtol, return_info=True, split=a.split,
-                                  solver=a.solver)
+    xc, infod = Pd.posterior_mean(yd, maskd, R, rtol=a.rtol, return_info=True, solver=a.solver)
     t_cgd = time.perf_counter() - t
     row("posterior CG", dsize, t_cgd, iterations=infod.iterations)
     t = time.perf_counter()
-    Q = Pd.precision_csr()
+    Q = Pd.precision.csr()
     Dg = sp.diags(maskd.reshape(-1) / R)
     xd = spla.spsolve((Q + Dg).tocsc(), Dg @ yd.reshape(-1))
     t_dir = time.perf_counter() - t
     err = float(np.abs(xc.reshape(-1) - xd).max() / np.abs(xd).max())
     row("posterior direct", dsize, t_dir, rel_diff_vs_cg=f"{err:.1e}",
         ratio_direct_over_cg=round(t_dir / t_cgd, 2), solver="spsolve (SuperLU, COLAMD)")
-    # a better-ordered direct solve: symmetric-mode SuperLU, minimum degree on A + A^T
+    # the library's direct solver: symmetric-mode SuperLU LDL^T of Q + D (solver="direct")
     t = time.perf_counter()
-    lu = spla.splu((Q + Dg).tocsc(), permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0,
-                   options=dict(SymmetricMode=True))
-    xd2 = lu.solve(Dg @ yd.reshape(-1))
+    xd2 = Pd.posterior_mean(yd, maskd, R, solver="direct")
     t_dir2 = time.perf_counter() - t
-    err2 = float(np.abs(xc.reshape(-1) - xd2).max() / np.abs(xd2).max())
+    err2 = float(np.abs(xc - xd2).max() / np.abs(xd2).max())
     row("posterior direct", dsize, t_dir2, rel_diff_vs_cg=f"{err2:.1e}",
         ratio_direct_over_cg=round(t_dir2 / t_cgd, 2),
-        solver="splu symmetric MMD(A+A^T)", factor_entries=int(lu.L.nnz + lu.U.nnz))
-    del lu
+        solver='solver="direct" (SPDFactor LDL^T)',
+        rel_diff_vs_spsolve=f"{float(np.abs(xd2.reshape(-1) - xd).max() / np.abs(xd).max()):.1e}")
 
     # NLL and its gradient at patch scale
     if a.nll_ny:

@@ -85,7 +85,8 @@ import time
 import numpy as np
 import torch
 
-from oceanda.assim.ensemble import matheron_members, spread_skill
+from oceanda.assim.ensemble import matheron_members
+from oceanda.metrics.ensemble import spread_skill_members as spread_skill
 from oceanda.assim.spde_fourdvarnet import SPDEFourDVarNet, SPDEModelConfig
 from oceanda.priors.spde import SPDEPrior, tau_for_std
 from oceanda.train.spde_fourdvarnet import SPDETrainConfig, fit_spde

@@ -124,7 +124,7 @@ from oceanda.assim.oi import OptimalInterpolation
 from oceanda.assim.spde_fourdvarnet import (SPREAD_MODES, SPDEFourDVarNetMethod, read_spde_checkpoint,
                                             spread_factors)
 from oceanda.assim.spde_oi import SPDEOptimalInterpolation
-from oceanda.metrics.ensemble import crps_ensemble
+from oceanda.metrics.ensemble import crps_ensemble, spread_skill_ratio
 from oceanda.train.data import load_arrays
 
 
@@ -168,7 +168,7 @@ def ens_scores(members: np.ndarray, truth: np.ndarray, sel: np.ndarray) -> dict[
     rmse = float(np.sqrt(np.mean((mean - tr) ** 2)))
     lo, hi = np.quantile(m, [0.1, 0.9], axis=0)
     return {"spread": float(np.sqrt(var.mean())), "rmse_ens_mean": rmse,
-            "spread_skill": float(np.sqrt(var.mean())) / rmse,
+            "spread_skill": spread_skill_ratio(float(var.mean()), rmse**2, members.shape[0]),
             "crps": float(crps_ensemble(tr, m, axis=0).mean()),
             "coverage80": float(np.mean((tr >= lo) & (tr <= hi)))}
 
@@ -224,7 +224,7 @@ def bootstrap_spread_skill(members: np.ndarray, truth: np.ndarray, sel: np.ndarr
     var = np.array([members[:, p][:, sel[p]].var(0, ddof=1).sum() for p in range(P)])
     err = np.array([((members[:, p][:, sel[p]].mean(0) - truth[p][sel[p]]) ** 2).sum() for p in range(P)])
     idx = np.random.default_rng(seed).integers(0, P, (n_boot, P))
-    ss = np.sqrt(var[idx].sum(1) / err[idx].sum(1))
+    ss = [spread_skill_ratio(v, e, members.shape[0]) for v, e in zip(var[idx].sum(1), err[idx].sum(1))]
     return [float(v) for v in np.quantile(ss, [0.05, 0.95])]
 
 

@@ -190,7 +190,7 @@ def test_precision_logdet_logprob_against_dense(alpha, init):
     Qref = _dense_reference_Q(P)
     Q = P.precision_dense().numpy()
     np.testing.assert_allclose(Q, Qref, rtol=1e-10, atol=1e-9 * np.abs(Qref).max())
-    np.testing.assert_allclose(P.precision_csr().toarray(), Qref, rtol=1e-10,
+    np.testing.assert_allclose(P.precision.csr().toarray(), Qref, rtol=1e-10,
                                atol=1e-9 * np.abs(Qref).max())
     x = torch.randn(2, T, NY, NX, dtype=torch.float64)
     np.testing.assert_allclose(P.precision_matvec(x).reshape(2, -1).numpy(),
@@ -227,7 +227,7 @@ def test_marginal_std_formula_uniform_grid():
     # exact variance at the centre: e^T Q_0^{-1} e
     e = np.zeros(P.n)
     e[(ny // 2) * nx + nx // 2] = 1.0
-    var = P._Q0_factor().solve(e) @ e
+    var = P.precision.Q0_factor().solve(e) @ e
     assert abs(math.sqrt(var) - 1.0) < 0.02, var  # measured 1.0043
 
 
@@ -247,25 +247,6 @@ def test_sample_covariance_matches_dense_within_mc_error():
     # 60 means, 1830 distinct covariances: |z| < 5 has probability ~1 - 1e-3 overall
     assert np.abs(z_mean).max() < 5, np.abs(z_mean).max()
     assert np.abs(z_cov).max() < 5.5, np.abs(z_cov).max()
-
-
-@pytest.mark.parametrize("alpha, coarse", [(1, None), (2, None), (2, (3, 2)), (1, (2, 1))])
-def test_posterior_mean_matches_dense(alpha, coarse):
-    P = _prior(alpha, "stationary")
-    rng = np.random.default_rng(0)
-    mask = rng.random((T, NY, NX)) < 0.3
-    y = rng.standard_normal((3, T, NY, NX))
-    R = np.where(rng.random((T, NY, NX)) < 0.5, 0.05, 0.2)
-    x, info = P.posterior_mean(y, mask, R, rtol=1e-10, coarse=coarse, return_info=True)
-    Q = P.precision_dense().numpy()
-    D = np.diag(mask.reshape(-1) / R.reshape(-1))
-    ref = np.linalg.solve(Q + D, (Q @ np.full(Q.shape[0], 0.3))[:, None]
-                          + D @ y.reshape(3, -1).T).T
-    err = np.abs(x.reshape(3, -1) - ref).max() / np.abs(ref).max()
-    assert err < 1e-8, (err, info)
-    assert info.converged
-    # a single right-hand side returns a single field
-    assert P.posterior_mean(y[0], mask, R).shape == (T, NY, NX)
 
 
 def test_spd_factor_and_pcg_against_dense():
@@ -406,36 +387,6 @@ def test_square_plus_identity_factor_matches_dense():
     assert abs(f.logabsdet() - np.linalg.slogdet(F)[1]) < 1e-10 * abs(np.linalg.slogdet(F)[1])
 
 
-@pytest.mark.parametrize("alpha, factor, threads", [(2, "lu", 1), (2, "complex", 2),
-                                                     (1, "auto", 2)])
-def test_posterior_mean_factor_and_threads_match_dense(alpha, factor, threads):
-    # complex first-order factor vs real LU; threaded sweeps; a single right-hand side
-    # split in frame blocks (enlarged Krylov, block CG) and chunked multi-RHS block CG
-    dx, dy, oc = _grid()
-    P = SPDEPrior(dx, dy, oc, T=T, dt=0.5, alpha=alpha, tau=0.8, mean=0.3, factor=factor,
-                  threads=threads, **PARAMS)
-    assert P.factor == ("complex" if (alpha == 2 and factor != "lu") else "lu")
-    Q = P.precision_dense().numpy()
-    assert abs(P.logdet() - np.linalg.slogdet(Q)[1]) < 1e-9 * abs(np.linalg.slogdet(Q)[1])
-    rng = np.random.default_rng(0)
-    mask = rng.random((T, NY, NX)) < 0.3
-    y = rng.standard_normal((5, T, NY, NX))
-    D = np.diag(mask.reshape(-1) / 0.1)
-    ref = np.linalg.solve(Q + D, (Q @ np.full(Q.shape[0], 0.3))[:, None]
-                          + D @ y.reshape(5, -1).T).T
-    for split in (1, 2, 3):
-        x, info = P.posterior_mean(y[0], mask, 0.1, rtol=1e-11, return_info=True, split=split)
-        assert np.abs(x.reshape(-1) - ref[0]).max() < 1e-8 * np.abs(ref).max()
-        assert info.converged and info.rel_residual.shape == (1,)
-    X, info = P.posterior_mean(y, mask, 0.1, rtol=1e-11, return_info=True, block_size=2)
-    assert np.abs(X.reshape(5, -1) - ref).max() < 1e-8 * np.abs(ref).max()
-    assert info.rel_residual.shape == (5,)
-    # prior draws do not depend on the factor / threads
-    P1 = SPDEPrior(dx, dy, oc, T=T, dt=0.5, alpha=alpha, tau=0.8, mean=0.3, factor="lu",
-                   threads=1, **PARAMS)
-    np.testing.assert_allclose(P.sample(3, rng=1), P1.sample(3, rng=1), rtol=1e-9, atol=1e-11)
-
-
 @pytest.mark.parametrize("init", ["stationary", "white"])
 def test_sparse_logdet_value_and_gradients_match_dense(init):
     # value from sparse factors; scalar-parameter gradient exact (complex step), field
@@ -498,10 +449,10 @@ def _grid_matrices(ny=9, nx=13):
     the 25-point SPD ``Q_0`` of an SPDE prior on a ``(ny, nx)`` grid, as scipy matrices."""
     dx, dy, oc = _grid(ny, nx)
     P = SPDEPrior(dx, dy, oc, T=2, dt=0.5, tau=0.8, **PARAMS)
-    A = stencil_to_csr(P._Ak(1).offsets, P._np(P._Ak(1).coef))
+    A = stencil_to_csr(P._Ak(1).offsets, P._Ak(1).coef.numpy())
     import scipy.sparse as sp
     C = sp.eye(ny * nx) - 1j * np.sqrt(0.5) * A
-    Q0 = stencil_to_csr(P._Q0_stencil().offsets, P._np(P._Q0_stencil().coef))
+    Q0 = stencil_to_csr(P._Q0_stencil().offsets, P._Q0_stencil().coef.numpy())
     return C, 0.5 * (Q0 + Q0.T), (ny, nx)
 
 
@@ -587,61 +538,149 @@ def test_preconditioned_norm_pcg_against_dense():
     assert ib.converged and ic.converged
 
 
-@pytest.mark.parametrize("alpha, init, isotropic, backend, threads, factor", [
-    (2, "stationary", True, "superlu", 1, "auto"),
-    (2, "stationary", False, "superlu", 1, "auto"),
-    (1, "stationary", True, "superlu", 1, "auto"),
-    (1, "stationary", False, "numba", 2, "auto"),
-    (2, "white", False, "superlu", 1, "lu"),
-    (2, "stationary", True, "numba", 2, "auto"),
-    (2, "stationary", False, "numba", 3, "lu"),
-])
-def test_posterior_pcg_matches_dense(alpha, init, isotropic, backend, threads, factor):
-    dx, dy, oc = _grid()
-    prm = dict(kappa=0.7, gamma=1.3) if isotropic else PARAMS
-    P = SPDEPrior(dx, dy, oc, T=T, dt=0.5, alpha=alpha, tau=0.8, mean=0.3, init=init,
-                  backend=backend, threads=threads, factor=factor, **prm)
-    if init == "stationary":
-        # S^{-1} A symmetric exactly for isotropic H without advection (FV on the grid)
-        assert P._q0_selfadjoint() == isotropic
-    Q = P.precision_dense().numpy()
-    # the single-precision preconditioner's Q_0^{-1} is Q_0's inverse when self-adjoint
-    if init == "stationary" and isotropic:
-        Q0 = P._Q0_stencil().to_dense().numpy()
-        z = np.random.default_rng(1).standard_normal((P.n, 2))
-        ref0 = np.linalg.solve(Q0, z)
-        assert np.abs(P._Q0_pre(z) - ref0).max() < 1e-3 * np.abs(ref0).max()
-    rng = np.random.default_rng(0)
-    mask = rng.random((T, NY, NX)) < 0.3
-    y = rng.standard_normal((3, T, NY, NX))
-    R = np.where(rng.random((T, NY, NX)) < 0.5, 0.05, 0.2)
-    D = np.diag(mask.reshape(-1) / R.reshape(-1))
-    ref = np.linalg.solve(Q + D, (Q @ np.full(Q.shape[0], 0.3))[:, None]
-                          + D @ y.reshape(3, -1).T).T
-    x, info = P.posterior_mean(y[0], mask, R, rtol=1e-10, return_info=True, solver="pcg")
-    assert np.abs(x.reshape(-1) - ref[0]).max() < 1e-8 * np.abs(ref).max(), info
-    assert info.converged and info.rel_residual.shape == (1,)
-    # several right-hand sides column by column (block=False -> pcg), chunked
-    X, info = P.posterior_mean(y, mask, R, rtol=1e-10, return_info=True, block=False,
-                               block_size=2)
-    assert np.abs(X.reshape(3, -1) - ref).max() < 1e-8 * np.abs(ref).max()
-    assert info.rel_residual.shape == (3,)
-    # the default for one right-hand side is this solver; the whitened one agrees
-    xw = P.posterior_mean(y[0], mask, R, rtol=1e-10, solver="whitened")
-    assert np.abs(xw.reshape(-1) - ref[0]).max() < 1e-8 * np.abs(ref).max()
-    # Q X by sparse products equals the dense Q
-    V = rng.standard_normal((T, P.n, 2))
-    np.testing.assert_allclose(P._Q_apply_np(V).reshape(-1, 2), Q @ V.reshape(-1, 2),
-                               rtol=0, atol=1e-12 * np.abs(Q).max() * np.abs(V).max())
-    # draws do not depend on the backend / threads
-    P1 = SPDEPrior(dx, dy, oc, T=T, dt=0.5, alpha=alpha, tau=0.8, mean=0.3, init=init,
-                   backend="superlu", factor=factor, **prm)
-    np.testing.assert_allclose(P.sample(2, rng=3), P1.sample(2, rng=3), rtol=1e-9, atol=1e-11)
-    with pytest.raises(ConfigError, match="solver"):
-        P.posterior_mean(y[0], mask, R, solver="direct")
-
-
 def test_bad_backend_option():
     dx, dy, oc = _grid()
     with pytest.raises(ConfigError, match="backend"):
         SPDEPrior(dx, dy, oc, T=T, backend="cholmod")
+
+
+# ----------------------------------------------------------------------------------------------
+# Posterior means: problems x solvers, one tolerance per pair (max |x - x_dense| / max |x_dense|,
+# x_dense the dense solve of (Q + D) x = Q mu + D y, float64)
+
+ISO = dict(kappa=0.7, gamma=1.3)
+
+
+def _lat_grid(ny=8, nx=6):
+    """A regular lon/lat grid without land (dx varies with latitude only): a separable prior."""
+    lat = np.linspace(33.0, 43.0, ny)
+    return (np.repeat((5.566 * np.cos(np.deg2rad(lat)))[:, None], nx, 1),
+            np.full((ny, nx), 5.55), None)
+
+
+# name -> (grid, prior keywords); every prior has T frames unless T is given
+PROBLEMS = {
+    "aniso_a2": (_grid, dict(alpha=2, **PARAMS)),
+    "aniso_a1": (_grid, dict(alpha=1, **PARAMS)),
+    "iso_a2_numba2": (_grid, dict(alpha=2, backend="numba", threads=2, **ISO)),
+    "iso_a1_numba2": (_grid, dict(alpha=1, backend="numba", threads=2, **ISO)),
+    "white_a2_lu": (_grid, dict(alpha=2, init="white", factor="lu", **PARAMS)),
+    "aniso_a2_numba2": (_grid, dict(alpha=2, backend="numba", threads=2, **PARAMS)),
+    "aniso_a2_numba3_lu": (_grid, dict(alpha=2, backend="numba", threads=3, factor="lu",
+                                       **PARAMS)),
+    "sep_a2": (_lat_grid, dict(alpha=2, kappa=0.3, gamma=20.0, tau=2.0, dt=1.0)),
+    "sep_a1": (_lat_grid, dict(alpha=1, kappa=0.3, gamma=20.0, tau=2.0, dt=1.0)),
+    "sep_a2_T1": (_lat_grid, dict(alpha=2, kappa=0.3, gamma=20.0, tau=2.0, dt=1.0, T=1)),
+}
+
+# (problem, solver) -> tolerance; solver names of oceanda.priors.spde.posterior.SOLVERS, with
+# the two-level solver's coarse spacing after a colon
+TOLERANCES = {
+    ("aniso_a2", "pcg"): 1e-8,
+    ("aniso_a2", "whitened"): 1e-8,
+    ("aniso_a2", "two_level:3,2"): 1e-8,
+    ("aniso_a2", "direct"): 1e-10,
+    ("aniso_a1", "pcg"): 1e-8,
+    ("aniso_a1", "two_level:2,1"): 1e-8,
+    ("iso_a2_numba2", "pcg"): 1e-8,
+    ("iso_a1_numba2", "pcg"): 1e-8,
+    ("white_a2_lu", "pcg"): 1e-8,
+    ("white_a2_lu", "whitened"): 1e-8,
+    ("aniso_a2_numba2", "pcg"): 1e-8,
+    ("aniso_a2_numba3_lu", "pcg"): 1e-8,
+    ("sep_a2", "spectral"): 1e-9,
+    ("sep_a2", "pcg"): 1e-9,
+    ("sep_a1", "spectral"): 1e-9,
+    ("sep_a2_T1", "spectral"): 1e-9,
+}
+RTOL = {"spectral": 1e-12}  # the solvers' own relative residual (others: 1e-11)
+
+
+def _problem(name, **override):
+    grid, kw = PROBLEMS[name]
+    kw = dict(dict(T=T, dt=0.5, tau=0.8, mean=0.3), **kw)
+    kw.update(override)
+    dx, dy, oc = grid()
+    return SPDEPrior(dx, dy, oc, **kw)
+
+
+def _observations(P, k=3, seed=0):
+    """``k`` right-hand sides (NaN where unobserved: never read), the mask, per-cell R and
+    the dense reference means ``(k, T, ny, nx)``."""
+    rng = np.random.default_rng(seed)
+    grid = (P.T, *P.shape)
+    mask = rng.random(grid) < 0.3
+    y = np.where(mask[None], rng.standard_normal((k, *grid)), np.nan)
+    R = np.where(rng.random(grid) < 0.5, 0.05, 0.2)
+    Q = P.precision_dense().numpy()
+    D = np.diag(mask.reshape(-1) / R.reshape(-1))
+    mu = np.full(Q.shape[0], 0.3)
+    ref = np.linalg.solve(Q + D, (Q @ mu)[:, None] + D @ np.nan_to_num(y).reshape(k, -1).T).T
+    return y, mask, R, ref.reshape(k, *grid)
+
+
+@pytest.mark.parametrize("problem, solver", list(TOLERANCES))
+def test_posterior_mean_against_dense(problem, solver):
+    tol = TOLERANCES[problem, solver]
+    name, _, coarse = solver.partition(":")
+    opts = dict(solver=name, rtol=RTOL.get(name, 1e-11))
+    if coarse:
+        opts["coarse"] = tuple(int(c) for c in coarse.split(","))
+    P = _problem(problem)
+    y, mask, R, ref = _observations(P)
+    scale = np.abs(ref).max()
+    # one right-hand side: one field
+    x, info = P.posterior_mean(y[0], mask, R, return_info=True, **opts)
+    assert x.shape == ref.shape[1:]
+    assert np.abs(x - ref[0]).max() <= tol * scale, info
+    assert info.converged and info.rel_residual.shape == (1,)
+    # several: in one block, and column by column in chunks of two
+    for kw in (dict(block=True), dict(block=False, block_size=2)):
+        X, info = P.posterior_mean(y, mask, R, return_info=True, **opts, **kw)
+        assert np.abs(X - ref).max() <= tol * scale, (kw, info)
+        assert info.converged and info.rel_residual.shape == (3,)
+
+
+def test_every_problem_s_precision_operator_and_solver_choice():
+    """Per problem: the factor chosen, log det Q, Q X by sparse products, the preconditioner's
+    Q_0^{-1} (self-adjoint case), draws independent of factor / back-end / threads, and what
+    ``solver="auto"`` picks; bad solver names and options."""
+    from oceanda.priors.spde.posterior import Options, choose
+
+    for name, (_, kw) in PROBLEMS.items():
+        P = _problem(name)
+        assert P.factor == ("lu" if kw.get("factor") == "lu" or P.alpha == 1 else "complex")
+        Q = P.precision_dense().numpy()
+        ld = np.linalg.slogdet(Q)[1]
+        assert abs(P.logdet() - ld) < 1e-9 * abs(ld), name
+        V = np.random.default_rng(2).standard_normal((P.T, P.n, 2))
+        np.testing.assert_allclose(P.precision.apply(V).reshape(-1, 2), Q @ V.reshape(-1, 2),
+                                   rtol=0, atol=1e-12 * np.abs(Q).max() * np.abs(V).max())
+        isotropic = "beta" not in kw
+        if P.init == "stationary":
+            # S^{-1} A symmetric exactly for isotropic H without advection (FV on the grid)
+            assert P.precision.q0_selfadjoint() == isotropic, name
+            if isotropic:  # the single-precision preconditioner's Q_0^{-1} is Q_0's inverse
+                Q0 = P._Q0_stencil().to_dense().numpy()
+                z = np.random.default_rng(1).standard_normal((P.n, 2))
+                ref0 = np.linalg.solve(Q0, z)
+                assert np.abs(P.precision.Q0_precondition(z) - ref0).max() \
+                    < 1e-3 * np.abs(ref0).max(), name
+        ref = _problem(name, backend="superlu", threads=1, factor="lu")
+        np.testing.assert_allclose(P.sample(2, rng=3), ref.sample(2, rng=3), rtol=1e-9,
+                                   atol=1e-11, err_msg=name)
+        sep = name.startswith("sep")
+        assert (P.precision.spectrum() is not None) == sep, name
+        assert choose(P, 1, Options()) == ("spectral" if sep else "pcg")
+        assert choose(P, 3, Options()) == ("spectral" if sep else "whitened")
+        assert choose(P, 3, Options(block=False)) == ("spectral" if sep else "pcg")
+        assert choose(P, 1, Options(coarse=(2, 2))) == "two_level"
+    y, mask, R, _ = _observations(P, k=1)
+    with pytest.raises(ConfigError, match="solver"):
+        P.posterior_mean(y[0], mask, R, solver="cholesky")
+    with pytest.raises(ConfigError, match="two_level"):
+        P.posterior_mean(y[0], mask, R, solver="pcg", coarse=(2, 2))
+    with pytest.raises(ConfigError, match="coarse"):
+        P.posterior_mean(y[0], mask, R, solver="two_level")
+    with pytest.raises(ConfigError, match="device"):
+        P.posterior_mean(y[0], mask, R, solver="pcg", device="cpu")

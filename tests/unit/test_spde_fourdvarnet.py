@@ -695,7 +695,7 @@ def test_scaled_perturbations_are_the_matheron_members_of_the_prior_with_tau_c_a
 
 
 def test_fit_spread_scale_closed_forms_and_the_independent_spread_skill():
-    from oceanda.assim.ensemble import spread_skill
+    from oceanda.metrics.ensemble import spread_skill_members as spread_skill
     from oceanda.assim.spde_fourdvarnet import scale_members
     from oceanda.train.spde_fourdvarnet import fit_spread_scale
 
@@ -712,10 +712,10 @@ def test_fit_spread_scale_closed_forms_and_the_independent_spread_skill():
     out = fit_spread_scale(mem, centre, truth, mask)
     assert out["spread_scale"] == pytest.approx(np.sqrt(A / ((N + 1) / N * V)), rel=1e-12)
     assert out["n_cells"] == mask.sum() and out["n_members"] == N
-    # general members: after scaling, the independently coded spread/skill is sqrt(N / (N + 1))
-    # (k = (N + 1) / N) or 1 (k = 1), and "before" is the raw ensemble's
+    # general members: after scaling, the independently coded spread/skill (with its (N + 1) / N
+    # correction) is 1 (k = (N + 1) / N) or sqrt((N + 1) / N) (k = 1), "before" the raw ensemble's
     mem = centre + 0.2 + 1.7 * rng.standard_normal((N, *shape))
-    for fe, target in ((True, np.sqrt(N / (N + 1))), (False, 1.0)):
+    for fe, target in ((True, 1.0), (False, np.sqrt((N + 1) / N))):
         out = fit_spread_scale(mem, centre, truth, mask, finite_ensemble=fe)
         scaled = scale_members(centre, mem, out["spread_scale"], axis=0)
         assert spread_skill(scaled, truth, mask) == pytest.approx(target, rel=1e-10)

@@ -1,4 +1,4 @@
-"""Spectral form of separable SPDE priors (``oceanda.priors.spde_spectral``): every operation
+"""Spectral form of separable SPDE priors (``oceanda.priors.spde.spectral``): every operation
 against the dense ``Q`` assembled from the sparse blocks (float64), the sparse-path
 solvers, and Monte-Carlo bounds for the draws."""
 
@@ -11,6 +11,7 @@ import torch
 from oceanda.assim.ensemble import matheron_members
 from oceanda.errors import ConfigError
 from oceanda.priors.spde import SPDEPrior
+from oceanda.priors.spde.precision import SPDEPrecision
 
 
 def _lat_grid(ny, nx, lat0=33.0, lat1=43.0):
@@ -32,7 +33,7 @@ def _prior(ny=7, nx=5, T=4, alpha=2, ocean=None, **kw):
 @pytest.mark.parametrize("T", [1, 2, 5])
 def test_apply_solve_logdet_match_dense(alpha, T):
     P = _prior(T=T, alpha=alpha)
-    spec = P.spectrum()
+    spec = P.precision.spectrum()
     assert spec is not None
     Q = P.precision_dense().numpy()
     N = Q.shape[0]
@@ -53,7 +54,7 @@ def test_apply_solve_logdet_match_dense(alpha, T):
 
 def test_whitening_factors_qhat_and_sample_covariance_within_mc_error():
     P = _prior(ny=4, nx=3, T=3, alpha=2)
-    spec = P.spectrum()
+    spec = P.precision.spectrum()
     Q = P.precision_dense().numpy()
     N = Q.shape[0]
     # W W^T = Qhat^{-1} in the modes, so U-side: S^{1/2} U W W^T U^T S^{1/2} = Q^{-1}
@@ -71,33 +72,7 @@ def test_whitening_factors_qhat_and_sample_covariance_within_mc_error():
     assert abs(draws.mean()) < 5 * np.sqrt(Ci.sum() / N**2 / n_s)
 
 
-@pytest.mark.parametrize("alpha,T", [(1, 4), (2, 4), (2, 1)])
-def test_posterior_spectral_matches_dense_and_sparse_pcg(alpha, T):
-    P = _prior(ny=8, nx=6, T=T, alpha=alpha, mean=0.3)
-    rng = np.random.default_rng(2)
-    grid = (P.T, *P.shape)
-    mask = rng.random(grid) < 0.2
-    y = np.where(mask, rng.standard_normal(grid), 0.0)
-    R = 0.05 + 0.1 * rng.random(grid)  # a variance per observation
-    Q = P.precision_dense().numpy()
-    D = np.diag(mask.reshape(-1) / R.reshape(-1))
-    mu = np.full(Q.shape[0], 0.3)
-    ref = np.linalg.solve(Q + D, Q @ mu + D @ y.reshape(-1)).reshape(grid)
-    y = np.where(mask, y, np.nan)  # unobserved entries are never read
-    x, info = P.posterior_mean(y, mask, R, rtol=1e-12, return_info=True, solver="spectral")
-    assert info.converged
-    np.testing.assert_allclose(x, ref, atol=1e-9 * np.abs(ref).max())
-    xa = P.posterior_mean(y, mask, R, rtol=1e-12)  # auto picks the spectral solver
-    np.testing.assert_allclose(xa, x, atol=1e-12 * np.abs(ref).max())
-    xp = P.posterior_mean(y, mask, R, rtol=1e-12, solver="pcg")
-    np.testing.assert_allclose(xp, ref, atol=1e-9 * np.abs(ref).max())
-    # several right-hand sides: block CG and column-wise CG
-    Y = np.stack([y, np.where(mask, rng.standard_normal(grid), 0.0)])
-    Db = [np.linalg.solve(Q + D, Q @ mu + D @ np.where(mask, Yi, 0.0).reshape(-1)).reshape(grid)
-          for Yi in Y]
-    for block in (True, False):
-        Xb = P.posterior_mean(Y, mask, R, rtol=1e-12, solver="spectral", block=block)
-        np.testing.assert_allclose(Xb, np.stack(Db), atol=1e-9 * np.abs(ref).max())
+# the spectral posterior solver against the dense solve: test_spde.py's problems x solvers table
 
 
 def test_spectral_matheron_members_are_calibrated():
@@ -144,7 +119,7 @@ def test_non_separable_priors_fall_back_to_sparse_factors(case):
     elif case == "white_init":
         kw["init"] = "white"
     P = _prior(ny, nx, T, ocean=ocean, **kw)
-    assert P.spectrum() is None
+    assert P.precision.spectrum() is None
     grid = (T, ny, nx)
     mask = np.zeros(grid, bool)
     mask[:, 1, :] = True
@@ -165,7 +140,7 @@ def test_row_varying_kappa_and_tau_stay_separable():
     ny, nx = 6, 4
     kappa = torch.linspace(0.2, 0.5, ny)[:, None].expand(ny, nx).clone()
     P = _prior(ny, nx, 3, kappa=kappa)
-    spec = P.spectrum()
+    spec = P.precision.spectrum()
     assert spec is not None
     Q = P.precision_dense().numpy()
     X = np.random.default_rng(4).standard_normal((3, P.n, 2))
@@ -184,7 +159,7 @@ def test_bad_sample_method():
 def test_torch_spectral_path_matches_numpy_and_dense():
     """The torch (GPU-ready) path on CPU: same posterior as the dense solve; same draws as
     the numpy spectral sampler for the same white noise."""
-    from oceanda.priors.spde_spectral import TorchSeparableSpectrum
+    from oceanda.priors.spde.spectral import TorchSeparableSpectrum
 
     P = _prior(ny=8, nx=6, T=4, alpha=2, mean=0.3)
     rng = np.random.default_rng(5)
@@ -200,9 +175,9 @@ def test_torch_spectral_path_matches_numpy_and_dense():
     X, info = P.posterior_mean(Y, mask, R, rtol=1e-12, device="cpu", return_info=True)
     assert info.converged
     np.testing.assert_allclose(X, ref, atol=1e-9 * np.abs(ref).max())
-    ts = TorchSeparableSpectrum(P.spectrum(), device="cpu")
+    ts = TorchSeparableSpectrum(P.precision.spectrum(), device="cpu")
     Z = rng.standard_normal((P.T, P.n, 3))
-    np.testing.assert_allclose(ts.sample(torch.as_tensor(Z)).numpy(), P.spectrum().sample(Z),
+    np.testing.assert_allclose(ts.sample(torch.as_tensor(Z)).numpy(), P.precision.spectrum().sample(Z),
                                atol=1e-13)
     with pytest.raises(ConfigError, match="device"):
         P.posterior_mean(Y[0], mask, R, solver="pcg", device="cpu")
@@ -241,8 +216,8 @@ def test_threaded_kernels_match_serial():
 
 def test_spectrum_size_guard_falls_back_to_sparse(monkeypatch):
     P = _prior(ny=7, nx=5, T=2)
-    monkeypatch.setattr(SPDEPrior, "spectral_max_bytes", 8 * 5 * 7 * 7 - 1)
-    assert P.spectrum() is None
+    monkeypatch.setattr(SPDEPrecision, "spectral_max_bytes", 8 * 5 * 7 * 7 - 1)
+    assert P.precision.spectrum() is None
     P2 = _prior(ny=7, nx=5, T=2)
-    monkeypatch.setattr(SPDEPrior, "spectral_max_bytes", 8 * 5 * 7 * 7)
-    assert P2.spectrum() is not None
+    monkeypatch.setattr(SPDEPrecision, "spectral_max_bytes", 8 * 5 * 7 * 7)
+    assert P2.precision.spectrum() is not None

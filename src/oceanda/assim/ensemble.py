@@ -83,16 +83,3 @@ def matheron_members(
         xm = X[0]
     return (members, xm) if include_mean else members
 
-
-def spread_skill(members, truth, mask=None) -> float:
-    """Spread/skill ratio ``sqrt(mean ensemble variance) / rmse(ensemble mean - truth)``
-    over the entries where ``mask`` is True (all when ``None``); ``members`` ``(N, ...)``,
-    ensemble variance with ``N - 1`` in the denominator. ~1 for a calibrated ensemble
-    (``sqrt(N / (N + 1))`` exactly in expectation for exact posterior members)."""
-    m = np.asarray(members)
-    t = np.asarray(truth)
-    var = m.var(axis=0, ddof=1)
-    err2 = (m.mean(axis=0) - t) ** 2
-    if mask is not None:
-        var, err2 = var[np.asarray(mask)], err2[np.asarray(mask)]
-    return float(np.sqrt(var.mean() / err2.mean()))

@@ -135,6 +135,7 @@ from oceanda.config_dataclass import dataclass_from_dict
 from oceanda.errors import ConfigError, InputError
 from oceanda.linalg.stencil import Stencil
 from oceanda.priors.spde import SPDEPrior
+from oceanda.priors.spde.precision import precision_product
 
 __all__ = [
     "SPDEModelConfig",
@@ -316,20 +317,16 @@ class SPDEPrecisionBatch:
         return 2.0 * self.matvec(self.residual(x))
 
     def matvec(self, r: Tensor) -> Tensor:
-        """``Q r`` for ``r (B, T, H, W)`` (closed form)."""
+        """``Q r`` for ``r (B, T, H, W)`` (:func:`~oceanda.priors.spde.precision.
+        precision_product`, ``Q_0 = F^T S^{-1} F - S^{-1}`` applied in this factored form)."""
         si = self.sinv.to(r.dtype)
-        Fr = self.F.apply(r)
         if self.init == "white":
-            g0 = r[:, 0] / self.init_std**2
+            def q0(r0):
+                return r0 / self.init_std**2
         else:
-            g0 = self.FT.apply(Fr[:, :1] * si)[:, 0] - r[:, 0] * si[:, 0]
-        if self.T == 1:
-            return g0[:, None]
-        E = (Fr[:, 1:] - r[:, :-1]) * si
-        FtE = self.FT.apply(E)
-        zero = torch.zeros_like(r[:, :1])
-        g = torch.cat([zero, FtE], dim=1) - torch.cat([E, zero], dim=1)
-        return g + torch.cat([g0[:, None], torch.zeros_like(r[:, 1:])], dim=1)
+            def q0(r0):
+                return self.FT.apply(self.F.apply(r0) * si) - r0 * si
+        return precision_product(r, self.F.apply, self.FT.apply, q0, si)
 
 
 # ----------------------------------------------------------------------------- cost, step
@@ -337,10 +334,10 @@ class SPDEPrecisionBatch:
 
 def _cov_apply_np(priors: list[SPDEPrior], g: Tensor) -> Tensor:
     """``Q_b^{-1} g_b = W_b W_b^T g_b`` per patch (two SPDE sweeps with sparse LU factors,
-    float64 on CPU, :meth:`SPDEPrior.whiten_inverse` / ``whiten_inverse_t``)."""
+    float64 on CPU, :meth:`~oceanda.priors.spde.precision.SPDEPrecision.solve`)."""
     B, T, H, W = g.shape
     G = g.detach().to("cpu", torch.float64).numpy().reshape(B, T, H * W, 1)
-    out = np.stack([p.whiten_inverse(p.whiten_inverse_t(G[b])) for b, p in enumerate(priors)])
+    out = np.stack([p.precision.solve(G[b]) for b, p in enumerate(priors)])
     return torch.as_tensor(out.reshape(B, T, H, W), dtype=g.dtype, device=g.device)
 
 

@@ -3,9 +3,12 @@
 Per DAW patch: prior :class:`~oceanda.priors.spde.SPDEPrior` on the patch grid (metric
 factors ``dx_m``, ``dy_m`` expressed in ``length_unit_m``; land / padding cells closed),
 observations ``y`` = the finite entries of ``obs`` with error variance ``noise_std^2``;
-the analysis is the exact posterior mean (CG on the whitened normal equations to relative
-residual ``rtol``, :meth:`SPDEPrior.posterior_mean`; in the exact spectral modes of the prior
-when it is separable: open-ocean patches of a regular lon/lat grid). With ``members = N > 0``
+the analysis is the exact posterior mean (one of the solvers of
+:mod:`oceanda.priors.spde.posterior` to relative residual ``rtol``,
+:meth:`SPDEPrior.posterior_mean`; in the exact spectral modes of the prior
+when it is separable: open-ocean patches of a regular lon/lat grid, also those overhanging the
+domain, whose ocean cells fill a rectangle, :meth:`SPDEOptimalInterpolation.patch`).
+With ``members = N > 0``
 it also draws ``N`` prior trajectories (simulating the SPDE, or spectrally when separable),
 conditions them by Matheron's rule
 (:func:`oceanda.assim.ensemble.matheron_members`; the ``N + 1`` solves share one block
@@ -31,6 +34,7 @@ from oceanda.assim.ensemble import matheron_members
 from oceanda.assim.registry import register
 from oceanda.errors import ConfigError
 from oceanda.priors.spde import SPDEPrior, tau_for_std
+from oceanda.priors.spde.posterior import SOLVERS
 
 
 @register("spde_oi")
@@ -61,7 +65,8 @@ class SPDEOptimalInterpolation:
         solver: posterior solver, ``"auto"`` (``"spectral"`` when the patch's prior is
             separable: no land, parameters constant along rows; otherwise the single-precision
             prior-preconditioned PCG for the mean alone, block CG on the whitened system for
-            ensembles), ``"spectral"``, ``"pcg"`` or ``"whitened"``; see
+            ensembles, the two-level PCG when ``coarse`` is set) or a key of
+            :data:`oceanda.priors.spde.posterior.SOLVERS`; see
             :meth:`SPDEPrior.posterior_mean`. Prior draws for the members use the spectral
             sampler when the prior is separable (``SPDEPrior.sample(method="auto")``).
         block_size: right-hand sides per block CG for the ensemble (memory: about 8 arrays
@@ -101,9 +106,12 @@ class SPDEOptimalInterpolation:
         if block_size is not None and (int(block_size) != block_size or block_size < 1):
             raise ConfigError(f"spde_oi: block_size must be null or an integer >= 1, got "
                               f"{block_size}")
-        if solver not in ("auto", "spectral", "pcg", "whitened"):
-            raise ConfigError(f"spde_oi: solver must be 'auto', 'spectral', 'pcg' or "
-                              f"'whitened', got {solver!r}")
+        if solver != "auto" and solver not in SOLVERS:
+            raise ConfigError(f"spde_oi: solver must be 'auto' or one of "
+                              f"{', '.join(map(repr, SOLVERS))}, got {solver!r}")
+        if coarse is not None and solver not in ("auto", "two_level"):
+            raise ConfigError(f"spde_oi: coarse is the option of solver 'two_level', not "
+                              f"{solver!r}")
         self.factor, self.threads, self.block_size = factor, threads, block_size
         self.backend, self.solver = backend, solver
         # validate the SPDE parameters once, on a tiny grid
@@ -120,12 +128,39 @@ class SPDEOptimalInterpolation:
     def patch(self, obs: np.ndarray, ocean: np.ndarray, dx_m: np.ndarray, dy_m: np.ndarray,
               seed: int | list[int] | None = None):
         """Analysis of one patch: ``obs`` ``(T, H, W)`` (NaN = unobserved) -> mean, std, members
-        (numpy float64; std / members None without an ensemble)."""
+        (numpy float64; std / members None without an ensemble).
+
+        When the ocean cells fill a rectangle and the rest is closed (the padding of a patch
+        that overhangs the domain, or a straight coast), the prior is solved on that rectangle
+        alone: the closed cells are decoupled with no-flux faces, so the posterior on the ocean
+        cells is the same, and on an open-ocean rectangle of a regular lon/lat grid the prior
+        is separable, which gives the fast spectral solver (``solver`` auto or spectral). Off
+        that rectangle the mean is then the prior mean (as in the whole-patch solve) and the
+        std and members are NaN (not computed; the blend ignores closed cells)."""
         mask = np.isfinite(obs) & ocean[None]
         mean = float(np.mean(obs[mask])) if (self.mean == "patch" and mask.any()) else (
             0.0 if self.mean == "patch" else float(self.mean))
-        P = self._prior(dx_m / self.length_unit_m, dy_m / self.length_unit_m, ocean,
-                        obs.shape[0], mean)
+        dx, dy = dx_m / self.length_unit_m, dy_m / self.length_unit_m
+        crop = _ocean_rectangle(ocean) if (self.solver in ("auto", "spectral")
+                                           and self.coarse is None) else None
+        if crop is not None:
+            P = self._prior(dx[crop], dy[crop], ocean[crop], obs.shape[0], mean)
+            if P.precision.spectrum() is not None:
+                ys, xs = crop
+                m, s, mem = self._solve(P, obs[:, ys, xs], mask[:, ys, xs], seed)
+                out_m = np.full(obs.shape, mean)
+                out_m[:, ys, xs] = m
+                if s is None:
+                    return out_m, None, None
+                out_s = np.full(obs.shape, np.nan)
+                out_s[:, ys, xs] = s
+                out_mem = np.full((mem.shape[0], *obs.shape), np.nan)
+                out_mem[:, :, ys, xs] = mem
+                return out_m, out_s, out_mem
+        return self._solve(self._prior(dx, dy, ocean, obs.shape[0], mean), obs, mask, seed)
+
+    def _solve(self, P: SPDEPrior, obs: np.ndarray, mask: np.ndarray, seed):
+        """Mean, std and members with the prior ``P`` for the observations ``obs`` on ``mask``."""
         y = np.where(mask, obs, 0.0)
 
         def reconstruct(Y):
@@ -160,3 +195,16 @@ class SPDEOptimalInterpolation:
         return PatchResult(mean=to(means),
                            std=to(stds) if self.members else None,
                            members=to(mems) if (self.members and self.return_members) else None)
+
+
+def _ocean_rectangle(ocean: np.ndarray) -> tuple[slice, slice] | None:
+    """``(rows, cols)`` of the rectangle the ocean cells fill when some cells lie outside it
+    (all closed), else ``None`` (no ocean, all ocean, or an irregular coast)."""
+    rows, cols = np.flatnonzero(ocean.any(1)), np.flatnonzero(ocean.any(0))
+    if rows.size == 0:
+        return None
+    crop = (slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1))
+    n = (crop[0].stop - crop[0].start) * (crop[1].stop - crop[1].start)
+    if n == ocean.size or int(ocean.sum()) != n:
+        return None
+    return crop

@@ -14,7 +14,8 @@ Inputs are ``(time, lat, lon)`` :class:`xarray.DataArray` objects (numpy or dask
 opening files is :mod:`oceanda.data.io`'s job.
 """
 
-from oceanda.metrics.ensemble import crps, crps_ensemble, crps_gaussian, spread_skill
+from oceanda.metrics.ensemble import (crps, crps_ensemble, crps_gaussian, spread_skill,
+                                      spread_skill_members, spread_skill_ratio)
 from oceanda.metrics.leaderboard import (
     DC_BOX,
     DC_PERIOD,
@@ -48,4 +49,6 @@ __all__ = [
     "rmse_scores",
     "select_pair",
     "spread_skill",
+    "spread_skill_members",
+    "spread_skill_ratio",
 ]

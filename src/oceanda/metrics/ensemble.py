@@ -91,26 +91,53 @@ def crps(truth: xr.DataArray, members: xr.DataArray | None = None, *, mean: xr.D
     return float(total.s) / int(total.n)
 
 
+def spread_skill_ratio(variance: float, mse: float, n_members: int | None = None) -> float:
+    """The spread-skill ratio, defined once: ``sqrt(spread^2 / MSE(mean))`` with ``variance``
+    the mean unbiased (ddof = 1) member variance of ``n_members`` members, corrected to
+    ``spread^2 = (N + 1) / N variance`` (Fortin et al. 2014, module docstring), or a predictive
+    variance ``sigma^2`` taken as is (``n_members=None``); ``mse`` the mean squared error of
+    the ensemble mean (the forecast) over the same cells."""
+    if n_members is not None:
+        if n_members < 2:
+            raise InputError(f"spread-skill needs at least 2 members, got {n_members}")
+        variance = variance * (n_members + 1) / n_members
+    if not mse > 0:
+        raise InputError("spread-skill: the mean equals the truth exactly (zero error)")
+    return float(np.sqrt(variance / mse))
+
+
+def spread_skill_members(members, truth, mask=None) -> float:
+    """:func:`spread_skill_ratio` of in-memory members ``(N, ...)`` (numpy) against ``truth``
+    ``(...)`` over the entries where ``mask`` is True (all when ``None``)."""
+    m = np.asarray(members, dtype=np.float64)
+    t = np.asarray(truth, dtype=np.float64)
+    var = m.var(axis=0, ddof=1)
+    err2 = (m.mean(axis=0) - t) ** 2
+    if mask is not None:
+        sel = np.broadcast_to(np.asarray(mask, bool), t.shape)
+        var, err2 = var[sel], err2[sel]
+    return spread_skill_ratio(float(var.mean()), float(err2.mean()), m.shape[0])
+
+
 def spread_skill(truth: xr.DataArray, mean: xr.DataArray, std_or_members: xr.DataArray,
                  ocean: xr.DataArray | None = None) -> float:
-    """Spread-skill ratio ``sqrt(mean spread^2) / RMSE(mean)`` over the valid cells.
+    """:func:`spread_skill_ratio` over the valid cells of xarray fields (lazily with dask).
 
     ``std_or_members`` is a standard deviation ``(time, lat, lon)`` or members
     ``(member, time, lat, lon)`` (finite-ensemble corrected, see the module docstring);
     ``mean`` is the forecast whose error is measured (the ensemble mean for members).
     """
+    n = None
     if N.MEMBER in std_or_members.dims:
         n = std_or_members.sizes[N.MEMBER]
         if n < 2:
             raise InputError(f"spread-skill needs at least 2 members, got {n}")
-        spread2 = std_or_members.var(N.MEMBER, ddof=1) * (n + 1) / n
+        var = std_or_members.var(N.MEMBER, ddof=1)
     else:
-        spread2 = std_or_members**2
-    valid = _valid(truth, [mean, spread2], ocean)
-    total = xr.Dataset({"err2": ((mean - truth) ** 2).where(valid).sum(), "spread2": spread2.where(valid).sum(),
-                        "n": valid.sum()}).compute()
+        var = std_or_members**2
+    valid = _valid(truth, [mean, var], ocean)
+    total = xr.Dataset({"err2": ((mean - truth) ** 2).where(valid).sum(),
+                        "var": var.where(valid).sum(), "n": valid.sum()}).compute()
     if int(total.n) == 0:
         raise InputError("spread-skill: no cell where truth, mean and spread are finite")
-    if float(total.err2) == 0.0:
-        raise InputError("spread-skill: the mean equals the truth exactly (zero error)")
-    return float(np.sqrt(float(total.spread2) / float(total.err2)))
+    return spread_skill_ratio(float(total["var"]), float(total.err2), n)

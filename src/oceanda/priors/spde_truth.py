@@ -62,8 +62,7 @@ def sample_truth(dx_km: np.ndarray, dy_km: np.ndarray, ocean: np.ndarray, days: 
     alpha, dt = p.pop("alpha"), p.pop("dt")
     prior = SPDEPrior(dx_km, dy_km, ocean, T=2, dt=dt, alpha=alpha, tau=tau, **p)
     rng = np.random.default_rng(seed)
-    x = prior._Q0_factor().solve_G(rng.standard_normal(prior.n))  # stationary x_0 = G_0^{-1} z
-    lu, sq = prior._F_lu(1), prior._sqrt_s(1)
+    x = prior.precision.initial(rng.standard_normal(prior.n))  # stationary x_0 = G_0^{-1} z
     land = ~ocean
     for _ in range(int(days)):
         field = (x.reshape(prior.shape) + mean).astype(np.float32)
@@ -71,7 +70,7 @@ def sample_truth(dx_km: np.ndarray, dy_km: np.ndarray, ocean: np.ndarray, days: 
         if progress:
             progress("truth", 1)
         yield field
-        x = lu.solve(x + sq * rng.standard_normal(prior.n))
+        x = prior.precision.step(1, x, rng.standard_normal(prior.n))
 
 
 def spde_truth(grid: Any, days: int, seed: int, params: dict[str, Any], device: str,

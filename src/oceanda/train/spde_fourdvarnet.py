@@ -57,6 +57,7 @@ from oceanda.assim.spde_fourdvarnet import (
     spde_checkpoint_state,
 )
 from oceanda.errors import ConfigError, InputError
+from oceanda.metrics.ensemble import spread_skill_ratio
 from oceanda.train.fourdvarnet import (DistContext, _collate, _to, optimise_step, run_epoch, save_atomic,
                                        sobel_magnitude, weighted_mse, write_history)
 
@@ -274,8 +275,9 @@ def fit_spread_scale(members, centre, truth, mask=None, *, finite_ensemble: bool
 
     i.e. ``c = (B + sqrt(B^2 + A (k V - C))) / (k V - C)``, the only positive root. With
     ``k = (N + 1) / N`` this is the spread-error identity of an exchangeable ``N``-member
-    ensemble (Fortin et al. 2014): a calibrated ensemble has ``spread/skill = sqrt(N / (N + 1))``
-    (the bench's ratio, ``oceanda.assim.ensemble.spread_skill``); ``k = 1`` makes that ratio 1.
+    ensemble (Fortin et al. 2014): the scaled ensemble's spread/skill
+    (:func:`oceanda.metrics.ensemble.spread_skill_ratio`, which carries that correction) is 1;
+    ``k = 1`` makes it ``sqrt((N + 1) / N)``.
 
     Returns ``{"spread_scale": c, "spread_skill_before", "spread_skill_after", "rmse_centre"
     (sqrt(A)), "spread_before" (sqrt(V)), "n_members", "n_cells", "finite_ensemble"}``. Raises
@@ -304,7 +306,7 @@ def fit_spread_scale(members, centre, truth, mask=None, *, finite_ensemble: bool
     if not (a > 0 and math.isfinite(a)):
         raise InputError(f"fit_spread_scale: the members have no spread (k V = {k * V:.3g} <= C = {C:.3g})")
     c = (B + math.sqrt(B * B + A * a)) / a
-    ss = lambda c: math.sqrt(c * c * V / (A + 2 * c * B + c * c * C))  # noqa: E731
+    ss = lambda c: spread_skill_ratio(c * c * V, A + 2 * c * B + c * c * C, n)  # noqa: E731
     return {"spread_scale": c, "spread_skill_before": ss(1.0), "spread_skill_after": ss(c),
             "rmse_centre": math.sqrt(A), "spread_before": math.sqrt(V), "n_members": int(n),
             "n_cells": int(sel.sum()), "finite_ensemble": bool(finite_ensemble)}

@@ -286,11 +286,16 @@ def _neumann_laplacian(n: int) -> sp.csr_matrix:
 
 def separable_spectrum(A: sp.spmatrix, s: np.ndarray, shape: tuple[int, int], *, T: int,
                        dt: float, alpha: int, workers: int = 1,
-                       rtol: float = 1e-12) -> SeparableSpectrum | None:
+                       rtol: float = 1e-10) -> SeparableSpectrum | None:
     """:class:`SeparableSpectrum` of the prior with spatial operator ``A`` (``n x n``,
     row-major cells of ``shape = (ny, nx)``) and noise variances ``s`` ``(ny, nx)``, or
     ``None`` when ``A`` is not ``Y (x) I + diag(c) (x) L_x`` to ``rtol`` (relative to
-    ``max |A|``), ``s`` varies along a row, or ``S^{-1} A`` is not symmetric."""
+    ``max |A|``), ``s`` varies along a row by more than ``rtol`` (relative to ``max s``), or
+    ``S^{-1} A`` is not symmetric. ``rtol`` tolerates the rounding of metric factors that vary
+    with latitude only (geodesic cell sizes along a row of a regular grid differ by ~1e-13
+    relative); the factors are those of the first column's ``Y``, ``c`` and ``s``, so the
+    operator applied differs from ``A`` by at most ``rtol`` relative, far below the solvers'
+    tolerances."""
     ny, nx = shape
     A = sp.csr_matrix(A)
     s = np.asarray(s, dtype=np.float64).reshape(ny, nx)
