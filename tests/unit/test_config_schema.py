@@ -27,7 +27,7 @@ def test_shipped_configs_validate(app, args, capsys):
 
 @pytest.mark.parametrize("app,args,named", [
     ("infer", ["method.noise_std=-1"], "method.noise_std must be > 0"),
-    ("infer", ["+batchsize=8"], "unknown key batchsize"),
+    ("infer", ["+batchsize=8"], "unknown key batchsize; known: allow_mode_mismatch, batch_size, box"),
     ("infer", ["tile=big"], "tile: expected a list of 3 values"),
     ("infer", ["+patch.strid=[1,2,3]"], "unknown key patch.strid"),
     ("infer", ["patch.crop=[60,60]"], "patch.crop/taper leave no full-weight"),
@@ -44,6 +44,10 @@ def test_shipped_configs_validate(app, args, capsys):
     ("train", [*TRAIN, "train.epochs=1.5"], "train.epochs: expected an integer"),
     ("train", [*TRAIN, "patch=anchor", "model.n_time=10"], "model.n_time=10 differs from patch.size[0]=15"),
     ("train", [*TRAIN, "+batchsize=8"], "unknown key batchsize"),
+    ("train", [*TRAIN, "train.mode=bogus"], "train.mode must be 'supervised' or 'semi'"),
+    ("train", [*TRAIN, "train.batch_size=0"], "train.batch_size must be >= 1"),
+    ("train", [*TRAIN, "model=spde_4dvarnet", "+train.theta_init=bad"], "train.theta_init must be"),
+    ("train", [*TRAIN, "model=spde_4dvarnet", "train.mode=bogus"], "train.mode must be"),
     ("generate", ["+truth.foo=1"], "unknown key truth.foo"),
     ("generate", ["+period.middle=2012-10-10"], "unknown key period.middle"),
     ("generate", ["+domain.bogus=1"], "domain.bogus"),
@@ -61,6 +65,8 @@ def test_bad_configs_exit_2_naming_the_key(app, args, named, capsys):
     assert main(["config", "validate", app, *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("oceanda config: error: ") and named in err, err
+    if "unknown key" in named and "." not in named:  # a top-level key: every key of the app is listed
+        assert "method" in err or "model" in err or "experiment" in err or app in ("generate", "evaluate"), err
 
 
 def test_apps_run_the_same_validation(capsys, tmp_path):

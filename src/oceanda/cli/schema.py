@@ -202,6 +202,7 @@ class InferConfig:
     def from_mapping(cls, data: dict[str, Any]) -> InferConfig:
         from oceanda.data.patches import PatchGeometry as Geometry
 
+        _known_keys(cls, data)
         data = dict(data)
         method = MethodConfig.from_mapping(data.pop("method", None))
         patch = load_patch(data.pop("patch", None))
@@ -262,6 +263,19 @@ def _rest_of(cls: type, drop: tuple[str, ...]) -> type:
     return rest
 
 
+def _known_keys(cls: type, data: dict[str, Any]) -> None:
+    """Refuse top-level keys that are no field of the app config ``cls`` (all of them named)."""
+    known = {f.name for f in dataclasses.fields(cls) if f.init and f.name not in _DERIVED}
+    unknown = sorted(str(k) for k in data if k not in known)
+    if unknown:
+        raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+                          f"known: {', '.join(sorted(known))}")
+
+
+#: fields of the app configs filled by :func:`load`, not by the user
+_DERIVED = ("source_yaml", "experiment_raw")
+
+
 def _fields_of(obj: Any) -> dict[str, Any]:
     return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
 
@@ -317,6 +331,7 @@ class TrainAppConfig:
     def from_mapping(cls, data: dict[str, Any]) -> TrainAppConfig:
         from oceanda.train.fourdvarnet import TrainConfig
 
+        _known_keys(cls, data)
         data = dict(data)
         model = dict(check_value(dict[str, Any], data.pop("model", None), "model"))
         name = model.pop("name", "4dvarnet")
@@ -325,12 +340,12 @@ class TrainAppConfig:
             from oceanda.train.spde_fourdvarnet import SPDETrainConfig
 
             model_cfg = SPDEModelConfig.from_dict(model)
-            train_cfg = from_mapping(SPDETrainConfig, data.pop("train", None) or {}, "train")
+            train_cfg = SPDETrainConfig.from_dict(check_value(dict[str, Any], data.pop("train", None) or {}, "train"))
         elif name == "4dvarnet":
             from oceanda.assim.fourdvarnet import ModelConfig
 
             model_cfg = from_mapping(ModelConfig, model, "model")
-            train_cfg = from_mapping(TrainConfig, data.pop("train", None) or {}, "train")
+            train_cfg = TrainConfig.from_dict(check_value(dict[str, Any], data.pop("train", None) or {}, "train"))
         else:
             raise ConfigError(f"model.name={name!r}: expected 4dvarnet or spde_4dvarnet")
         patch = load_patch(data.pop("patch", None))
@@ -457,6 +472,7 @@ class ValidateConfig:
     def from_mapping(cls, data: dict[str, Any]) -> ValidateConfig:
         from oceanda.validation.runner import ExperimentSettings
 
+        _known_keys(cls, data)
         data = dict(data)
         raw = check_value(dict[str, Any], data.pop("experiment", None), "experiment")
         if "system" not in raw:

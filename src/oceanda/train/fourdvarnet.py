@@ -42,7 +42,7 @@ from oceanda.assim.fourdvarnet import (
     read_checkpoint,
 )
 from oceanda.config_dataclass import dataclass_from_dict
-from oceanda.errors import InputError
+from oceanda.errors import ConfigError, InputError
 from oceanda.train.data import Normalisation, PatchDataset
 from oceanda.train.loop import TrainingTask, save_atomic
 
@@ -73,7 +73,16 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        return dataclass_from_dict(cls, d, "train")
+        """The ``train`` section of ``oceanda train``: typed (unknown keys refused) and checked."""
+        cfg = dataclass_from_dict(cls, d, "train")
+        if cfg.mode not in ("supervised", "semi"):
+            raise ConfigError(f"train.mode must be 'supervised' or 'semi', got {cfg.mode!r}")
+        for key in ("epochs", "batch_size"):
+            if getattr(cfg, key) < 1:
+                raise ConfigError(f"train.{key} must be >= 1, got {getattr(cfg, key)}")
+        if not cfg.lr >= 0:
+            raise ConfigError(f"train.lr must be >= 0, got {cfg.lr}")
+        return cfg
 
 
 # ----------------------------------------------------------------------------- distributed

@@ -37,7 +37,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,7 @@ from oceanda.assim.spde_fourdvarnet import (
     read_spde_checkpoint,
     spde_checkpoint_state,
 )
+from oceanda.config_dataclass import from_mapping
 from oceanda.errors import ConfigError, InputError
 from oceanda.train.data import PatchDataset
 from oceanda.train.fourdvarnet import sobel_magnitude, weighted_mse
@@ -97,11 +98,9 @@ class SPDETrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SPDETrainConfig:
-        known = {f.name for f in fields(cls)}
-        bad = sorted(set(d) - known - set(cls.IGNORED))
-        if bad:
-            raise ConfigError(f"unknown spde_4dvarnet train config keys {bad}; known: {sorted(known)}")
-        cfg = cls(**{k: v for k, v in d.items() if k in known})
+        """The ``train`` section of ``oceanda train model=spde_4dvarnet``: typed (unknown keys
+        refused, ``w_prior`` ignored) and checked."""
+        cfg = from_mapping(cls, d, "train")
         if cfg.mode not in ("supervised", "semi"):
             raise ConfigError(f"train.mode must be 'supervised' or 'semi', got {cfg.mode!r}")
         if cfg.theta_init not in ("none", "mle"):
