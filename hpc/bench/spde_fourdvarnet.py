@@ -89,7 +89,8 @@ from oceanda.assim.ensemble import matheron_members
 from oceanda.metrics.ensemble import spread_skill_members as spread_skill
 from oceanda.assim.spde_fourdvarnet import SPDEFourDVarNet, SPDEModelConfig
 from oceanda.priors.spde import SPDEPrior, tau_for_std
-from oceanda.train.spde_fourdvarnet import SPDETrainConfig, fit_spde
+from oceanda.train.loop import fit
+from oceanda.train.spde_fourdvarnet import TASK, SPDETrainConfig
 
 
 def track_mask(rng: np.random.Generator, T: int, n: int, tracks: int, width: float = 0.5) -> np.ndarray:
@@ -209,7 +210,7 @@ def main(argv=None) -> dict:
                            nll_crop=a.nll_crop, grad_clip=1.0, seed=a.seed, lr_theta=a.lr_theta,
                            w_nll_obs=a.w_nll_obs, theta_grad=a.theta_grad, theta_init=a.theta_init)
     t0 = time.perf_counter()
-    hist = fit_spde(model, Items(X[tr], Y[tr], a.dx), None, {"mean": 0.0, "std": 1.0}, tcfg, progress=False)
+    hist = fit(TASK, model, model.cfg, Items(X[tr], Y[tr], a.dx), None, {"mean": 0.0, "std": 1.0}, tcfg, progress=False)
     t_train = time.perf_counter() - t0
 
     model.eval()

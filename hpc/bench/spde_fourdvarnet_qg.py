@@ -58,7 +58,7 @@ truth crops: the stage-2 NLL kept it there) while the truth's std within a patch
 std. The ML fit of an alpha = 2 SPDE (spectrum ~k^-4) to a QG field (~k^-5.4 at 50-250 km) puts
 too much variance at the scales the tracks leave unconstrained.
 
-Spread calibration (``--fit-patches N``; :func:`oceanda.train.spde_fourdvarnet.fit_spread_scale`,
+Spread calibration (``--fit-patches N``; :func:`oceanda.train.spread.fit_spread_scale`,
 :func:`oceanda.assim.spde_fourdvarnet.spread_factors`): the members are rescaled about the
 solver's mean, ``x* + c r_p (x_i - x*)``, with one scalar ``c`` fitted in closed form on ``N``
 random patches of the TRAINING period (``--fit-period``, 2012-12-10..2013-09-15: the model's
@@ -114,48 +114,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import numpy as np
-import torch
 
-from oceanda.assim.base import PatchBatch
 from oceanda.assim.oi import OptimalInterpolation
-from oceanda.assim.spde_fourdvarnet import (SPREAD_MODES, SPDEFourDVarNetMethod, read_spde_checkpoint,
-                                            spread_factors)
+from oceanda.assim.spde_fourdvarnet import (SPREAD_MODES, SPDEFourDVarNetMethod, read_spde_checkpoint)
 from oceanda.assim.spde_oi import SPDEOptimalInterpolation
 from oceanda.metrics.ensemble import crps_ensemble, spread_skill_ratio
 from oceanda.train.data import load_arrays
-
-
-def pick_patches(ocean: np.ndarray, obs: np.ndarray, nt: int, T: int, size: int, n: int, rng: np.random.Generator,
-                 min_ocean: float = 0.5, min_obs: int = 20) -> list[tuple[int, int, int]]:
-    """``n`` distinct random ``(t, y, x)`` starts of ``T x size x size`` windows inside the
-    ``nt`` days with at least ``min_ocean`` ocean and ``min_obs`` observations."""
-    ny, nx = ocean.shape
-    out: set[tuple[int, int, int]] = set()
-    for _ in range(200 * n):
-        t, y, x = (int(rng.integers(0, nt - T + 1)), int(rng.integers(0, ny - size + 1)),
-                   int(rng.integers(0, nx - size + 1)))
-        oc = ocean[y:y + size, x:x + size]
-        if oc.mean() < min_ocean or (t, y, x) in out:
-            continue
-        if np.isfinite(obs[t:t + T, y:y + size, x:x + size][:, oc]).sum() < min_obs:
-            continue
-        out.add((t, y, x))
-        if len(out) == n:
-            break
-    if len(out) < n:
-        raise SystemExit(f"only {len(out)} of {n} patches found (domain too small for size {size}?)")
-    return sorted(out)
-
-
-def patch_batch(obs, ocean, grid, days, t, y, x, T, size) -> PatchBatch:
-    ys, xs = slice(y, y + size), slice(x, x + size)
-    f = lambda a: torch.from_numpy(np.array(a, np.float64))[None]  # noqa: E731  (a writable copy)
-    return PatchBatch(obs=f(obs[t:t + T, ys, xs]), ocean=torch.from_numpy(ocean[ys, xs].copy())[None],
-                      lon=f(grid.lon[xs]), lat=f(grid.lat[ys]), time=f(days[t:t + T]),
-                      dx_m=f(grid.dx_m[ys, xs]), dy_m=f(grid.dy_m[ys, xs]))
+from oceanda.train.spread import calibrate, mode_factors, pick_patches
+from oceanda.train.spread import collect_members as run_patches
 
 
 def ens_scores(members: np.ndarray, truth: np.ndarray, sel: np.ndarray) -> dict[str, float]:
@@ -173,49 +141,6 @@ def ens_scores(members: np.ndarray, truth: np.ndarray, sel: np.ndarray) -> dict[
             "coverage80": float(np.mean((tr >= lo) & (tr <= hi)))}
 
 
-def run_patches(method, obs, ocean, grid, days, truth, starts, T, size, oi=None, soi=None, label="") -> dict:
-    """Run ``method`` (raw members), and optionally ``oi`` / ``soi``, on the patches ``starts``:
-    stacked ``(P, ...)`` arrays (members ``(P, N, T, H, W)``) and the predicted prior std [m]."""
-    acc = {k: [] for k in ("truth", "net", "oi", "soi", "mem", "soi_mem", "ocean", "obs")}
-    theta_std, r_obs, t_net, t_oi = [], [], 0.0, 0.0
-    Rn = float(method.model.R) if method.noise_std is None else (method.noise_std / method.std) ** 2
-    for i, (t, y, x) in enumerate(starts):
-        b = patch_batch(obs, ocean, grid, days, t, y, x, T, size)
-        t0 = time.perf_counter()
-        r = method(b)
-        t_net += time.perf_counter() - t0
-        obs_n = ((b.obs - method.mean) / method.std).float()
-        with torch.no_grad():
-            th = method.model.predict_theta(obs_n, b.ocean)
-        theta_std.append(float(th["std"].mean()) * method.std)
-        r_obs.append(float(spread_factors(obs_n, b.ocean, th["std"], Rn, "obs_std")[0]))
-        acc["truth"].append(truth[t:t + T, y:y + size, x:x + size].astype(np.float64))
-        acc["net"].append(r.mean[0].numpy())
-        acc["mem"].append(r.members[0].numpy())
-        acc["obs"].append(b.obs[0].numpy())
-        acc["ocean"].append(np.broadcast_to(b.ocean[0].numpy(), (T, size, size)))
-        if oi is not None:
-            t0 = time.perf_counter()
-            acc["oi"].append(oi(b).mean[0].numpy())
-            t_oi += time.perf_counter() - t0
-        if soi is not None:
-            rs = soi(b)
-            acc["soi"].append(rs.mean[0].numpy())
-            acc["soi_mem"].append(rs.members[0].numpy())
-        print(f"{label}patch {i + 1}/{len(starts)} (t={t}, y={y}, x={x}) done", flush=True)
-    A = {k: np.stack(v) for k, v in acc.items() if v}
-    A["theta_std"] = np.array(theta_std)
-    A["r_obs"] = np.array(r_obs)  # obs_std mode's per-patch factor sigma_y / sigma_Theta
-    A["t_net"], A["t_oi"] = t_net / len(starts), t_oi / len(starts)
-    return A
-
-
-def mode_factors(A: dict, mode: str) -> np.ndarray:
-    """Per-patch factors ``r_p`` ``(P, 1, 1, 1)`` of ``spread_mode`` (before the global c)."""
-    r = A["r_obs"] if mode == "obs_std" else np.ones(len(A["net"]))
-    return r.reshape(-1, 1, 1, 1)
-
-
 def bootstrap_spread_skill(members: np.ndarray, truth: np.ndarray, sel: np.ndarray, n_boot: int = 2000,
                            seed: int = 0) -> list[float]:
     """5-95 % interval of the spread/skill under resampling the patches (axis 1 of ``members``
@@ -226,42 +151,6 @@ def bootstrap_spread_skill(members: np.ndarray, truth: np.ndarray, sel: np.ndarr
     idx = np.random.default_rng(seed).integers(0, P, (n_boot, P))
     ss = [spread_skill_ratio(v, e, members.shape[0]) for v, e in zip(var[idx].sum(1), err[idx].sum(1))]
     return [float(v) for v in np.quantile(ss, [0.05, 0.95])]
-
-
-def calibration_fit(A: dict, T: int, mode: str) -> dict:
-    """Fit the spread factor on the (training-period) patches ``A`` for ``spread_mode`` ``mode``:
-    the global ``c`` (:func:`fit_spread_scale` on the members ``x* + r_p d``, what is stored), and
-    for the report only: ``c`` per patch (times ``r_p``), per day of the window, the
-    CRPS-minimising ``c`` and the ``k = 1`` variant."""
-    from scipy.optimize import minimize_scalar
-
-    from oceanda.assim.spde_fourdvarnet import scale_members
-    from oceanda.train.spde_fourdvarnet import fit_spread_scale
-
-    r = mode_factors(A, mode)
-    mem = scale_members(A["net"], np.moveaxis(A["mem"], 1, 0), r, axis=0)  # (N, P, T, H, W)
-    sel = A["ocean"]
-    fit = fit_spread_scale(mem, A["net"], A["truth"], sel)
-    per_patch = [fit_spread_scale(mem[:, p], A["net"][p], A["truth"][p], sel[p])["spread_scale"]
-                 for p in range(mem.shape[1])]
-    per_day = []
-    for t in range(T):
-        s = np.zeros_like(sel)
-        s[:, t] = sel[:, t]
-        per_day.append(fit_spread_scale(mem, A["net"], A["truth"], s)["spread_scale"])
-
-    def crps_of(c):
-        m = scale_members(A["net"], mem, c, axis=0)
-        return float(crps_ensemble(A["truth"][sel], m[:, sel], axis=0).mean())
-
-    opt = minimize_scalar(crps_of, bounds=(0.05, 3.0), method="bounded", options={"xatol": 1e-3})
-    pp = np.array(per_patch)
-    return {**fit, "mode": mode, "per_patch": per_patch, "per_patch_cv": float(pp.std() / pp.mean()),
-            "per_day": per_day,
-            "k1_spread_scale": fit_spread_scale(mem, A["net"], A["truth"], sel,
-                                                finite_ensemble=False)["spread_scale"],
-            "crps_optimal_spread_scale": float(opt.x), "crps_at_optimum": float(opt.fun),
-            "crps_at_fitted": crps_of(fit["spread_scale"]), "crps_at_1": crps_of(1.0)}
 
 
 def main(argv=None) -> dict:
@@ -293,7 +182,6 @@ def main(argv=None) -> dict:
     a = ap.parse_args(argv)
 
     from oceanda.assim.spde_fourdvarnet import scale_members
-    from oceanda.train.spde_fourdvarnet import calibrate_spde_checkpoint
 
     # raw (c = 1) members; every calibrated row is scale_members of them, exactly what the
     # method computes with spread_scale = c (tests/unit/test_spde_fourdvarnet.py)
@@ -303,27 +191,13 @@ def main(argv=None) -> dict:
     T = method.cfg.n_time
     res = {"config": vars(a), "n_time": T}
     cs = {}  # spread_mode -> (c, source)
-    if a.fit_patches:
-        tr_f, obs_f, oc_f, times_f, grid_f = load_arrays(a.truth, a.obs, None, list(a.fit_period), with_grid=True)
-        days_f = ((times_f - times_f[0]) / np.timedelta64(1, "D")).astype(np.float64)
-        fstarts = pick_patches(oc_f, obs_f, len(times_f), T, a.size, a.fit_patches,
-                               np.random.default_rng(a.seed + 1))
-        F = run_patches(method, obs_f, oc_f, grid_f, days_f, tr_f, fstarts, T, a.size, label="fit ")
-        del tr_f, obs_f
-        res["calibration"] = {}
-        for mode in SPREAD_MODES:
-            cal = calibration_fit(F, T, mode)
-            cal["patches"] = [list(s) for s in fstarts]
-            cal["period"] = list(a.fit_period)
-            res["calibration"][mode] = cal
-            cs[mode] = (cal["spread_scale"], "fitted")
+    if a.fit_patches:  # the calibration of oceanda.train.spread on training-period patches
+        res["calibration"] = calibrate(a.checkpoint, a.truth, a.obs, tuple(a.fit_period), a.calibrated_out,
+                                       n_patches=a.fit_patches, size=a.size, members=a.members,
+                                       member_batch=a.member_batch, seed=a.seed, spread_mode=a.spread_mode,
+                                       noise_std=a.noise_std)
+        cs.update({mode: (cal["spread_scale"], "fitted") for mode, cal in res["calibration"].items()})
         if a.calibrated_out:
-            cal = res["calibration"][a.spread_mode]
-            info = {k: cal[k] for k in ("spread_scale", "spread_skill_before", "spread_skill_after",
-                                        "n_members", "n_cells", "period", "per_patch_cv", "mode")}
-            info["n_patches"] = a.fit_patches
-            calibrate_spde_checkpoint(a.checkpoint, a.calibrated_out, cs[a.spread_mode][0], info,
-                                      spread_mode=a.spread_mode)
             print(f"calibrated checkpoint written: {a.calibrated_out} (spread_mode={a.spread_mode})")
     if a.spread_scale is not None:
         cs[a.spread_mode] = (a.spread_scale, "given")

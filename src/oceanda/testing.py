@@ -4,21 +4,17 @@
   blend weight (brute force over the patches, independent of the runtime's arithmetic);
 * :func:`check_weights_normalise`: the normalised blend weights ``w_p / sum_q w_q`` sum to
   one on every ocean cell;
-* the ``identity`` method (returns its observations: with a fully observed truth as input,
-  blending must give the truth back exactly);
+* the ``identity`` method (:class:`oceanda.assim.identity.IdentityMethod`, re-exported: returns
+  its observations, so with a fully observed truth as input blending must give it back exactly);
 * :func:`synthetic_fields`: a small smooth SSH field, land mask and nadir-like observation
   mask for tests.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
-import torch
 
-from oceanda.assim.base import PatchBatch, PatchResult
-from oceanda.assim.registry import register
+from oceanda.assim.identity import IdentityMethod  # noqa: F401  (re-exported)
 from oceanda.data.patches import PatchSet
 
 
@@ -68,29 +64,6 @@ def check_weights_normalise(patches: PatchSet, ocean: np.ndarray, atol: float = 
     err = np.abs(norm[sel] - 1.0).max(initial=0.0)
     if err > atol:
         raise AssertionError(f"normalised blend weights sum to 1 +- {err:.3g} (> {atol})")
-
-
-@register("identity")
-@dataclass(frozen=True)
-class IdentityMethod:
-    """Returns the observations (NaN -> ``fill``): the blend of a fully observed field must
-    reproduce it exactly. With ``std`` it also returns that constant standard deviation,
-    with ``members = N`` the members ``x + i * member_step`` (i = 0..N-1), to test the
-    blending of uncertainty outputs."""
-
-    fill: float = 0.0
-    std: float | None = None
-    members: int = 0
-    member_step: float = 0.01
-
-    def __call__(self, batch: PatchBatch) -> PatchResult:
-        mean = torch.nan_to_num(batch.obs, nan=self.fill)
-        std = None if self.std is None else torch.full_like(mean, float(self.std))
-        mem = None
-        if self.members:
-            steps = self.member_step * torch.arange(self.members, dtype=mean.dtype, device=mean.device)
-            mem = mean[:, None] + steps[None, :, None, None, None]
-        return PatchResult(mean=mean, std=std, members=mem)
 
 
 def synthetic_fields(shape: tuple[int, int, int] = (12, 30, 40), seed: int = 0,

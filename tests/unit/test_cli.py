@@ -30,7 +30,7 @@ def test_console_script_runs_as_module():
 
 @pytest.fixture
 def user_configs(tmp_path):
-    (tmp_path / "evaluate.yaml").write_text("truth_path: ???\nanalysis: ???\nbox: [1, 2]\nref: ${box}\n")
+    (tmp_path / "evaluate.yaml").write_text("truth_path: ???\nanalysis: ???\nname: ${analysis}\n")
     return tmp_path
 
 

@@ -172,7 +172,7 @@ def test_bad_input_exit_2_and_nothing_written(truth, tmp_path, capsys, case):
 def test_bad_config_values(truth, capsys):
     path, _ = truth
     assert run(f"truth={path}", f"analysis={path}", "box=[1,2]") == 2
-    assert "box must be a list of 4" in capsys.readouterr().err
+    assert "box: expected a list of 4 values" in capsys.readouterr().err
     assert run(f"truth={path}", f"analysis={path}", "detrend=cubic") == 2
 
 

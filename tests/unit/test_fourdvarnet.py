@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from oceanda.assim import convlstm
+from oceanda.assim.convlstm import ConvLSTMGradModulator, LSTMState
 from oceanda.assim.fourdvarnet import (
     BilinAEPrior,
-    ConvLSTMGradModulator,
     FourDVarNet,
-    LSTMState,
     UNetPrior,
     VariationalCost,
 )
@@ -246,10 +246,11 @@ def test_convlstm_gate_split_equals_single_conv_on_concatenation():
 
 
 def _load_bench():
-    path = Path(__file__).resolve().parents[2] / "hpc" / "bench" / "fourdvarnet.py"
-    spec = importlib.util.spec_from_file_location("bench_fourdvarnet", path)
+    """The 4dvarnet-starter re-implementation of ``tests/reference/``."""
+    path = Path(__file__).resolve().parents[1] / "reference" / "fourdvarnet_starter.py"
+    spec = importlib.util.spec_from_file_location("fourdvarnet_starter", path)
     mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_fourdvarnet"] = mod
+    sys.modules["fourdvarnet_starter"] = mod
     spec.loader.exec_module(mod)
     return mod
 
@@ -277,7 +278,7 @@ def _obs32(B=2, seed=0):
 def test_lstm_cell_fusable_form_equals_eager_form_and_is_differentiable():
     """The fused-kernel form of the cell (plain tanh, arithmetic in the state dtype) is the
     eager form (sigmoid identity on pre-scaled rows) and the anchor's cell, with gradients."""
-    from oceanda.assim.fourdvarnet import _lstm_cell, _lstm_cell_fusable
+    from oceanda.assim.convlstm import _lstm_cell, _lstm_cell_fusable
 
     g = torch.Generator().manual_seed(5)
     n = 3
@@ -432,8 +433,8 @@ def test_method_auto_precision_and_fused_cell_fallback(tmp_path, monkeypatch):
             raise RuntimeError("no C++ compiler")
         return f
 
-    monkeypatch.setattr(fdv, "_fused_lstm_cell", broken)
-    monkeypatch.setattr(fdv, "_FUSED_CELL_WORKS", False)
+    monkeypatch.setattr(convlstm, "_fused_lstm_cell", broken)
+    monkeypatch.setattr(convlstm, "_FUSED_CELL_WORKS", False)
     fused = fdv.FourDVarNetMethod(str(path), fuse_cell=True)
     with pytest.warns(RuntimeWarning, match="fuse_cell"):
         a = fused(batch).mean

@@ -14,6 +14,7 @@ from oceanda.cli import main
 from oceanda.data import names as N
 from oceanda.data import osse
 from oceanda.errors import ConfigError, InputError
+from oceanda.plots.osse import quicklook
 
 BOX = {"name": "box", "lon_min": -61.0, "lon_max": -59.0, "lat_min": 37.0, "lat_max": 39.0, "resolution": 0.1}
 QG_TINY = {"kind": "qg", "dx_km": 20.0, "margin_km": 100.0, "spinup_days": 4, "spinup_fine_days": 1}
@@ -31,7 +32,7 @@ def _leftovers(out: Path) -> list[str]:
 def test_generate_osse_writes_cf_stores(tmp_path):
     out = tmp_path / "osse"
     res = osse.generate_osse(BOX, "4nadirs", {"start": "2012-10-22", "end": "2012-10-28"}, out,
-                             truth=QG_TINY, seed=3, figures=True, progress=False, obs_noise=False, chunk_days=3)
+                             truth=QG_TINY, seed=3, figures=quicklook, progress=False, obs_noise=False, chunk_days=3)
     assert res["truth"] == out / "truth.zarr" and res["obs"] == out / "obs.zarr"
     truth = xr.open_zarr(res["truth"])
     obs = xr.open_zarr(res["obs"])
@@ -107,7 +108,7 @@ def test_failure_midway_leaves_nothing_and_keeps_old_outputs(tmp_path):
     try:
         with pytest.raises(RuntimeError, match="crashed"):
             osse.generate_osse(BOX, "4nadirs", ("2012-10-22", "2012-10-31"), out, truth={"kind": "broken_test"},
-                               figures=True, progress=False, chunk_days=2)
+                               figures=quicklook, progress=False, chunk_days=2)
     finally:
         osse.TRUTH_KINDS.pop("broken_test")
     assert _leftovers(out) == []

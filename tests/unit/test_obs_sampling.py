@@ -6,7 +6,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 from scipy.interpolate import RegularGridInterpolator
 
 from oceanda import obs
@@ -197,19 +196,6 @@ def test_karin_noise_structure():
     with pytest.raises(InputError, match="no satellite definition"):
         obs.noise_values(tr, [obs.PRESETS["jason"]])
     assert np.array_equal(obs.sample(tr, lambda d, lo, la: np.zeros(lo.size), noise=[p]), e)
-
-
-def test_selection_operators_numpy_and_torch():
-    y = np.array([[1.0, np.nan], [np.inf, -2.0]])
-    m = obs.mask_from_gridded(y)
-    np.testing.assert_array_equal(m, [[True, False], [False, True]])
-    np.testing.assert_array_equal(obs.fill_unobserved(y), [[1.0, 0.0], [0.0, -2.0]])
-    yt = torch.tensor(y, dtype=torch.float32)
-    yf, mt = obs.selection(yt)
-    assert mt.dtype == torch.bool and torch.equal(mt, torch.from_numpy(m))
-    assert torch.equal(yf, torch.tensor([[1.0, 0.0], [0.0, -2.0]]))
-    x = torch.ones(2, 2, dtype=torch.float64)
-    assert torch.equal(obs.apply_selection(x, mt), mt.double())
 
 
 def test_observe_daily_fields_end_to_end():

@@ -161,7 +161,8 @@ def test_export_keeps_the_weights_and_drops_the_optimizer(tmp_path):
     cfg = replace(EXPECTED, prior_hidden=4, lstm_hidden=4, n_steps=2)
     torch.manual_seed(0)
     model = build_model(cfg)
-    opt, sched = make_optimizer(model, TrainConfig())
+    opt = make_optimizer(model, TrainConfig())
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=TrainConfig().epochs)
     src = save_checkpoint(tmp_path / "ck.pt", model, cfg, Normalisation(0.1, 0.2), TrainConfig(), opt, sched,
                           epoch=0, history=[{"epoch": 0, "val_rmse": 0.1}],
                           extra={"truth": str(tmp_path / "truth.zarr")})

@@ -19,10 +19,11 @@ from oceanda.assim.spde_fourdvarnet import (
 )
 from oceanda.errors import ConfigError, InputError
 from oceanda.priors.spde import SPDEPrior
+from oceanda.train.loop import fit
 from oceanda.train.spde_fourdvarnet import (
     SPDETrainConfig,
+    TASK,
     crop_nll,
-    fit_spde,
     save_spde_checkpoint,
     spde_loss_terms,
 )
@@ -300,15 +301,15 @@ def test_fit_writes_checkpoints_and_resumes(tmp_path):
     model = SPDEFourDVarNet(cfg)
     tc = SPDETrainConfig(epochs=1, batch_size=2, nll_crop=4, lr=1e-2)
     norm = {"mean": 0.1, "std": 2.0}
-    h = fit_spde(model, _DS(), _DS(2), norm, tc, tmp_path / "checkpoint.pt", progress=False)
+    h = fit(TASK, model, cfg, _DS(), _DS(2), norm, tc, tmp_path / "checkpoint.pt", progress=False)
     assert len(h) == 1 and np.isfinite(h[0]["train_total"]) and np.isfinite(h[0]["val_rmse"])
     assert (tmp_path / "best_checkpoint.pt").is_file()
     ck = read_spde_checkpoint(tmp_path / "checkpoint.pt", expect=cfg)
     for k, v in model.state_dict().items():
         torch.testing.assert_close(ck["model"].state_dict()[k], v)
     tc2 = SPDETrainConfig(epochs=2, batch_size=2, nll_crop=4, lr=1e-2)
-    h2 = fit_spde(SPDEFourDVarNet(cfg), _DS(), None, norm, tc2, tmp_path / "checkpoint.pt",
-                  resume=True, progress=False)
+    h2 = fit(TASK, SPDEFourDVarNet(cfg), cfg, _DS(), None, norm, tc2, tmp_path / "checkpoint.pt",
+             resume=True, progress=False)
     assert [r["epoch"] for r in h2] == [0, 1]
 
 
@@ -406,13 +407,20 @@ def _write_zarrs(root):
     xr.Dataset({"ssh_obs": (dims, obs), "ocean": oc}, coords=coords).to_zarr(root / "obs.zarr")
 
 
+def run_spde_training(cfg) -> int:
+    """``oceanda train`` on a composed config: the typed config, then the app."""
+    from oceanda.cli.schema import load
+    from oceanda.cli.train import run
+
+    return run(load("train", cfg))
+
+
 def test_run_spde_training_reads_the_train_config_and_writes_a_loadable_checkpoint(tmp_path):
     import json
 
     from omegaconf import OmegaConf
 
     from oceanda.assim.registry import build_method
-    from oceanda.train.spde_fourdvarnet import run_spde_training
 
     _write_zarrs(tmp_path)
     model = dict(name="spde_4dvarnet", n_time=3, n_steps=2, lstm_hidden=4, theta_hidden=4, dropout=0.0)
@@ -697,7 +705,7 @@ def test_scaled_perturbations_are_the_matheron_members_of_the_prior_with_tau_c_a
 def test_fit_spread_scale_closed_forms_and_the_independent_spread_skill():
     from oceanda.metrics.ensemble import spread_skill_members as spread_skill
     from oceanda.assim.spde_fourdvarnet import scale_members
-    from oceanda.train.spde_fourdvarnet import fit_spread_scale
+    from oceanda.train.spread import fit_spread_scale
 
     rng = np.random.default_rng(0)
     N, shape = 8, (30, 40)
@@ -737,7 +745,7 @@ def test_fit_spread_scale_closed_forms_and_the_independent_spread_skill():
 
 def test_method_spread_scale_from_the_calibrated_checkpoint_old_checkpoints_and_overrides(tmp_path):
     from oceanda.assim.registry import build_method
-    from oceanda.train.spde_fourdvarnet import calibrate_spde_checkpoint
+    from oceanda.train.spread import calibrate_spde_checkpoint
 
     torch.manual_seed(2)
     model = SPDEFourDVarNet(tiny_cfg(length_unit_m=1000.0)).eval()
@@ -777,7 +785,7 @@ def test_obs_std_spread_mode_scales_each_patch_by_its_observed_std_over_the_prio
     var(observations of b) - R (numpy reference), applied about the solver's mean."""
     from oceanda.assim.registry import build_method
     from oceanda.assim.spde_fourdvarnet import spread_factors
-    from oceanda.train.spde_fourdvarnet import calibrate_spde_checkpoint
+    from oceanda.train.spread import calibrate_spde_checkpoint
 
     torch.manual_seed(5)
     model = SPDEFourDVarNet(tiny_cfg(length_unit_m=1000.0, theta="field")).eval()

@@ -18,16 +18,16 @@ import torch
 from oceanda.errors import InputError
 from oceanda.train.data import Normalisation, PatchDataset, patch_starts, time_split
 from oceanda.train.fourdvarnet import (
+    TASK,
     ModelConfig,
     TrainConfig,
     build_model,
-    fit,
     load_checkpoint,
     loss_terms,
     save_checkpoint,
-    train_step,
     weighted_mse,
 )
+from oceanda.train.loop import fit, train_step
 
 NT, NY, NX = 30, 16, 20
 SIZE = (5, 8, 8)
@@ -140,7 +140,7 @@ def test_training_reduces_loss_and_checkpoint_roundtrip(tmp_path):
     with torch.no_grad():
         before = float(loss_terms(model.train(), b, tcfg)["total"])
     val = torch.utils.data.Subset(ds, range(8))
-    hist = fit(model, cfg, ds, val, norm, tcfg, tmp_path / "ck.pt", progress=False)
+    hist = fit(TASK, model, cfg, ds, val, norm, tcfg, tmp_path / "ck.pt", progress=False)
     with torch.no_grad():
         after = float(loss_terms(model.train(), b, tcfg)["total"])
     assert after < before
@@ -163,7 +163,7 @@ def test_resume_continues_where_it_stopped(tmp_path):
     tcfg = TrainConfig(epochs=2, batch_size=2, lr=1e-2, max_batches=2)
     torch.manual_seed(0)
     m_full = build_model(cfg)
-    fit(m_full, cfg, ds, None, norm, tcfg, tmp_path / "a.pt", progress=False)
+    fit(TASK, m_full, cfg, ds, None, norm, tcfg, tmp_path / "a.pt", progress=False)
 
     class Killed(PatchDataset):
         def set_epoch(self, epoch):
@@ -174,12 +174,12 @@ def test_resume_continues_where_it_stopped(tmp_path):
     ds.__class__ = Killed
     torch.manual_seed(0)
     with pytest.raises(_Interrupt):
-        fit(build_model(cfg), cfg, ds, None, norm, tcfg, tmp_path / "b.pt", progress=False)
+        fit(TASK, build_model(cfg), cfg, ds, None, norm, tcfg, tmp_path / "b.pt", progress=False)
     assert load_checkpoint(tmp_path / "b.pt")["epoch"] == 0
     ds.__class__ = PatchDataset
     torch.manual_seed(123)  # other initial weights: they must be overwritten by the checkpoint
     m3 = build_model(cfg)
-    hist = fit(m3, cfg, ds, None, norm, tcfg, tmp_path / "b.pt", resume=True, progress=False)
+    hist = fit(TASK, m3, cfg, ds, None, norm, tcfg, tmp_path / "b.pt", resume=True, progress=False)
     assert [h["epoch"] for h in hist] == [0, 1]
     for k, v in m_full.state_dict().items():
         torch.testing.assert_close(m3.state_dict()[k], v, rtol=1e-6, atol=1e-7)
@@ -261,18 +261,19 @@ def test_cli_semi_supervised_without_truth(tmp_path):
 def data_parallel_run(dist):
     """Two steps on patches [0, 5] (float64), split over ``dist.world`` ranks; rank 0's
     weights and last (all-reduced, clipped) gradients."""
-    from oceanda.train.fourdvarnet import _collate, make_optimizer
+    from oceanda.train.fourdvarnet import make_optimizer
+    from oceanda.train.loop import _collate
 
     ds, _ = dataset()
     torch.manual_seed(0)
     model = build_model(small_model_cfg()).double()  # float64: Adam's first steps ~ lr sign(g)
     tcfg = TrainConfig(batch_size=2 // dist.world, lr=1e-2)
-    opt, _ = make_optimizer(model, tcfg)
+    opt = make_optimizer(model, tcfg)
     idx = np.array([0, 5])
     for _ in range(2):
         mine = idx[dist.rank * tcfg.batch_size:(dist.rank + 1) * tcfg.batch_size]
         b = {k: v.double() if v.is_floating_point() else v for k, v in _collate(ds, mine).items()}
-        train_step(model, opt, b, tcfg, dist)
+        train_step(TASK, model, opt, b, tcfg, dist)
     state = dict(model.state_dict())
     state.update({"grad." + n: p.grad.clone() for n, p in model.named_parameters()})
     return state
@@ -282,7 +283,7 @@ MPI_SCRIPT = textwrap.dedent("""
     import sys, torch
     sys.path.insert(0, {testdir!r})
     from test_train import data_parallel_run
-    from oceanda.train.fourdvarnet import init_distributed, shutdown_distributed
+    from oceanda.train.loop import init_distributed, shutdown_distributed
     torch.set_num_threads(1)
     dist = init_distributed()
     assert dist.world == 2, dist
@@ -295,7 +296,7 @@ MPI_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.mpi
 def test_data_parallel_step_equals_single_process_on_concatenated_batch(tmp_path):
-    from oceanda.train.fourdvarnet import DistContext
+    from oceanda.train.loop import DistContext
 
     script = tmp_path / "dp.py"
     script.write_text(MPI_SCRIPT.format(testdir=str(Path(__file__).parent)))

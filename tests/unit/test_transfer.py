@@ -73,7 +73,8 @@ def _tracks(truth, seed, n_tracks=4):
 def _train_checkpoint(path: Path, geometry: PatchGeometry) -> Path:
     """A small 4DVarNet trained (briefly) on a Gulf-Stream-like box (lon -65.., lat 33..)."""
     from oceanda.train.data import Normalisation, PatchDataset, patch_starts
-    from oceanda.train.fourdvarnet import ModelConfig, TrainConfig, build_model, fit
+    from oceanda.train.fourdvarnet import TASK, ModelConfig, TrainConfig, build_model
+    from oceanda.train.loop import fit
 
     f = synthetic_fields((20, 32, 32), seed=5, n_tracks=4)
     truth = (f["truth"] + 0.4).astype(np.float32)
@@ -85,7 +86,7 @@ def _train_checkpoint(path: Path, geometry: PatchGeometry) -> Path:
     cfg = ModelConfig(n_time=geometry.size[0], prior_hidden=4, lstm_hidden=4, n_steps=2, dropout=0.0)
     torch.manual_seed(0)
     model = build_model(cfg)
-    fit(model, cfg, ds, None, norm, TrainConfig(epochs=1, batch_size=2, lr=1e-2, max_batches=3), path,
+    fit(TASK, model, cfg, ds, None, norm, TrainConfig(epochs=1, batch_size=2, lr=1e-2, max_batches=3), path,
         progress=False, extra={"mode": geometry.mode_record()})
     return path
 

@@ -1,8 +1,9 @@
 """4DVarNet: a trainable prior Phi, a variational cost and a ConvLSTM gradient solver step.
 
 Fablet et al. (2021), "Learning variational data assimilation models and solvers"
-(JAMES), and the SPDE extension in ``shared/papers/001_*``. On a patch of normalised SSH
-``x`` of shape ``(B, T, H, W)`` (time as channels), with observations ``y`` on the
+(JAMES), and its SPDE extension (Beauchamp, Febvre, Fablet et al. 2024, "Bridging data
+assimilation and SPDE-based generative modelling with 4DVarNet schemes"). On a patch of
+normalised SSH ``x`` of shape ``(B, T, H, W)`` (time as channels), with observations ``y`` on the
 observed cells ``Omega`` (a boolean ``mask``, varying per sample) and an ocean mask
 ``ocean`` ``(B, H, W)``, the inner variational cost of sample ``b`` is
 
@@ -35,8 +36,9 @@ Solver step k (of n), the anchor's update (4dvarnet-starter ``GradSolver.solver_
     \\qquad g = \\nabla_x J(x),
 
 ``S`` a 2-D ConvLSTM whose hidden state is carried from step to step, ``||g_0||`` the RMS of
-the first gradient (per sample, over ocean cells). The unrolled loop is
-:mod:`oceanda.assim.unroll`.
+the first gradient (per sample, over ocean cells). The ConvLSTM is
+:mod:`oceanda.assim.convlstm`, the unrolled loop :mod:`oceanda.assim.unroll`, the checkpoint
+reader :mod:`oceanda.assim.checkpoint`.
 
 First guess (``ModelConfig.init``): ``"obs"`` starts from the observations (NaN -> 0, the
 anchor); ``"oi"`` from the exact per-patch OI analysis of the same observations
@@ -78,10 +80,8 @@ measures what bf16 changes on a real OSSE next to the reconstruction error.
 
 from __future__ import annotations
 
-import math
 import os
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -89,7 +89,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from oceanda.assim.base import PatchBatch, PatchResult
+from oceanda.assim.checkpoint import read_model_checkpoint
+from oceanda.assim.convlstm import ConvLSTMGradModulator, LSTMState
+from oceanda.assim.nn_ops import (PRECISIONS, _compute_dtype, _conv, _conv_t, _ocean4d, _pool_adjoint, _upsample,
+                                  _upsample_adjoint, native_bf16)
 from oceanda.assim.registry import register
+from oceanda.assim.unroll import UnrolledSolver
 from oceanda.config_dataclass import dataclass_from_dict
 from oceanda.errors import ConfigError, InputError
 
@@ -116,86 +121,6 @@ CHECKPOINT_FORMAT = "oceanda-4dvarnet"
 CHECKPOINT_VERSION = 1
 #: ModelConfig fields that do not change the weights (not compared against a checkpoint)
 _RUNTIME_FIELDS = ("precision", "fuse_cell")
-
-#: training path: Phi's vjp by autograd (create_graph) instead of the hand-written one
-_AUTOGRAD_VJP_IN_TRAINING = False
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def _pool_adjoint(r: Tensor, k: int) -> Tensor:
-    """Adjoint of ``avg_pool2d(., k)`` (input sizes divisible by ``k``): ``P^T r``."""
-    if k == 1:
-        return r
-    return F.interpolate(r, scale_factor=k, mode="nearest") / (k * k)
-
-
-def _upsample(x: Tensor, k: int) -> Tensor:
-    """Bilinear upsampling by ``k`` with ``align_corners=True`` (``nn.UpsamplingBilinear2d``)."""
-    if k == 1:
-        return x
-    return F.interpolate(x, scale_factor=k, mode="bilinear", align_corners=True)
-
-
-def _upsample_adjoint(r: Tensor, k: int, size: tuple[int, int]) -> Tensor:
-    """Adjoint of :func:`_upsample` applied to ``r`` (``U^T r``), ``size`` the coarse shape."""
-    if k == 1:
-        return r
-    return torch.ops.aten.upsample_bilinear2d_backward(
-        r, list(r.shape[-2:]), [r.shape[0], r.shape[1], *size], True, float(k), float(k)
-    )
-
-
-def _conv_t(r: Tensor, weight: Tensor) -> Tensor:
-    """Adjoint of a stride-1 'same' 2-D convolution with ``weight`` (odd kernel): ``C^T r``.
-    Computed in ``r``'s dtype (the weight is cast to it)."""
-    return F.conv_transpose2d(r, weight.to(r.dtype), padding=weight.shape[-1] // 2)
-
-
-#: accepted values of the ``precision`` option and the convolution dtype each one selects
-PRECISIONS: dict[str, torch.dtype | None] = {"float32": None, "bf16": torch.bfloat16}
-
-
-def native_bf16(device: torch.device | str) -> bool:
-    """Whether ``device`` runs bfloat16 convolutions natively (CUDA with bf16 support; a CPU
-    whose oneDNN has bf16 kernels, i.e. AVX512-BF16 or AMX). Elsewhere bf16 is emulated
-    and slower than float32."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
-    if device.type == "cpu":
-        try:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            return False
-    return False
-
-
-def _compute_dtype(precision: str) -> torch.dtype | None:
-    if precision not in PRECISIONS:
-        raise ConfigError(f"model.precision={precision!r}: expected one of {sorted(PRECISIONS)}")
-    return PRECISIONS[precision]
-
-
-def _conv(x: Tensor, conv: nn.Conv2d, dtype: torch.dtype | None, weight: Tensor | None = None,
-          bias: Tensor | None = None) -> Tensor:
-    """``conv(x)`` ('same' padding), run in ``dtype`` when given (input, weight and bias cast,
-    result in ``dtype``; differentiable, parameter gradients arrive in the parameter's dtype),
-    else in ``x``'s dtype. ``weight``/``bias`` override the module's (e.g. rescaled rows)."""
-    w = conv.weight if weight is None else weight
-    b = conv.bias if bias is None else bias
-    if dtype is not None:
-        x, w = x.to(dtype), w.to(dtype)
-        b = None if b is None else b.to(dtype)
-    return F.conv2d(x, w, b, padding=conv.padding)
-
-
-def _ocean4d(ocean: Tensor | None, like: Tensor) -> Tensor | None:
-    """``(B, H, W)`` bool ocean mask -> ``(B, 1, H, W)`` float in ``like``'s dtype/device."""
-    if ocean is None:
-        return None
-    return ocean.to(device=like.device, dtype=like.dtype).unsqueeze(1)
 
 
 # ----------------------------------------------------------------------------- priors
@@ -337,190 +262,6 @@ def build_prior(kind: str, n_time: int, hidden: int = 32, **kwargs) -> nn.Module
     raise ConfigError(f"model.prior.kind={kind!r}: expected 'bilin_ae' or 'unet'")
 
 
-# ----------------------------------------------------------------------------- ConvLSTM
-
-
-@dataclass
-class LSTMState:
-    """Hidden and cell state ``(B, hidden, h, w)`` of the ConvLSTM, and the per-sample
-    gradient scale ``norm (B, 1, 1, 1)`` fixed at the first step."""
-
-    hidden: Tensor | None = None
-    cell: Tensor | None = None
-    norm: Tensor | None = None
-
-
-def _lstm_cell(gates: Tensor, cell: Tensor | None, n: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """ConvLSTM cell update from the gate pre-activations ``gates (B, 4n, H, W)`` ordered
-    ``[i, f, o, c~]``, the cell-candidate rows pre-scaled by 2 (``tanh(z) = 2 sigmoid(2z) - 1``,
-    so one sigmoid covers all four gates). Returns ``(hidden, cell)``: ``hidden`` in
-    ``gates``' dtype (it only enters the next convolutions), ``cell`` in ``dtype``."""
-    i, f, o, sc = torch.sigmoid(gates).split(n, dim=1)  # split: one cat in backward
-    c_new = 2.0 * sc - 1.0  # tanh of the cell-candidate pre-activation
-    if cell is None:
-        cell = (i * c_new).to(dtype)
-    else:  # cell kept in `dtype` (type promotion with low-precision gates)
-        cell = torch.addcmul(i * c_new, f, cell)
-    hidden = torch.addcmul(-o, o, torch.sigmoid(2.0 * cell), value=2.0)  # o tanh(cell)
-    return hidden.to(gates.dtype), cell
-
-
-def _lstm_cell_fusable(gates: Tensor, cell: Tensor | None, n: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """:func:`_lstm_cell` written for one fused kernel (all arithmetic in ``dtype``)."""
-    i, f, o, sc = torch.sigmoid(gates.to(dtype)).split(n, dim=1)
-    c = i * (2.0 * sc - 1.0)
-    if cell is not None:
-        c = c + f * cell
-    hidden = o * torch.tanh(c)
-    return hidden.to(gates.dtype), c
-
-
-def _lstm_cell_fusable_backward(gates: Tensor, cell: Tensor | None, c: Tensor, dh: Tensor, dc: Tensor,
-                                n: int, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
-    """Vector-Jacobian product of :func:`_lstm_cell_fusable` (gate activations recomputed
-    from ``gates``): ``(d gates, d cell)`` for the output cotangents ``(dh, dc)``."""
-    i, f, o, sc = torch.sigmoid(gates.to(dtype)).split(n, dim=1)
-    t = torch.tanh(c)
-    dct = dc.to(dtype) + dh.to(dtype) * o * (1.0 - t * t)
-    di = dct * (2.0 * sc - 1.0) * i * (1.0 - i)
-    do = dh.to(dtype) * t * o * (1.0 - o)
-    dsc = dct * i * 2.0 * sc * (1.0 - sc)
-    if cell is None:
-        df = torch.zeros_like(di)
-        dcell = None
-    else:
-        df = dct * cell * f * (1.0 - f)
-        dcell = dct * f
-    dg = torch.cat([di, df, do, dsc], dim=1).to(gates.dtype)
-    if gates.dim() == 4:
-        dg = dg.contiguous(memory_format=torch.channels_last)
-    return dg, dcell
-
-
-_COMPILED: dict[str, Any] = {}
-
-
-def _compiled(name: str, fn):
-    """``torch.compile(fn)`` (inductor: one loop over the pixels instead of ~8 passes over
-    memory), built on first use and cached by ``name``."""
-    if name not in _COMPILED:
-        _COMPILED[name] = torch.compile(fn, dynamic=False, fullgraph=True)
-    return _COMPILED[name]
-
-
-class _FusedLSTMCell(torch.autograd.Function):
-    """:func:`_lstm_cell_fusable` as two compiled kernels, forward and a hand-written backward
-    that recomputes the activations (saves 4 full-resolution activations per step)."""
-
-    @staticmethod
-    def forward(ctx, gates, cell, n, dtype):
-        h, c = _compiled("cell", _lstm_cell_fusable)(gates, cell, n, dtype)
-        ctx.n, ctx.dtype, ctx.has_cell = n, dtype, cell is not None
-        ctx.save_for_backward(gates, cell if cell is not None else c, c)
-        return h, c
-
-    @staticmethod
-    def backward(ctx, dh, dc):
-        gates, cell, c = ctx.saved_tensors
-        if gates.dim() == 4:  # one memory layout for all operands: vectorised kernel
-            dh, dc = (t.contiguous(memory_format=torch.channels_last) for t in (dh, dc))
-        dg, dcell = _compiled("cell_bwd", _lstm_cell_fusable_backward)(
-            gates, cell if ctx.has_cell else None, c, dh, dc, ctx.n, ctx.dtype)
-        return dg, dcell, None, None
-
-
-def _fused_lstm_cell():
-    """The fused cell ``(gates, cell, n, dtype) -> (hidden, cell)`` (see :class:`_FusedLSTMCell`)."""
-    return _FusedLSTMCell.apply
-
-
-_FUSED_CELL_WORKS = False
-
-
-def _run_fused_cell(mod: nn.Module, gates: Tensor, cell: Tensor | None, n: int, dtype: torch.dtype):
-    """The fused cell; if compiling it fails before it ever worked in this process (no C++
-    compiler, an unsupported platform), warn once and fall back to the eager cell for ``mod``."""
-    global _FUSED_CELL_WORKS
-    if _FUSED_CELL_WORKS:
-        return _fused_lstm_cell()(gates, cell, n, dtype)
-    try:
-        out = _fused_lstm_cell()(gates, cell, n, dtype)
-    except Exception as exc:  # compiler / backend failure: the eager cell computes the same
-        import warnings
-
-        warnings.warn(f"fuse_cell: torch.compile of the ConvLSTM cell failed ({type(exc).__name__}: "
-                      f"{str(exc)[:200]}); using the eager cell", RuntimeWarning, stacklevel=2)
-        mod.fused_cell = False
-        return _lstm_cell(gates, cell, n, dtype)
-    _FUSED_CELL_WORKS = True
-    return out
-
-
-class ConvLSTMGradModulator(nn.Module):
-    """2-D ConvLSTM gradient modulator ``S`` (4dvarnet-starter ``ConvLstmGradModel``).
-
-    ``g (B, T, H, W)`` -> ``S(g / ||g_0||) (B, T, H, W)``: dropout, optional average-pool by
-    ``downsample``, gates ``[i, f, o, c~] = C_x g + C_h h + b`` (the anchor's single conv on
-    ``cat(g, h)``, split in two), ``c <- f c + i c~``, ``h <- o tanh(c)`` (sigmoid on i, f, o,
-    tanh on c~), output ``C_out h`` upsampled back. Functional: the state is passed in and out.
-
-    ``compute_dtype`` (attribute, not in the state dict): ``torch.bfloat16`` runs the two
-    convolutions and the gate non-linearities in bfloat16 (float32 inputs only); the cell
-    state, the normalisation and the output stay float32; the hidden state is stored in
-    bfloat16 (it only ever enters bfloat16 convolutions).
-    """
-
-    def __init__(self, n_time: int, hidden: int = 48, kernel_size: int = 3,
-                 dropout: float = 0.1, downsample: int = 1) -> None:
-        super().__init__()
-        pad = kernel_size // 2
-        self.n_time, self.hidden_dim, self.downsample = n_time, hidden, downsample
-        self.gates_x = nn.Conv2d(n_time, 4 * hidden, kernel_size, padding=pad)
-        self.gates_h = nn.Conv2d(hidden, 4 * hidden, kernel_size, padding=pad, bias=False)
-        self.conv_out = nn.Conv2d(hidden, n_time, kernel_size, padding=pad)
-        self.dropout = nn.Dropout(dropout)
-        self.compute_dtype: torch.dtype | None = None
-        self.fused_cell = False
-
-    def forward(self, g: Tensor, state: LSTMState, ocean: Tensor | None = None) -> tuple[Tensor, LSTMState]:
-        """One step. ``ocean`` ``(B, 1, H, W)`` float restricts the RMS used for ``||g_0||``."""
-        norm = state.norm
-        if norm is None:
-            sq = g * g
-            if ocean is None:
-                ms = sq.mean(dim=(1, 2, 3), keepdim=True)
-            else:
-                n = ocean.sum(dim=(1, 2, 3), keepdim=True).clamp_min(1.0) * g.shape[1]
-                ms = (sq * ocean).sum(dim=(1, 2, 3), keepdim=True) / n
-            norm = ms.sqrt().clamp_min(torch.finfo(g.dtype).tiny ** 0.5)
-        u = self.dropout(g / norm)
-        k = self.downsample
-        if k > 1:
-            u = F.avg_pool2d(u, k)
-        # tanh(z) = 2 sigmoid(2 z) - 1: torch's CPU sigmoid is several times faster than its
-        # tanh, so the cell-candidate rows of the gate weights are doubled (exact in floating
-        # point) and ONE sigmoid covers all four gates.
-        n = self.hidden_dim
-        cd = self.compute_dtype if g.dtype == torch.float32 else None
-        scale = torch.ones(4 * n, 1, 1, 1, dtype=u.dtype, device=u.device)
-        scale[3 * n:] = 2.0
-        wx, bias = self.gates_x.weight * scale, self.gates_x.bias * scale.view(-1)
-        if state.hidden is None:  # h = 0: only the input part of the gate convolution
-            gates = _conv(u, self.gates_x, cd, wx, bias)
-        else:  # one convolution on cat(u, h), as the anchor (cheaper than two + an add)
-            w = torch.cat([wx, self.gates_h.weight * scale], dim=1)
-            uh = torch.cat([u if cd is None else u.to(cd), state.hidden], dim=1)
-            gates = _conv(uh, self.gates_x, cd, w, bias)
-        if self.fused_cell:
-            hidden, cell = _run_fused_cell(self, gates, state.cell, n, g.dtype)
-        else:
-            hidden, cell = _lstm_cell(gates, state.cell, n, g.dtype)
-        out = _conv(hidden, self.conv_out, cd).to(g.dtype)
-        if k > 1:
-            out = _upsample(out, k)
-        return out, LSTMState(hidden, cell, norm)
-
-
 # ----------------------------------------------------------------------------- cost
 
 
@@ -578,7 +319,7 @@ class VariationalCost(nn.Module):
         maskf = mask.to(x.dtype)
         g_obs = (2.0 * self.w_obs) * maskf * (x - y) / n_obs
         prior = self.prior
-        if isinstance(prior, BilinAEPrior) and not (create_graph and _AUTOGRAD_VJP_IN_TRAINING):
+        if isinstance(prior, BilinAEPrior):
             phi, (size, h1, b) = prior._forward_parts(x)
             r = x - phi
             if ocean4 is not None:
@@ -647,8 +388,6 @@ class FourDVarNet(nn.Module):
                  lstm_downsample: int = 1, channels_last: bool = True, precision: str = "float32",
                  fuse_cell: bool = False) -> None:
         super().__init__()
-        from oceanda.assim.unroll import UnrolledSolver
-
         self.n_time = int(n_time)
         prior = prior if prior is not None else BilinAEPrior(n_time, prior_hidden)
         self.cost = VariationalCost(prior, lam=lam, w_obs=w_obs)
@@ -769,7 +508,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        return dataclass_from_dict(cls, d, "model config")
+        return dataclass_from_dict(cls, d, "model")
 
 
 #: accepted values of ``ModelConfig.init``
@@ -820,59 +559,10 @@ def read_checkpoint(path: str | os.PathLike, expect: ModelConfig | None = None) 
                                  ignore=_RUNTIME_FIELDS, what="4DVarNet")
 
 
-def read_model_checkpoint(path: str | os.PathLike, *, fmt: str, version: int, config_cls, build,
-                          expect=None, ignore=(), what: str, hint: str = "") -> dict[str, Any]:
-    """Read and validate a checkpoint holding ``format``/``version``/``model_config`` (a
-    ``config_cls`` dataclass)/``state_dict``/``norm`` (shared by 4DVarNet and the SPDE-prior
-    4DVarNet). Returns its dict plus ``model`` (``build(cfg)`` with the weights loaded) and
-    ``model_cfg``; every failure is an :class:`InputError` naming ``path``. ``expect``: the
-    config the caller needs (fields in ``ignore`` are not compared); ``hint`` follows the
-    wrong-format message."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise InputError(f"checkpoint {p}: no such file")
-    try:
-        ck = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a damaged file
-        raise InputError(f"checkpoint {p}: cannot be read (corrupted or not a torch file: "
-                         f"{type(exc).__name__}: {str(exc)[:200]})") from None
-    if not isinstance(ck, dict) or ck.get("format") != fmt:
-        found = ck.get("format") if isinstance(ck, dict) else None
-        raise InputError(f"checkpoint {p}: not an oceanda {what} checkpoint"
-                         + (f" (format {found!r}; {hint})" if hint else ""))
-    if ck.get("version") != version:
-        raise InputError(f"checkpoint {p}: version {ck.get('version')} not supported "
-                         f"(expected {version})")
-    for key in ("model_config", "state_dict", "norm"):
-        if key not in ck:
-            raise InputError(f"checkpoint {p}: missing '{key}'")
-    try:
-        cfg = config_cls.from_dict(ck["model_config"])
-    except (ConfigError, TypeError) as exc:
-        raise InputError(f"checkpoint {p}: bad model config: {exc}") from None
-    norm = ck["norm"]
-    if not (isinstance(norm, dict) and math.isfinite(norm.get("mean", math.nan))
-            and math.isfinite(norm.get("std", math.nan)) and norm["std"] > 0):
-        raise InputError(f"checkpoint {p}: bad normalisation {norm!r} (need finite mean, std > 0)")
-    if expect is not None:
-        diff = {k: (v, getattr(cfg, k)) for k, v in asdict(expect).items()
-                if getattr(cfg, k) != v and k not in ignore}
-        if diff:
-            raise InputError(f"checkpoint {p} does not fit the config: "
-                             + ", ".join(f"{k}: config {a!r} vs checkpoint {b!r}" for k, (a, b) in diff.items()))
-    try:
-        model = build(cfg)
-        model.load_state_dict(ck["state_dict"])
-    except (RuntimeError, ConfigError) as exc:
-        raise InputError(f"checkpoint {p}: weights do not match its model config: "
-                         f"{str(exc)[:300]}") from None
-    ck["model"], ck["model_cfg"] = model, cfg
-    return ck
-
-
 @register("4dvarnet")
 class FourDVarNetMethod:
-    """``oceanda infer method=4dvarnet method.checkpoint=PATH``: a trained 4DVarNet per patch.
+    """``oceanda infer method=4dvarnet method.checkpoint=PATH``: a trained 4DVarNet per patch
+    (``checkpoint``: a checkpoint file of :mod:`oceanda.train.fourdvarnet`).
 
     Observations are normalised with the checkpoint's training statistics, reconstructed
     under ``torch.inference_mode`` and de-normalised; land stays at the mean (ignored by
@@ -889,11 +579,10 @@ class FourDVarNetMethod:
     what bf16 changes (about 1 % of the reconstruction error of a trained model).
     """
 
-    def __init__(self, checkpoint: str | None = None, precision: str | None = None,
+    def __init__(self, checkpoint: str, precision: str | None = None,
                  fuse_cell: bool | None = None) -> None:
-        from oceanda.weights import resolve_checkpoint
-
-        checkpoint = resolve_checkpoint(checkpoint)  # None / "default" / "shipped:NAME" / a path
+        # a path: the apps resolve null / "default" / "shipped:NAME" to the shipped weights
+        # (oceanda.weights.resolve_checkpoint) before building the method
         ck = read_checkpoint(checkpoint)
         self.model = ck["model"].eval()
         if precision is not None and precision != "auto":

@@ -25,7 +25,7 @@ _REGISTRY: dict[str, Callable[..., Any]] = {}
 #: name -> module that registers it when imported (first-use import)
 _MODULES: dict[str, str] = {
     "oi": "oceanda.assim.oi",
-    "identity": "oceanda.testing",
+    "identity": "oceanda.assim.identity",
     "spde_oi": "oceanda.assim.spde_oi",
     "4dvarnet": "oceanda.assim.fourdvarnet",
     "spde_4dvarnet": "oceanda.assim.spde_fourdvarnet",

@@ -94,10 +94,10 @@ posterior mean is unchanged by ``(Q, R) -> (Q / c^2, R c^2)`` and the posterior 
 multiplied by ``c^2``; so ``c`` recalibrates the *amplitude* of the prior (the one quantity the
 ML fit gets wrong on the QG OSSE, see above) without touching the mean ``x*(y)`` or the spatial
 structure of the uncertainty. ``c`` is fitted once, offline, on training-period patches only
-(:func:`oceanda.train.spde_fourdvarnet.fit_spread_scale`: the closed-form root of
+(:func:`oceanda.train.spread.fit_spread_scale`: the closed-form root of
 ``(1 + 1/N) mean var_c = MSE(ensemble mean_c)``, the spread-error identity of an exchangeable
 ``N``-member ensemble, Fortin et al. 2014, QJRMS 140:1708) and stored in the checkpoint
-(``spread_scale``, :func:`oceanda.train.spde_fourdvarnet.calibrate_spde_checkpoint`); at
+(``spread_scale``, :func:`oceanda.train.spread.calibrate_spde_checkpoint`); at
 inference the truth is never used. One global scalar is the smallest recalibration a
 statistician would accept (one degree of freedom fitted on thousands of cells, a monotone map
 of the spread); it is the variance-inflation factor of ensemble DA. ``spread_mode="obs_std"``
@@ -128,7 +128,8 @@ from torch import Tensor, nn
 
 from oceanda.assim.base import PatchBatch, PatchResult
 from oceanda.assim.ensemble import matheron_members
-from oceanda.assim.fourdvarnet import ConvLSTMGradModulator, read_model_checkpoint
+from oceanda.assim.checkpoint import read_model_checkpoint
+from oceanda.assim.convlstm import ConvLSTMGradModulator
 from oceanda.assim.registry import register
 from oceanda.assim.unroll import UnrolledSolver
 from oceanda.config_dataclass import dataclass_from_dict

@@ -4,7 +4,7 @@ Kept apart from the step itself (:class:`oceanda.assim.fourdvarnet.SolverStep`) 
 loop can be tested, truncated or replaced (e.g. by a compiled or checkpointed loop) without
 touching the model. The step is any callable
 ``step(x, state, k, *args, create_graph=...) -> (x_new, state_new)``; the recurrent state
-starts as ``state_factory()`` (an empty :class:`~oceanda.assim.fourdvarnet.LSTMState`).
+starts as ``state_factory()`` (an empty :class:`~oceanda.assim.convlstm.LSTMState`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from oceanda.assim.convlstm import LSTMState
 
 
 def unroll(step: Callable[..., tuple[Tensor, Any]], x0: Tensor, state0: Any, n_steps: int,
@@ -48,11 +50,7 @@ class UnrolledSolver(nn.Module):
                  state_factory: Callable[[], Any] | None = None) -> None:
         super().__init__()
         self.step, self.n_steps = step, int(n_steps)
-        if state_factory is None:
-            from oceanda.assim.fourdvarnet import LSTMState
-
-            state_factory = LSTMState
-        self.state_factory = state_factory
+        self.state_factory = state_factory if state_factory is not None else LSTMState
 
     def forward(self, x0: Tensor, *args: Any, create_graph: bool = False,
                 return_all: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:

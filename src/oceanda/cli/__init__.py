@@ -1,8 +1,10 @@
 """The ``oceanda`` command line: one console script, one sub-command per app.
 
 ``oceanda APP [hydra overrides...]`` composes ``configs/APP.yaml`` (packaged with the
-wheel) with the overrides and calls ``oceanda.cli.APP.run(cfg)``. Hydra is used here and
-only here: library modules take plain, typed arguments.
+wheel) with the overrides, validates it once into the app's typed config
+(:func:`oceanda.cli.schema.load`: unknown keys, ``+key=`` included, wrong types and bad values
+are refused) and calls ``oceanda.cli.APP.run(typed_cfg)``. Hydra is used here and only here:
+library modules take plain, typed arguments.
 
 Extra flags understood by every app:
 
@@ -199,7 +201,9 @@ def main(argv: list[str] | None = None) -> int:
                 print((module.__doc__ or "").strip() + "\n\nconfig (override with key=value):\n")
             print(OmegaConf.to_yaml(cfg))
             return 0
-        return int(module.run(cfg) or 0)
+        from oceanda.cli.schema import load
+
+        return int(module.run(load(app, cfg)) or 0)
     except OceandaError as exc:
         print(f"oceanda {app}: error: {exc}", file=sys.stderr)
         return 2

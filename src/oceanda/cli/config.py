@@ -1,32 +1,20 @@
 """Show or validate the composed config of an app.
 
 usage:
-  oceanda config show APP [overrides...]       print the composed, resolved config
-  oceanda config validate APP [overrides...]   check that every mandatory value (``???``)
-                                               is set and every interpolation resolves
+  oceanda config show APP [overrides...]       print the composed config (interpolations unresolved)
+  oceanda config validate APP [overrides...]   run the app's config validation
+                                               (:func:`oceanda.cli.schema.load`): every mandatory value
+                                               (``???``) set, every interpolation resolved, every key known
+                                               (``+key=`` too), every value typed and in range
 """
 
 from __future__ import annotations
 
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from oceanda.cli import APPS, _split_flags, compose
+from oceanda.cli.schema import load
 from oceanda.errors import ConfigError
-
-
-def missing_keys(cfg, prefix: str = "") -> list[str]:
-    """Dotted keys of ``cfg`` whose value is the mandatory marker ``???``."""
-    out: list[str] = []
-    for key in cfg:
-        path = f"{prefix}{key}"
-        if OmegaConf.is_missing(cfg, key):
-            out.append(path)
-            continue
-        value = cfg[key]
-        if OmegaConf.is_config(value) and not OmegaConf.is_list(value):
-            out.extend(missing_keys(value, prefix=f"{path}."))
-    return out
 
 
 def run_argv(args: list[str]) -> int:
@@ -40,12 +28,6 @@ def run_argv(args: list[str]) -> int:
     if action == "show":
         print(OmegaConf.to_yaml(cfg, resolve=False))
         return 0
-    missing = missing_keys(cfg)
-    if missing:
-        raise ConfigError(f"config of '{app}' leaves mandatory values unset: {', '.join(missing)}")
-    try:
-        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"config of '{app}' does not resolve: {exc}") from None
+    load(app, cfg)
     print(f"config of '{app}' is valid")
     return 0

@@ -31,10 +31,10 @@ from typing import TYPE_CHECKING, Any
 from oceanda import __version__
 from oceanda.data import names as N
 from oceanda.data.io import open_dataset, require_finite, write_bytes_atomic, write_json_atomic
-from oceanda.errors import ConfigError, InputError
+from oceanda.errors import InputError
 
 if TYPE_CHECKING:
-    from omegaconf import DictConfig
+    from oceanda.cli.schema import EvaluateConfig
 
 log = logging.getLogger("oceanda.evaluate")
 
@@ -144,33 +144,12 @@ def evaluate_paths(truth_path: str | Path, analysis_path: str | Path, period: Se
     return result
 
 
-def _list_or_none(cfg: DictConfig, key: str, length: int) -> list[Any] | None:
-    from omegaconf import OmegaConf
-
-    value = cfg.get(key)
-    if value is None:
-        return None
-    if not OmegaConf.is_list(value) or len(value) != length:
-        raise ConfigError(f"{key} must be a list of {length} values or null, got {value!r}")
-    return list(OmegaConf.to_container(value))
-
-
-def run(cfg: DictConfig) -> int:
+def run(cfg: EvaluateConfig) -> int:
     """``oceanda evaluate``: print the leaderboard row, write scores.json and figures."""
-    period = _list_or_none(cfg, "dates", 2)
-    box = _list_or_none(cfg, "box", 4)
-    if box is not None:
-        try:
-            box = [float(b) for b in box]
-        except (TypeError, ValueError):
-            raise ConfigError(f"box must hold 4 numbers [lon_min, lon_max, lat_min, lat_max], got {box}") from None
-    detrend = cfg.get("detrend", "linear")
-    if detrend in (None, "none", "None"):
-        detrend = None
-    elif detrend not in ("linear", "constant"):
-        raise ConfigError(f"detrend must be linear, constant or none, got {detrend!r}")
-    result = evaluate_paths(cfg.truth_path, cfg.analysis, period=period, box=box, out_dir=cfg.get("out_dir"),
-                            figures=bool(cfg.get("figures", True)), name=cfg.get("name"), detrend=detrend)
+    detrend = None if cfg.detrend in (None, "none") else cfg.detrend
+    result = evaluate_paths(cfg.truth_path, cfg.analysis, period=None if cfg.dates is None else list(cfg.dates),
+                            box=None if cfg.box is None else list(cfg.box), out_dir=cfg.out_dir,
+                            figures=cfg.figures, name=cfg.name, detrend=detrend)
     ev = result["evaluation"]
     print(f"evaluated {ev['shape'][N.TIME]} days x {ev['shape'][N.LAT]} x {ev['shape'][N.LON]} cells, "
           f"period {ev['period'][0]}..{ev['period'][1]}, box lon {ev['box'][0]:g}..{ev['box'][1]:g} "

@@ -31,79 +31,54 @@ a CUDA device when present (``device=auto``).
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
-
-from oceanda.errors import ConfigError
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from omegaconf import DictConfig
+    from oceanda.cli.schema import GenerateConfig
 
 log = logging.getLogger("oceanda.generate")
 
 
-def _plain(node: Any) -> Any:
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
+def register_truths() -> None:
+    """Add the truth kinds of layers above ``data`` to :data:`oceanda.data.osse.TRUTH_KINDS`:
+    ``spde`` (:func:`oceanda.priors.spde_truth.spde_truth`)."""
+    from oceanda.data.osse import TRUTH_KINDS, register_truth
 
-    if OmegaConf.is_config(node):
-        try:
-            return OmegaConf.to_container(node, resolve=True, throw_on_missing=True)
-        except OmegaConfBaseException as exc:
-            raise ConfigError(f"config: {exc}") from None
-    return node
+    if "spde" not in TRUTH_KINDS:
+        from oceanda.priors.spde_truth import spde_truth
 
-
-def _get(cfg: DictConfig, key: str, default: Any = None) -> Any:
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:
-        if OmegaConf.is_missing(cfg, key):
-            raise ConfigError(f"{key}: mandatory value not set ({key}=...)")
-        return _plain(cfg.get(key, default))
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"{key}: {exc}") from None
+        register_truth("spde", spde_truth)
 
 
-def _bool(cfg: DictConfig, key: str, default: bool) -> bool:
-    value = _get(cfg, key, default)
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key}={value!r}: must be true or false")
-    return value
+def quicklook(draw: bool):
+    """The ``figures`` argument of :func:`oceanda.data.osse.generate_osse`: the quick-look
+    figures of :mod:`oceanda.plots.osse` when ``draw``, else None."""
+    if not draw:
+        return None
+    from oceanda.plots.osse import quicklook as draw_quicklook
+
+    return draw_quicklook
 
 
-def run(cfg: DictConfig) -> int:
+def run(cfg: GenerateConfig) -> int:
     """``oceanda generate``: see the module docstring."""
-    from omegaconf import OmegaConf
-
     from oceanda.data.osse import generate_osse
 
-    domain = _get(cfg, "domain")
-    obs = _get(cfg, "obs")
-    truth = _get(cfg, "truth") or {"kind": "qg"}
-    period = _get(cfg, "period")
-    if isinstance(period, dict):
-        period = {k: v for k, v in period.items() if k in ("start", "end")}
-    out_dir = _get(cfg, "out_dir")
-    if not out_dir:
-        raise ConfigError("out_dir: must be set (out_dir=runs/my_osse)")
-    chunk_days = _get(cfg, "chunk_days", 10)
-    if not isinstance(chunk_days, int) or isinstance(chunk_days, bool):
-        raise ConfigError(f"chunk_days={chunk_days!r}: must be an integer")
+    register_truths()
     result = generate_osse(
-        domain=domain,
-        obs=obs,
-        period=period,
-        out_dir=out_dir,
-        truth=truth,
-        seed=_get(cfg, "seed", 0),
-        figures=_bool(cfg, "figures", True),
-        progress=_bool(cfg, "progress", True),
-        obs_noise=_bool(cfg, "obs_noise", True),
-        chunk_days=chunk_days,
-        device=_get(cfg, "device", "auto"),
-        overwrite=_bool(cfg, "overwrite", True),
-        config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
+        domain=cfg.domain,
+        obs=cfg.obs,
+        period=cfg.period,
+        out_dir=cfg.out_dir,
+        truth=cfg.truth,
+        seed=cfg.seed,
+        figures=quicklook(cfg.figures),
+        progress=cfg.progress,
+        obs_noise=cfg.obs_noise,
+        chunk_days=cfg.chunk_days,
+        device=cfg.device,
+        overwrite=cfg.overwrite,
+        config_yaml=cfg.source_yaml,
     )
     stats = result["stats"]
     lines = [f"oceanda generate: wrote {result['truth']}"]

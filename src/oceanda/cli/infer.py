@@ -32,6 +32,7 @@ import hashlib
 import json
 import logging
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,36 +40,25 @@ from oceanda import __version__
 from oceanda.errors import ConfigError, InputError, OceandaError
 
 if TYPE_CHECKING:
-    from omegaconf import DictConfig
+    from oceanda.cli.schema import InferConfig
 
 log = logging.getLogger("oceanda.infer")
 
 
-def _container(cfg: Any) -> Any:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
+def _list(value: tuple | None) -> list | None:
+    return None if value is None else list(value)
 
 
-def _list(cfg: DictConfig, key: str, length: int) -> list | None:
-    value = _container(cfg.get(key))
-    if value is None:
-        return None
-    if not isinstance(value, list) or len(value) != length:
-        raise ConfigError(f"{key} must be a list of {length} values or null, got {value!r}")
-    return value
-
-
-def run_id(cfg: DictConfig, obs_path: str, checkpoint: str | None = None) -> str:
+def run_id(cfg: InferConfig, obs_path: str, checkpoint: str | None = None) -> str:
     """Hash of everything that determines the output (not ranks, devices or progress); with
     ``checkpoint``, also the content of the weights file (so new weights are a new run)."""
     ident = {
         "obs": str(Path(obs_path).expanduser().resolve()),
-        "box": _container(cfg.get("box")),
-        "period": [str(p) for p in (_container(cfg.get("dates")) or [])],
-        "method": _container(cfg.method),
-        "patch": _container(cfg.patch),
-        "tile": _container(cfg.tile),
+        "box": _list(cfg.box),
+        "period": [str(p) for p in (cfg.dates or [])],
+        "method": cfg.method.as_dict(),
+        "patch": asdict(cfg.patch),
+        "tile": list(cfg.tile),
         "dtype": str(cfg.dtype),
     }
     if checkpoint is not None and Path(checkpoint).is_file():
@@ -76,19 +66,21 @@ def run_id(cfg: DictConfig, obs_path: str, checkpoint: str | None = None) -> str
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _demo_paths(cfg: DictConfig, comm) -> tuple[str, str, str]:
+def _demo_paths(cfg: InferConfig, comm) -> tuple[str, str, str]:
     """Generate the Gulf Stream OSSE if missing (rank 0); its obs, truth, out_dir."""
     root = Path(cfg.demo.dir)
     osse = root / "osse"
     obs, truth = osse / "obs.zarr", osse / "truth.zarr"
     if not (obs.exists() and truth.exists()):
         if comm.rank == 0:
-            try:
-                from oceanda.data.osse import generate_osse
-            except ImportError as exc:
-                raise ConfigError(f"the demo needs `oceanda generate` (oceanda.data.osse): {exc}") from None
+            from oceanda.cli.generate import quicklook, register_truths
+            from oceanda.data.osse import generate_osse
+
+            g = cfg.demo.generate
             print(f"oceanda infer: generating the Gulf Stream OSSE in {osse} (first run only)")
-            generate_osse(out_dir=str(osse), **_container(cfg.demo.generate))
+            register_truths()
+            generate_osse(out_dir=str(osse), domain=g.domain, obs=g.obs, period=g.period, truth=g.truth,
+                          seed=g.seed, obs_noise=g.obs_noise, chunk_days=g.chunk_days, figures=quicklook(g.figures))
         comm.barrier()
     out_dir = cfg.out_dir or str(root / f"infer_{cfg.method.name}")
     return str(obs), str(truth), out_dir
@@ -112,18 +104,9 @@ def _check_truth_grid(truth_path: str, obs) -> None:
                              f"({len(got)} vs {len(ref)} values in the domain): evaluate on the same grid")
 
 
-def _method_kwargs(cfg: DictConfig) -> tuple[str, dict[str, Any]]:
-    """``(name, kwargs)`` of ``cfg.method``; a 4DVarNet ``checkpoint`` of null / ``default`` /
-    ``shipped:NAME`` becomes the path of the shipped weights (:mod:`oceanda.weights`)."""
-    method_cfg = dict(_container(cfg.method))
-    name = method_cfg.pop("name", None)
-    if not name:
-        raise ConfigError("method.name is missing (choose a method: method=oi)")
-    if name == "4dvarnet" and "checkpoint" in method_cfg:
-        from oceanda.weights import resolve_checkpoint
-
-        method_cfg["checkpoint"] = resolve_checkpoint(method_cfg["checkpoint"])
-    return name, method_cfg
+def _method_kwargs(cfg: InferConfig) -> tuple[str, dict[str, Any]]:
+    """``(name, kwargs)`` of ``cfg.method`` (:meth:`~oceanda.cli.schema.MethodConfig.kwargs`)."""
+    return cfg.method.name, cfg.method.kwargs()
 
 
 def _file_digest(path: str) -> str:
@@ -134,47 +117,15 @@ def _file_digest(path: str) -> str:
     return h.hexdigest()[:16]
 
 
-def _compare_configs(cfg: DictConfig) -> list[DictConfig]:
-    """The demo's extra runs: ``cfg`` with ``method`` (and ``patch`` overrides) of each
-    ``demo.compare`` entry ``{method: {name: ..., ...}, patch: {...}}``."""
-    from omegaconf import OmegaConf, open_dict
-
-    entries = _container(cfg.demo.get("compare")) or []
-    if not isinstance(entries, list):
-        raise ConfigError(f"demo.compare must be a list of {{method: {{name: ...}}, patch: {{...}}}}, got {entries!r}")
-    subs = []
-    for i, e in enumerate(entries):
-        if not (isinstance(e, dict) and isinstance(e.get("method"), dict) and e["method"].get("name")):
-            raise ConfigError(f"demo.compare[{i}]={e!r}: expected {{method: {{name: ..., ...}}, patch: {{...}}}}")
-        unknown = set(e) - {"method", "patch"}
-        if unknown:
-            raise ConfigError(f"demo.compare[{i}]: unknown key(s) {sorted(unknown)} (allowed: method, patch)")
-        if e["method"]["name"] == cfg.method.name:
-            continue  # already the main run
-        sub = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-        with open_dict(sub):
-            sub.method = OmegaConf.create(e["method"])
-            patch = _container(sub.patch)
-            for k, v in (e.get("patch") or {}).items():
-                if k not in patch:
-                    raise ConfigError(f"demo.compare[{i}].patch.{k}: unknown patch key (one of {sorted(patch)})")
-                patch[k] = v
-            sub.patch = OmegaConf.create(patch)
-            sub.out_dir = None
-        subs.append(sub)
-    return subs
-
-
-def run(cfg: DictConfig) -> int:
+def run(cfg: InferConfig) -> int:
     """``oceanda infer``: see the module docstring."""
     from oceanda.parallel.comm import get_comm
 
-    mpi = cfg.system.get("mpi", "auto")
-    comm = get_comm(None if mpi in ("auto", None) else bool(mpi))
+    comm = get_comm(cfg.system.use_mpi)
     if cfg.obs_path is None:
         runs = [cfg]
         if not cfg.dry_run:
-            runs += _compare_configs(cfg)
+            runs += cfg.compare_runs()
         from oceanda.assim.registry import build_method
 
         methods = []
@@ -200,12 +151,12 @@ def run(cfg: DictConfig) -> int:
     return 0
 
 
-def _run_one(cfg: DictConfig, comm, obs_path: str, truth_path: str | None,
+def _run_one(cfg: InferConfig, comm, obs_path: str, truth_path: str | None,
              out_dir: str | None, method: Any = None) -> dict[str, Any] | None:
     """One inference run (+ evaluation when ``truth_path``); the scores on rank 0, else None.
     ``method``: the method built from ``cfg.method`` (None: built here)."""
     from oceanda.assim.registry import build_method
-    from oceanda.data.patches import PatchGeometry, make_patches
+    from oceanda.data.patches import make_patches
     from oceanda.data.store import AnalysisStore, ObsSource, to_json_attr
     from oceanda.parallel.device import bind_device
     from oceanda.parallel.driver import run_inference
@@ -215,8 +166,7 @@ def _run_one(cfg: DictConfig, comm, obs_path: str, truth_path: str | None,
     name, method_cfg = _method_kwargs(cfg)
     if method is None:
         method = build_method(name, **method_cfg)
-    geometry = PatchGeometry(**{k: tuple(v) if isinstance(v, list) else v
-                                for k, v in _container(cfg.patch).items()})
+    geometry = cfg.patch
     n_time = getattr(getattr(method, "cfg", None), "n_time", None)  # trained window length (4DVarNet)
     if isinstance(n_time, int) and geometry.size[0] != n_time:
         raise ConfigError(f"patch.size[0]={geometry.size[0]} days does not fit method={name} "
@@ -224,23 +174,21 @@ def _run_one(cfg: DictConfig, comm, obs_path: str, truth_path: str | None,
                           f"set patch.size[0]={n_time}")
     from oceanda.parallel.driver import check_method
 
-    allow_mm = bool(cfg.get("allow_mode_mismatch", False))
+    allow_mm = cfg.allow_mode_mismatch
     check_method(method, geometry, allow_mm)  # a checkpoint trained for another mode: before any write
-    tile = _list(cfg, "tile", 3)
-    if cfg.dtype not in ("float32", "float64"):
-        raise ConfigError(f"dtype must be float32 or float64, got {cfg.dtype!r}")
+    tile = list(cfg.tile)
 
-    obs = ObsSource(obs_path, box=_list(cfg, "box", 4), period=_list(cfg, "dates", 2))
+    obs = ObsSource(obs_path, box=_list(cfg.box), period=_list(cfg.dates))
     if obs.count_observed() == 0:
         raise InputError(f"observations {obs_path}: the observation window (period "
-                         f"{_list(cfg, 'dates', 2)}, box {_list(cfg, 'box', 4)}) holds no "
+                         f"{_list(cfg.dates)}, box {_list(cfg.box)}) holds no "
                          "observation (all NaN)")
     if truth_path:
         _check_truth_grid(truth_path, obs)
     patches = make_patches(geometry, obs.shape, obs.ocean)
     planned = comm.size
-    if cfg.dry_run and cfg.get("ranks") is not None:
-        planned = int(cfg.ranks)
+    if cfg.dry_run and cfg.ranks is not None:
+        planned = cfg.ranks
     layout = build_layout(patches, tile, planned, obs.ocean)
     if cfg.dry_run:
         if comm.rank == 0:
@@ -259,8 +207,6 @@ def _run_one(cfg: DictConfig, comm, obs_path: str, truth_path: str | None,
         out.mkdir(parents=True, exist_ok=True)
         state.init()
         if not analysis.exists():
-            from omegaconf import OmegaConf
-
             AnalysisStore.create(
                 analysis, time=obs.time, lat=obs.lat, lon=obs.lon, ocean=obs.ocean,
                 chunks=layout.tile_shape, dtype=str(cfg.dtype),
@@ -269,16 +215,16 @@ def _run_one(cfg: DictConfig, comm, obs_path: str, truth_path: str | None,
                        "history": f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} oceanda infer",
                        "observations": str(Path(obs_path).resolve()), "run_id": rid,
                        "oceanda_version": __version__,
-                       "oceanda_config": OmegaConf.to_yaml(cfg, resolve=True),
-                       "patch": to_json_attr(_container(cfg.patch)),
+                       "oceanda_config": cfg.source_yaml,
+                       "patch": to_json_attr(asdict(cfg.patch)),
                        "method_config": to_json_attr({"name": name, **method_cfg})})
     comm.barrier()
     store = AnalysisStore(analysis)
-    device = bind_device(comm, str(cfg.system.get("device", "auto")), cfg.system.get("threads", 1))
+    device = bind_device(comm, cfg.system.device, cfg.system.threads)
     try:
         summary = run_inference(obs=obs, ocean=obs.ocean, patches=patches, layout=layout,
                                 method=method, store=store, state=state, comm=comm, device=device,
-                                batch_size=int(cfg.batch_size), progress=bool(cfg.progress),
+                                batch_size=cfg.batch_size, progress=cfg.progress,
                                 log_dir=out / "logs", allow_mode_mismatch=allow_mm)
     except OceandaError as exc:
         if comm.size > 1:  # one rank failing mid-run: stop every rank, do not hang
@@ -303,9 +249,9 @@ def _run_one(cfg: DictConfig, comm, obs_path: str, truth_path: str | None,
         return None
     from oceanda.cli.evaluate import evaluate_paths, format_table
 
-    ev = _container(cfg.evaluate) or {}
-    result = evaluate_paths(truth_path, analysis, period=ev.get("period"), box=ev.get("box"),
-                            out_dir=out, figures=bool(ev.get("figures", True)), name=name)
+    ev = cfg.evaluate
+    result = evaluate_paths(truth_path, analysis, period=_list(ev.period), box=_list(ev.box),
+                            out_dir=out, figures=ev.figures, name=name)
     print()
     print(format_table([result]))
     print(f"\nwrote {out / 'scores.json'}")

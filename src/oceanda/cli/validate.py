@@ -18,73 +18,38 @@ report.md (Table 1 layout), report.json, reconstructions.png (Fig. 1/2), var4d_i
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from pathlib import Path
-
-from omegaconf import DictConfig, OmegaConf
+from typing import TYPE_CHECKING
 
 from oceanda.errors import ConfigError
+
+if TYPE_CHECKING:
+    from oceanda.cli.schema import ValidateConfig
 
 log = logging.getLogger("oceanda.validate")
 
 
-def settings_from_cfg(exp: DictConfig):
-    """Typed :class:`ExperimentSettings` from the ``experiment`` config (unknown keys are errors)."""
-    from oceanda.train.incremental import TrainSettings
-    from oceanda.validation.runner import ExperimentSettings, ModelSettings, Var4DSettings
-
-    raw = OmegaConf.to_container(exp, resolve=True)
-    if not isinstance(raw, dict):
-        raise ConfigError("experiment: expected a mapping")
-
-    def build(cls, values, where):
-        if not isinstance(values, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {values!r}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
-        return cls(**values)
-
-    nested = {"model": ModelSettings, "training": TrainSettings, "var4d": Var4DSettings}
-    kw = dict(raw)
-    for key, cls in nested.items():
-        if key in kw:
-            kw[key] = build(cls, kw[key], f"experiment.{key}")
-    if "system" not in kw:
-        raise ConfigError("experiment.system is missing (lorenz63 | pendulum)")
-    settings = build(ExperimentSettings, kw, "experiment")
-    if not isinstance(settings.data, dict):
-        raise ConfigError("experiment.data: expected a mapping")
-    settings.z0_inflation = [float(c) for c in settings.z0_inflation]
-    settings.check()
-    return settings, raw
-
-
-def run(cfg: DictConfig) -> int:
+def run(cfg: ValidateConfig) -> int:
     import torch
 
     from oceanda.validation.report import NAMES, write_report
     from oceanda.validation.runner import METHODS, run_experiment
 
-    settings, raw = settings_from_cfg(cfg.experiment)
-    if cfg.get("threads") is not None:
-        if int(cfg.threads) < 1:
-            raise ConfigError(f"threads must be >= 1, got {cfg.threads}")
-        torch.set_num_threads(int(cfg.threads))
-    preset = str(cfg.get("preset_name") or "custom")
-    out_dir = Path(str(cfg.out_dir)).expanduser()
-    checkpoint = cfg.get("checkpoint")
-    if checkpoint is not None and not Path(str(checkpoint)).is_file():
+    settings = cfg.experiment
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    out_dir = Path(cfg.out_dir).expanduser()
+    checkpoint = cfg.checkpoint
+    if checkpoint is not None and not Path(checkpoint).is_file():
         raise ConfigError(f"checkpoint={checkpoint}: no such file")
     out_dir.mkdir(parents=True, exist_ok=True)
     t0, c0 = time.perf_counter(), time.process_time()
-    result = run_experiment(settings, out_dir=out_dir, checkpoint=checkpoint, progress=bool(cfg.progress))
+    result = run_experiment(settings, out_dir=out_dir, checkpoint=checkpoint, progress=cfg.progress)
     result.extra["run_wall_s"] = time.perf_counter() - t0
     result.extra["run_cpu_s"] = time.process_time() - c0
-    report = write_report(out_dir, result, preset, raw)
+    report = write_report(out_dir, result, cfg.preset_name, cfg.experiment_raw)
     width = max(len(NAMES[m]) for m in METHODS)
     print(f"{settings.system}: RMSE (normalised / physical), time per window, Gauss-Newton iterations (median)")
     for m in METHODS:

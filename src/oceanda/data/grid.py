@@ -268,11 +268,6 @@ class Grid:
         return out
 
     @property
-    def area_m2(self) -> np.ndarray:
-        """``(ny, nx)`` approximate cell areas ``dx_m * dy_m`` [m^2]."""
-        return self.dx_m * self.dy_m
-
-    @property
     def ocean_fraction(self) -> float:
         return float(self.ocean.mean())
 

@@ -3,8 +3,11 @@
 
 :func:`generate_osse` is the library entry point (the ``oceanda generate`` app and the
 ``infer`` app's demo call it). The truth is a dispatch on ``truth["kind"]``
-(:data:`TRUTH_KINDS`: ``qg`` two-layer QG jet, ``gaussian`` Gaussian random field); a new
-kind is one :func:`register_truth` call.
+(:data:`TRUTH_KINDS`: ``qg`` two-layer QG jet, ``gaussian`` Gaussian random field, and
+``spde``, an SPDE prior sample (:func:`oceanda.priors.spde_truth.spde_truth`), registered by the
+apps: :func:`oceanda.cli.generate.register_truths`); a new kind is one :func:`register_truth` call. The quick-look figures are drawn by
+the function passed as ``figures`` (the apps pass :func:`oceanda.plots.osse.quicklook`):
+this module imports no layer above ``data``.
 
 Streaming: the truth generator yields one day at a time; every ``chunk_days`` days the
 chunk is written as a zarr region of ``truth.zarr`` (time chunks of ``chunk_days``), the
@@ -31,7 +34,6 @@ import os
 import shutil
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import fields as dc_fields
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,7 @@ from oceanda import __version__
 from oceanda.data import names as N
 from oceanda.data.domains import domain_spec, get_domain
 from oceanda.data.grid import Grid
+from oceanda.config_dataclass import from_mapping
 from oceanda.errors import ConfigError, InputError
 
 #: signature of a truth generator: (grid, days, seed, params, device, progress) -> daily fields
@@ -64,23 +67,11 @@ def register_truth(kind: str, fn: TruthFn) -> None:
     TRUTH_KINDS[kind] = fn
 
 
-def _dataclass_from(cls: type, params: Mapping[str, Any], where: str) -> Any:
-    allowed = {f.name for f in dc_fields(cls)}
-    unknown = sorted(set(params) - allowed)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(f'truth.{k}' for k in unknown)}; "
-                          f"allowed: {', '.join(sorted(allowed))}")
-    try:
-        return cls(**params)
-    except TypeError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-
-
 def _qg_truth(grid: Grid, days: int, seed: int, params: dict[str, Any], device: str,
               progress: Callable[[str, int], None] | None) -> Iterator[np.ndarray]:
     from oceanda.dynamics.qg import QGTruthConfig, qg_truth
 
-    cfg = _dataclass_from(QGTruthConfig, params, "truth=qg")
+    cfg = from_mapping(QGTruthConfig, params, "truth")
     return qg_truth(grid.lon, grid.lat, days, seed=seed, cfg=cfg, device=device, progress=progress)
 
 
@@ -88,23 +79,15 @@ def _gaussian_truth(grid: Grid, days: int, seed: int, params: dict[str, Any], de
                     progress: Callable[[str, int], None] | None) -> Iterator[np.ndarray]:
     from oceanda.dynamics.gaussian import GaussianFieldConfig, gaussian_truth
 
-    cfg = _dataclass_from(GaussianFieldConfig, params, "truth=gaussian")
+    cfg = from_mapping(GaussianFieldConfig, params, "truth")
     for field in gaussian_truth(grid.lon, grid.lat, days, seed=seed, cfg=cfg, device=device):
         if progress:
             progress("truth", 1)
         yield field
 
 
-def _spde_truth(grid: Grid, days: int, seed: int, params: dict[str, Any], device: str,
-                progress: Callable[[str, int], None] | None) -> Iterator[np.ndarray]:
-    from oceanda.priors.spde_truth import spde_truth  # the SPDE prior's own sampler
-
-    return spde_truth(grid, days, seed, params, device, progress)
-
-
 register_truth("qg", _qg_truth)
 register_truth("gaussian", _gaussian_truth)
-register_truth("spde", _spde_truth)
 
 
 def spinup_days(truth: Mapping[str, Any]) -> int:
@@ -312,7 +295,7 @@ def generate_osse(
     out_dir: str | os.PathLike | None = None,
     truth: Mapping[str, Any] | None = None,
     seed: int = 0,
-    figures: bool = True,
+    figures: Callable[..., None] | None = None,
     progress: bool = True,
     *,
     obs_noise: bool = True,
@@ -333,7 +316,8 @@ def generate_osse(
         out_dir: output folder (created; required).
         truth: ``{"kind": "qg" | "gaussian" | ..., **params}`` (default ``{"kind": "qg"}``).
         seed: truth seed; observations use ``seed + 1`` (orbit phases left unset, noise).
-        figures: draw the quick-look figures into ``out_dir/figures``.
+        figures: the function drawing the quick-look figures into ``out_dir/figures``
+            (``oceanda.plots.osse.quicklook``'s signature; the apps pass it), None: no figures.
         progress: show a tqdm progress bar (model days).
         obs_noise: add each satellite's noise model to the observations.
         chunk_days: time chunk of the stores and of the streaming loop.
@@ -352,6 +336,12 @@ def generate_osse(
     import time as _time
 
     t_start = _time.perf_counter()
+    if figures is not None and not callable(figures):
+        if figures is False:
+            figures = None
+        else:
+            raise ConfigError(f"figures={figures!r}: pass the function drawing them "
+                              "(oceanda.plots.osse.quicklook) or None")
     truth = dict(truth or {"kind": "qg"})
     kind = truth.pop("kind", "qg")
     truth.pop("name", None)
@@ -502,11 +492,9 @@ def generate_osse(
             _finalise_attrs(tmps["obs"], {**obs_attrs, "observed_fraction_daily_mean": stats["observed_fraction"],
                                           "n_track_points": n_obs})
         if figures:
-            from oceanda.plots import osse as plots
-
             tmps["figures"].mkdir(parents=True)
             label = str(times[mid_day])[:10]
-            plots.quicklook(tmps["figures"], grid.lon, grid.lat, grid.ocean, snap.get("truth"), label,
+            figures(tmps["figures"], grid.lon, grid.lat, grid.ocean, snap.get("truth"), label,
                             obs_field=snap.get("obs"), tracks=snap.get("tracks"),
                             coverage=(snap["count"] / times.size) if "count" in snap else None,
                             spectrum=spec_res, title=f"{spec['name']} {kind} truth"

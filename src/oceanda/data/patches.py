@@ -46,6 +46,8 @@ which the runtime uses for every summation, so results do not depend on the rank
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from dataclasses import dataclass, field
 
@@ -110,7 +112,8 @@ class PatchGeometry:
         anchor: ``"centre"`` (mapping) or ``"end"`` (near-real-time).
         time_weight: ``"triangle"`` or ``"anchor"`` (anchor day only; forced by ``"end"``).
         space_weight: ``"crop"`` or ``"taper"`` (smooth ``sin^2`` ramp of ``taper`` cells).
-        taper: ramp width in cells for ``space_weight="taper"``.
+        taper: ramp width in cells for ``space_weight="taper"`` (10, as every shipped patch
+            config that uses it: ``configs/patch/{nrt,forecast2,forecast4}.yaml``).
         lead: forecast lead in days (``0 <= lead < T``; ``> 0`` needs ``anchor="end"``): the
             last ``lead`` days of every window are stripped of their observations.
     """
@@ -121,7 +124,7 @@ class PatchGeometry:
     anchor: str = "centre"
     time_weight: str = "triangle"
     space_weight: str = "crop"
-    taper: int = 20
+    taper: int = 10
     lead: int = 0
 
     def __post_init__(self) -> None:
@@ -198,6 +201,11 @@ class PatchGeometry:
         :func:`check_trained_mode`)."""
         return {"mode": self.mode, "anchor": self.anchor, "lead": self.lead,
                 "n_time": self.size[0], "time_weight": self.time_weight}
+
+    def as_config(self) -> dict[str, object]:
+        """The patch config mapping of this geometry (lists for the tuples: YAML / JSON form)."""
+        return {f.name: list(v) if isinstance(v, tuple) else v
+                for f in dataclasses.fields(self) for v in [getattr(self, f.name)]}
 
     def mask_obs(self, obs):
         """``obs (..., T, H, W)`` with the last ``lead`` days set to NaN (a copy when

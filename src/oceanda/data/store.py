@@ -224,9 +224,6 @@ class AnalysisStore:
             warnings.simplefilter("ignore")
             zarr.consolidate_metadata(str(self.path))
 
-    def read_attrs(self) -> dict[str, Any]:
-        return dict(zarr.open_group(str(self.path), mode="r").attrs)
-
 
 def to_json_attr(obj: Any) -> str:
     """A JSON string for a zarr/netCDF attribute."""

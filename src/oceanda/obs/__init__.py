@@ -1,5 +1,5 @@
 """Observations: nadir altimeters and SWOT swaths from orbital mechanics, noise models,
-sampling a truth along tracks, daily gridding, selection operators.
+sampling a truth along tracks, daily gridding.
 
 Typical use (the OSSE ``generate`` app)::
 
@@ -13,12 +13,11 @@ Typical use (the OSSE ``generate`` app)::
 Modules: :mod:`~oceanda.obs.orbit` (J2 circular orbits, exact repeat), :mod:`~oceanda.obs.
 satellites` (presets, constellations), :mod:`~oceanda.obs.tracks` (ground tracks, swath
 geometry), :mod:`~oceanda.obs.noise`, :mod:`~oceanda.obs.sampling`,
-:mod:`~oceanda.obs.operators`, :mod:`~oceanda.obs.simulate` (:func:`observe_daily_fields`:
+:mod:`~oceanda.obs.simulate` (:func:`observe_daily_fields`:
 all of the above in one call, for a daily truth on a grid).
 """
 
 from oceanda.obs.noise import ar1_segments, noise_values
-from oceanda.obs.operators import apply_selection, fill_unobserved, mask_from_gridded, selection
 from oceanda.obs.orbit import Orbit, repeat_semi_major_axis
 from oceanda.obs.sampling import bilinear, cell_edges, grid_tracks, sample, sample_daily_fields
 from oceanda.obs.satellites import (
@@ -45,16 +44,13 @@ __all__ = [
     "OrbitSpec",
     "Satellite",
     "TrackTable",
-    "apply_selection",
     "ar1_segments",
     "bilinear",
     "cell_edges",
     "constellation",
-    "fill_unobserved",
     "grid_tracks",
     "ground_tracks",
     "iter_ground_tracks",
-    "mask_from_gridded",
     "noise_values",
     "observe_daily_fields",
     "orbits_for",
@@ -62,6 +58,5 @@ __all__ = [
     "sample",
     "sample_daily_fields",
     "satellite",
-    "selection",
     "with_noise",
 ]

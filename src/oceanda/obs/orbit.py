@@ -54,8 +54,6 @@ J2000 = np.datetime64("2000-01-01T12:00:00", "ns")
 GMST_J2000_DEG = 280.46061837
 #: one mean solar day [s]
 DAY_S = 86400.0
-#: sun-synchronous nodal rate: 360 deg per tropical year, in rad s^-1
-SUN_SYNC_RATE = 2.0 * math.pi / (365.2421897 * DAY_S)
 
 
 def _rates(a: float, inclination_deg: float) -> tuple[float, float, float]:
@@ -141,11 +139,6 @@ class Orbit:
         return (self.semi_major_axis_m - R_EARTH) / 1e3
 
     @property
-    def mean_motion(self) -> float:
-        """Keplerian mean motion ``n`` [rad/s]."""
-        return _rates(self.semi_major_axis_m, self.inclination_deg)[0]
-
-    @property
     def arglat_rate(self) -> float:
         """``du/dt`` [rad/s] including the J2 correction."""
         return _rates(self.semi_major_axis_m, self.inclination_deg)[1]
@@ -166,11 +159,6 @@ class Orbit:
         return 2.0 * math.pi / self.arglat_rate
 
     @property
-    def nodal_day_s(self) -> float:
-        """Time for the Earth to turn once under the orbit plane ``2 pi / (omega_E - Omega')``."""
-        return 2.0 * math.pi / (OMEGA_EARTH - self.raan_rate)
-
-    @property
     def repeat_period_s(self) -> float:
         """Exact-repeat period ``N T_node`` [s] (``NaN`` for a non-repeating orbit)."""
         if self.repeat_revs is None:
@@ -187,18 +175,6 @@ class Orbit:
         """Typical sub-satellite speed ``u' Re`` [m/s] (Earth rotation changes it by a few %)."""
         return self.arglat_rate * R_EARTH
 
-    def with_phase(self, raan_deg: float, arglat_deg: float) -> Orbit:
-        """Same orbit, other ascending node / position at J2000."""
-        return Orbit(
-            self.semi_major_axis_m,
-            self.inclination_deg,
-            float(raan_deg),
-            float(arglat_deg),
-            self.repeat_revs,
-            self.repeat_days,
-        )
-
-    # ----------------------------------------------------------------- ground track
     def angles(self, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Argument of latitude ``u`` and ``Omega - theta`` [rad] at ``t`` s since J2000."""
         t = np.asarray(t, dtype=np.float64)
@@ -247,9 +223,3 @@ class Orbit:
         m_rad = (1.0 - e2) / w**1.5
         n_rad = 1.0 / np.sqrt(w)
         return np.degrees(np.arctan2(n_rad * cl * dlon, m_rad * dlat))
-
-
-def seconds_since_j2000(time: np.ndarray | np.datetime64) -> np.ndarray:
-    """``datetime64`` -> float seconds since J2000 (2000-01-01T12:00)."""
-    dt = np.asarray(time, dtype="datetime64[ns]") - J2000
-    return dt.astype(np.int64) * 1e-9

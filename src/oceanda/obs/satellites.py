@@ -37,6 +37,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from oceanda.config_dataclass import from_mapping
 from oceanda.errors import ConfigError
 from oceanda.obs.orbit import Orbit
 
@@ -230,17 +231,6 @@ CONSTELLATIONS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _from_dict(cls, d: Mapping[str, Any], where: str):
-    known = {f.name for f in fields(cls)}
-    unknown = set(d) - known
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
-    try:
-        return cls(**dict(d))
-    except TypeError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-
-
 def satellite(spec: str | Mapping[str, Any] | Satellite) -> Satellite:
     """A :class:`Satellite` from a preset name, a dict, or a dict ``{"preset": name, ...}``
     whose other keys (``name``, ``orbit``, ``instrument``, ``noise``) override the preset
@@ -265,7 +255,7 @@ def satellite(spec: str | Mapping[str, Any] | Satellite) -> Satellite:
             sub = {**asdict(getattr(base, key)), **sub}
         if key == "orbit" and not sub:
             raise ConfigError("satellite: 'orbit' is required without a preset")
-        parts[key] = _from_dict(cls, sub, f"satellite.{key}")
+        parts[key] = from_mapping(cls, sub, f"satellite.{key}")
     name = spec.get("name", base.name if base is not None else None)
     if not name:
         raise ConfigError("satellite: 'name' is required without a preset")

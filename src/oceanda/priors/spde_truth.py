@@ -14,11 +14,12 @@ boundaries and are returned as NaN.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
+from oceanda.config_dataclass import from_mapping
 from oceanda.errors import ConfigError
 from oceanda.priors.spde import SPDEPrior, tau_for_std
 
@@ -77,11 +78,6 @@ def spde_truth(grid: Any, days: int, seed: int, params: dict[str, Any], device: 
                progress: Callable[[str, int], None] | None) -> Iterator[np.ndarray]:
     """:data:`oceanda.data.osse.TruthFn` adapter: ``truth.kind = spde`` (``device`` unused:
     the simulation runs on CPU sparse factors)."""
-    allowed = {f.name for f in fields(SPDETruthConfig)}
-    unknown = sorted(set(params) - allowed)
-    if unknown:
-        raise ConfigError(f"truth=spde: unknown key(s) {', '.join('truth.' + k for k in unknown)}"
-                          f"; allowed: {', '.join(sorted(allowed))}")
-    cfg = SPDETruthConfig(**params)
+    cfg = from_mapping(SPDETruthConfig, params, "truth")
     return sample_truth(np.asarray(grid.dx_m) / 1000.0, np.asarray(grid.dy_m) / 1000.0,
                         np.asarray(grid.ocean), days, seed=seed, cfg=cfg, progress=progress)

@@ -23,17 +23,13 @@ the likelihood is too flat for Adam) and R by its closed form; with ``w_nll = w_
 stage that does not run the solver (e.g. re-fitting Theta of an ``init_checkpoint``).
 
 Optimiser: Adam (the Theta CNN and the noise variance at ``lr_theta`` times the rate),
-cosine annealing over the epochs, gradient-norm clipping; data-parallel
-over ranks exactly as :func:`oceanda.train.fourdvarnet.train_step` (gradients all-reduced).
-Checkpoints are written atomically (``checkpoint.pt`` every epoch, ``best_checkpoint.pt`` at
-the best validation RMSE) and read back by :func:`oceanda.assim.spde_fourdvarnet.read_spde_checkpoint`.
-
-Entry point for ``oceanda train`` (:func:`run_spde_training`): reads the same DictConfig.
+cosine annealing over the epochs, gradient-norm clipping; the loop, data parallelism,
+checkpoints after every epoch and resuming are :mod:`oceanda.train.loop`'s (:data:`TASK` is
+what this model contributes to it; ``oceanda train model=spde_4dvarnet`` runs it). Checkpoints
+are read back by :func:`oceanda.assim.spde_fourdvarnet.read_spde_checkpoint`.
 
 Spread calibration of the Matheron members (after training, on training-period patches only):
-:func:`fit_spread_scale` (one scalar ``c``, closed form) and :func:`calibrate_spde_checkpoint`
-(a copy of the checkpoint holding ``spread_scale = c``); driven by
-``hpc/bench/spde_fourdvarnet_qg.py --fit-patches N --calibrated-out PATH``.
+:mod:`oceanda.train.spread`.
 """
 
 from __future__ import annotations
@@ -41,33 +37,30 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from oceanda.assim.spde_fourdvarnet import (
-    SPREAD_MODES,
     SPDEFourDVarNet,
     SPDEModelConfig,
     build_spde_model,
     read_spde_checkpoint,
     spde_checkpoint_state,
 )
+from oceanda.config_dataclass import from_mapping
 from oceanda.errors import ConfigError, InputError
-from oceanda.metrics.ensemble import spread_skill_ratio
-from oceanda.train.fourdvarnet import (DistContext, _collate, _to, optimise_step, run_epoch, save_atomic,
-                                       sobel_magnitude, weighted_mse, write_history)
-
-if TYPE_CHECKING:
-    from omegaconf import DictConfig
+from oceanda.train.data import PatchDataset
+from oceanda.train.fourdvarnet import sobel_magnitude, weighted_mse
+from oceanda.train.loop import TrainingTask, _collate, _to, save_atomic
 
 log = logging.getLogger("oceanda.train")
 
-__all__ = ["SPDETrainConfig", "fit_theta_mle", "make_spde_optimizer", "spde_loss_terms", "spde_train_step",
-           "spde_validate", "fit_spde", "save_spde_checkpoint", "MetricPatches", "run_spde_training"]
+__all__ = ["SPDETrainConfig", "fit_theta_mle", "make_spde_optimizer", "spde_loss_terms", "save_spde_checkpoint",
+           "MetricPatches", "datasets", "build", "load_weights", "TASK"]
 
 
 #: model config fields an ``init_checkpoint`` may differ in (same weights, other use of them)
@@ -105,11 +98,9 @@ class SPDETrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SPDETrainConfig:
-        known = {f.name for f in fields(cls)}
-        bad = sorted(set(d) - known - set(cls.IGNORED))
-        if bad:
-            raise ConfigError(f"unknown spde_4dvarnet train config keys {bad}; known: {sorted(known)}")
-        cfg = cls(**{k: v for k, v in d.items() if k in known})
+        """The ``train`` section of ``oceanda train model=spde_4dvarnet``: typed (unknown keys
+        refused, ``w_prior`` ignored) and checked."""
+        cfg = from_mapping(cls, d, "train")
         if cfg.mode not in ("supervised", "semi"):
             raise ConfigError(f"train.mode must be 'supervised' or 'semi', got {cfg.mode!r}")
         if cfg.theta_init not in ("none", "mle"):
@@ -218,35 +209,6 @@ def _likelihood_terms(model: SPDEFourDVarNet, theta: dict[str, torch.Tensor], ba
     return terms
 
 
-def spde_train_step(model: SPDEFourDVarNet, opt, batch: dict[str, torch.Tensor], cfg: SPDETrainConfig,
-                    dist: DistContext | None = None) -> dict[str, float]:
-    """One optimisation step (gradients averaged over ranks)."""
-    dist = dist or DistContext()
-    model.train()
-    opt.zero_grad(set_to_none=True)
-    terms = spde_loss_terms(model, batch, cfg)
-    return optimise_step(model, opt, terms, cfg.grad_clip, dist)
-
-
-@torch.no_grad()
-def spde_validate(model: SPDEFourDVarNet, ds, norm_std: float, device, batch_size: int = 4,
-                  dist: DistContext | None = None) -> dict[str, float]:
-    """Blend-weighted RMSE of the reconstruction vs the target on ``ds`` (physical units)."""
-    dist = dist or DistContext()
-    model.eval()
-    acc = torch.zeros(2, dtype=torch.float64)
-    idx = np.arange(len(ds))[dist.rank::dist.world]
-    for i in range(0, len(idx), batch_size):
-        b = _to(_collate(ds, idx[i:i + batch_size]), device)
-        out = model(b["obs"], b["ocean"], b["dx"], b["dy"])
-        ok = (b["weight"] > 0) & torch.isfinite(b["tgt"])
-        w = torch.where(ok, b["weight"], torch.zeros_like(b["weight"])).double()
-        err = torch.where(ok, out - b["tgt"], torch.zeros_like(out)).double() * norm_std
-        acc += torch.stack([(w * err ** 2).sum(), w.sum()]).cpu()
-    dist.all_reduce_(acc)
-    return {"val_rmse": math.sqrt(acc[0] / acc[1]) if acc[1] > 0 else math.nan}
-
-
 # ----------------------------------------------------------------------------- checkpoints
 
 
@@ -260,76 +222,6 @@ def save_spde_checkpoint(path: str | os.PathLike, model: SPDEFourDVarNet, norm: 
         scheduler=None if scheduler is None else scheduler.state_dict(),
         epoch=int(epoch), history=list(history or []), extra=dict(extra or {}))
     return save_atomic(state, path)
-
-
-def fit_spread_scale(members, centre, truth, mask=None, *, finite_ensemble: bool = True) -> dict[str, float]:
-    """Spread factor ``c`` of the members ``centre + c (members - centre)``, fitted in closed form.
-
-    ``members`` ``(N, ...)``, ``centre`` (the solver's ``x*(y)``) and ``truth`` ``(...)``,
-    ``mask`` bool ``(...)`` (all entries when ``None``). With ``d_i = members_i - centre``,
-    ``e = centre - truth`` and, over the masked entries, ``A = mean(e^2)``, ``B = mean(e dbar)``,
-    ``C = mean(dbar^2)``, ``V = mean(var_i d_i)`` (``N - 1`` denominator), the scaled ensemble
-    has mean variance ``c^2 V`` and ensemble-mean MSE ``A + 2 c B + c^2 C``; ``c`` solves
-
-        k c^2 V = A + 2 c B + c^2 C,   k = (N + 1) / N  (finite_ensemble) or 1,
-
-    i.e. ``c = (B + sqrt(B^2 + A (k V - C))) / (k V - C)``, the only positive root. With
-    ``k = (N + 1) / N`` this is the spread-error identity of an exchangeable ``N``-member
-    ensemble (Fortin et al. 2014): the scaled ensemble's spread/skill
-    (:func:`oceanda.metrics.ensemble.spread_skill_ratio`, which carries that correction) is 1;
-    ``k = 1`` makes it ``sqrt((N + 1) / N)``.
-
-    Returns ``{"spread_scale": c, "spread_skill_before", "spread_skill_after", "rmse_centre"
-    (sqrt(A)), "spread_before" (sqrt(V)), "n_members", "n_cells", "finite_ensemble"}``. Raises
-    :class:`InputError` when the shapes disagree, nothing is selected, or the members have no
-    spread (``k V <= C``).
-    """
-    m = np.asarray(members, dtype=np.float64)
-    x = np.asarray(centre, dtype=np.float64)
-    t = np.asarray(truth, dtype=np.float64)
-    if m.ndim < 1 or m.shape[1:] != x.shape or x.shape != t.shape:
-        raise InputError(f"fit_spread_scale: members {m.shape}, centre {x.shape} and truth {t.shape} "
-                         "must be (N, ...), (...), (...)")
-    n = m.shape[0]
-    if n < 2:
-        raise InputError(f"fit_spread_scale: needs at least 2 members, got {n}")
-    sel = np.ones(x.shape, bool) if mask is None else np.broadcast_to(np.asarray(mask, bool), x.shape)
-    if not sel.any():
-        raise InputError("fit_spread_scale: the mask selects no entry")
-    d = m[:, sel] - x[sel][None]
-    e = x[sel] - t[sel]
-    dbar = d.mean(0)
-    A, B, C = float(np.mean(e * e)), float(np.mean(e * dbar)), float(np.mean(dbar * dbar))
-    V = float(np.mean(d.var(0, ddof=1)))
-    k = (n + 1) / n if finite_ensemble else 1.0
-    a = k * V - C
-    if not (a > 0 and math.isfinite(a)):
-        raise InputError(f"fit_spread_scale: the members have no spread (k V = {k * V:.3g} <= C = {C:.3g})")
-    c = (B + math.sqrt(B * B + A * a)) / a
-    ss = lambda c: spread_skill_ratio(c * c * V, A + 2 * c * B + c * c * C, n)  # noqa: E731
-    return {"spread_scale": c, "spread_skill_before": ss(1.0), "spread_skill_after": ss(c),
-            "rmse_centre": math.sqrt(A), "spread_before": math.sqrt(V), "n_members": int(n),
-            "n_cells": int(sel.sum()), "finite_ensemble": bool(finite_ensemble)}
-
-
-def calibrate_spde_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, spread_scale: float,
-                              info: dict[str, Any] | None = None, spread_mode: str = "global") -> Path:
-    """Copy the SPDE-4DVarNet checkpoint ``src`` to ``dst`` (atomically) with ``spread_scale = c``,
-    ``spread_mode`` (and ``calibration = info``: plain numbers / strings / lists describing the
-    fit); the weights, config and normalisation are unchanged. ``oceanda infer
-    method=spde_4dvarnet`` then scales the members by ``c r_b``
-    (:func:`oceanda.assim.spde_fourdvarnet.scale_members`, :func:`~oceanda.assim.spde_fourdvarnet.spread_factors`)."""
-    c = float(spread_scale)
-    if not (math.isfinite(c) and c > 0):
-        raise ConfigError(f"spread_scale must be a finite number > 0, got {spread_scale!r}")
-    if spread_mode not in SPREAD_MODES:
-        raise ConfigError(f"spread_mode must be one of {list(SPREAD_MODES)}, got {spread_mode!r}")
-    read_spde_checkpoint(src)  # validate (clear InputError naming src)
-    ck = torch.load(src, map_location="cpu", weights_only=True)
-    ck["spread_scale"] = c
-    ck["spread_mode"] = str(spread_mode)
-    ck["calibration"] = dict(info or {})
-    return save_atomic(ck, dst)
 
 
 def fit_theta_mle(model: SPDEFourDVarNet, ds, cfg: SPDETrainConfig, device: torch.device | str = "cpu",
@@ -378,50 +270,6 @@ def make_spde_optimizer(model: SPDEFourDVarNet, cfg: SPDETrainConfig) -> torch.o
                              {"params": fast, "lr": cfg.lr * cfg.lr_theta}], weight_decay=cfg.weight_decay)
 
 
-def fit_spde(model: SPDEFourDVarNet, train_ds, val_ds, norm: dict[str, float], cfg: SPDETrainConfig,
-             checkpoint: str | os.PathLike | None = None, resume: bool = False,
-             device: torch.device | str = "cpu", dist: DistContext | None = None,
-             progress: bool = True, extra: dict | None = None) -> list[dict[str, float]]:
-    """Train for ``cfg.epochs`` epochs; returns the per-epoch history. Items of the datasets
-    are dicts with ``obs, tgt, weight (T, H, W)``, ``ocean, dx, dy (H, W)``."""
-    dist = dist or DistContext()
-    device = torch.device(device)
-    model.to(device)
-    opt = make_spde_optimizer(model, cfg)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.epochs, 1))
-    history: list[dict[str, float]] = []
-    start = 0
-    ckpt = Path(checkpoint) if checkpoint is not None else None
-    if resume and ckpt is not None and ckpt.is_file():
-        ck = read_spde_checkpoint(ckpt, expect=model.cfg)
-        model.load_state_dict(ck["state_dict"])
-        if ck.get("optimizer"):
-            opt.load_state_dict(ck["optimizer"])
-        if ck.get("scheduler"):
-            sched.load_state_dict(ck["scheduler"])
-        history = list(ck.get("history", []))
-        start = int(ck.get("epoch", -1)) + 1
-    if start == 0 and cfg.theta_init == "mle":
-        fit_theta_mle(model, train_ds, cfg, device)
-    best = min((h["val_rmse"] for h in history if math.isfinite(h.get("val_rmse", math.nan))), default=math.inf)
-    for epoch in range(start, cfg.epochs):
-        rec = run_epoch(spde_train_step, model, opt, sched, train_ds, cfg, epoch, device, dist, progress)
-        if val_ds is not None and len(val_ds):
-            rec.update(spde_validate(model, val_ds, norm["std"], device, cfg.batch_size, dist))
-        history.append(rec)
-        if dist.rank == 0:
-            log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4g}" for k, v in rec.items() if k != "epoch"))
-            if ckpt is not None:
-                save_spde_checkpoint(ckpt, model, norm, cfg, opt, sched, epoch, history, extra)
-                v = rec.get("val_rmse", math.nan)
-                if math.isfinite(v) and v < best:
-                    best = v
-                    save_spde_checkpoint(ckpt.with_name("best_" + ckpt.name), model, norm, cfg,
-                                         None, None, epoch, history, extra)
-        dist.barrier()
-    return history
-
-
 # ----------------------------------------------------------------------------- data
 
 
@@ -450,85 +298,56 @@ class MetricPatches(torch.utils.data.Dataset):
         return item
 
 
-def _plain(v: Any) -> Any:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
-
-
-def run_spde_training(cfg: DictConfig) -> int:
-    """``oceanda train model=spde_4dvarnet ...``: train the SPDE-prior 4DVarNet.
-
-    Reads ``model`` (:class:`SPDEModelConfig` keys; ``name`` ignored), ``train``
-    (:class:`SPDETrainConfig` keys; ``w_prior`` ignored), ``patch`` (size, stride, crop,
-    anchor, time_weight, space_weight, taper), ``truth_path``, ``obs_path``, ``out_dir``,
-    ``box``, ``dates``, ``val_period``, ``val_fraction``, ``gap_days``, ``stride``, ``aug``,
-    ``holdout``, ``resume``, ``init_checkpoint`` (an SPDE-4DVarNet checkpoint of the same model
-    config to start from; ``resume`` wins), ``progress``, ``system.device``, ``system.threads``. Writes
-    ``out_dir/checkpoint.pt``, ``best_checkpoint.pt``, ``history.json``.
-    """
-    from oceanda.data.patches import PatchGeometry
-    from oceanda.parallel.comm import get_comm
-    from oceanda.parallel.device import bind_device
-    from oceanda.train.data import (Normalisation, PatchDataset, load_arrays, patch_starts, time_split,
-                                    validation_window)
-    from oceanda.train.fourdvarnet import init_distributed
-
-    model_cfg = SPDEModelConfig.from_dict(dict(_plain(cfg.model)))
-    train_cfg = SPDETrainConfig.from_dict(dict(_plain(cfg.train)))
-    patch = _plain(cfg.patch)
-    geom = PatchGeometry(size=tuple(patch["size"]), stride=tuple(patch["stride"]), crop=tuple(patch["crop"]),
-                         anchor=patch.get("anchor", "centre"), time_weight=patch.get("time_weight", "triangle"),
-                         space_weight=patch.get("space_weight", "crop"), taper=patch.get("taper", 20))
-    if patch.get("lead"):
-        raise ConfigError(f"patch.lead={patch.get('lead')}: spde_4dvarnet trains mapping patches only "
-                          "(use patch=anchor or another mapping patch)")
-    if model_cfg.n_time != geom.size[0]:
-        raise ConfigError(f"model.n_time={model_cfg.n_time} differs from patch.size[0]={geom.size[0]}")
-    if any(n % model_cfg.lstm_downsample for n in geom.size[1:]):
-        raise ConfigError(f"patch.size {geom.size}: H and W must be divisible by model.lstm_downsample")
-    if cfg.truth_path is None and train_cfg.mode == "supervised":
-        raise ConfigError("truth_path=null needs train.mode=semi (supervised training needs the truth)")
-    out_dir = Path(str(cfg.out_dir)).expanduser()
-    comm = get_comm()
-    device = bind_device(comm, str(cfg.system.get("device", "auto")), cfg.system.get("threads", 1))
-    dist = init_distributed(device)
-    truth, obs, ocean, times, grid = load_arrays(cfg.truth_path, str(cfg.obs_path), _plain(cfg.box),
-                                                 _plain(cfg.dates), with_grid=True)
-    n = len(times)
-    v0, nv = validation_window(times, _plain(cfg.val_period), cfg.val_fraction)
-    train_days, val_days = time_split(n, v0, nv, int(cfg.gap_days))
-    stride = tuple(_plain(cfg.stride) or geom.stride)
-    tr_starts = patch_starts(train_days, ocean.shape, geom.size, stride)
-    va_starts = patch_starts(val_days, ocean.shape, geom.size, (1, *stride[1:]))
-    norm = Normalisation.fit(truth if truth is not None else obs, ocean, train_days)
-    weight = geom.weights().full().astype(np.float32)
-    common = dict(size=geom.size, weight=weight, norm=norm, holdout=float(cfg.holdout), seed=train_cfg.seed)
+def datasets(model_cfg: SPDEModelConfig, truth, obs, ocean, grid, tr_starts, va_starts, common: dict[str, Any],
+             aug: int, mode: str, lead: int = 0) -> tuple[MetricPatches, MetricPatches | None]:
+    """Training and validation patches carrying the cells' sizes in the model's length unit
+    (``common``: size, weight, norm, holdout, seed). Mapping patches only (``lead`` 0)."""
+    if lead:
+        raise ConfigError(f"patch.lead={lead}: spde_4dvarnet trains mapping patches only")
     u = model_cfg.length_unit_m
     dx, dy = grid.dx_m / u, grid.dy_m / u
-    train_ds = MetricPatches(PatchDataset(truth, obs, ocean, tr_starts, aug=int(cfg.aug),
-                                          mode=train_cfg.mode, **common), dx, dy)
+    train_ds = MetricPatches(PatchDataset(truth, obs, ocean, tr_starts, aug=aug, mode=mode, **common), dx, dy)
     val_ds = None
     if len(va_starts):
-        val_ds = MetricPatches(PatchDataset(truth, obs, ocean, va_starts, aug=0, mode=train_cfg.mode,
-                                            **common), dx, dy)
-    torch.manual_seed(train_cfg.seed)
-    model = build_spde_model(model_cfg)
-    init = cfg.get("init_checkpoint")
-    if init is not None and not (bool(cfg.resume) and (out_dir / "checkpoint.pt").is_file()):
-        # start from these weights (same model config), e.g. a second stage with other loss weights
-        ck = read_spde_checkpoint(str(init))
-        have, want = asdict(ck["model_cfg"]), asdict(model_cfg)
-        diff = {k: (want[k], have[k]) for k in want if k not in _FINE_TUNE_FREE and want[k] != have[k]}
-        if diff:
-            raise InputError(f"init_checkpoint {init} does not fit the model config: "
-                             + ", ".join(f"{k}: config {a!r} vs checkpoint {b!r}" for k, (a, b) in diff.items()))
-        model.load_state_dict(ck["state_dict"])
-    extra = {"truth": None if cfg.truth_path is None else str(cfg.truth_path), "obs": str(cfg.obs_path),
-             "val_days": [int(val_days[0]), int(val_days[-1])], "patch": patch,
-             "init_checkpoint": None if init is None else str(init)}
-    history = fit_spde(model, train_ds, val_ds, norm.to_dict(), train_cfg, out_dir / "checkpoint.pt",
-                       resume=bool(cfg.resume), device=device, dist=dist, progress=bool(cfg.progress),
-                       extra=extra)
-    write_history(history, out_dir, dist)
-    return 0
+        val_ds = MetricPatches(PatchDataset(truth, obs, ocean, va_starts, aug=0, mode=mode, **common), dx, dy)
+    return train_ds, val_ds
+
+
+def build(model_cfg: SPDEModelConfig) -> SPDEFourDVarNet:
+    """A fresh model (weights from torch's current RNG)."""
+    return build_spde_model(model_cfg)
+
+
+def load_weights(model: SPDEFourDVarNet, model_cfg: SPDEModelConfig, path: str | os.PathLike) -> Path:
+    """Load the weights of the SPDE-4DVarNet checkpoint ``path`` into ``model`` (a start, e.g. a
+    second stage with other loss weights); the model config must match but for
+    ``mean, noise_std, learn_noise, n_steps, lr_grad, dropout``. :class:`InputError` naming it."""
+    ck = read_spde_checkpoint(str(path))
+    have, want = asdict(ck["model_cfg"]), asdict(model_cfg)
+    diff = {k: (want[k], have[k]) for k in want if k not in _FINE_TUNE_FREE and want[k] != have[k]}
+    if diff:
+        raise InputError(f"init_checkpoint {path} does not fit the model config: "
+                         + ", ".join(f"{k}: config {a!r} vs checkpoint {b!r}" for k, (a, b) in diff.items()))
+    model.load_state_dict(ck["state_dict"])
+    return Path(path)
+
+
+@torch.no_grad()
+def predict(model: SPDEFourDVarNet, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The reconstruction of a batch (validation)."""
+    return model(batch["obs"], batch["ocean"], batch["dx"], batch["dy"])
+
+
+def _save(path, model, model_cfg, norm, cfg, optimizer, scheduler, epoch, history, extra) -> Path:
+    return save_spde_checkpoint(path, model, norm.to_dict(), cfg, optimizer, scheduler, epoch, history, extra)
+
+
+def _prepare(model: SPDEFourDVarNet, train_ds, cfg: SPDETrainConfig, device) -> None:
+    if cfg.theta_init == "mle":
+        fit_theta_mle(model, train_ds, cfg, device)
+
+
+#: the SPDE-prior 4DVarNet's part of the training loop (:func:`oceanda.train.loop.fit`)
+TASK = TrainingTask("spde_4dvarnet", loss_terms=spde_loss_terms, make_optimizer=make_spde_optimizer,
+                    predict=predict, save=_save, read=lambda path, expect: read_spde_checkpoint(path, expect=expect),
+                    prepare=_prepare)

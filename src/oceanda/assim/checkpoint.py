@@ -1,0 +1,68 @@
+"""Reading a model checkpoint of the assimilation networks (4DVarNet, SPDE-prior 4DVarNet):
+format, version, model config, weights and normalisation checked, every failure an
+:class:`~oceanda.errors.InputError` naming the file. Written by :mod:`oceanda.train`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from oceanda.errors import ConfigError, InputError
+
+__all__ = ["read_model_checkpoint"]
+
+
+def read_model_checkpoint(path: str | os.PathLike, *, fmt: str, version: int, config_cls, build,
+                          expect=None, ignore=(), what: str, hint: str = "") -> dict[str, Any]:
+    """Read and validate a checkpoint holding ``format``/``version``/``model_config`` (a
+    ``config_cls`` dataclass)/``state_dict``/``norm`` (shared by 4DVarNet and the SPDE-prior
+    4DVarNet). Returns its dict plus ``model`` (``build(cfg)`` with the weights loaded) and
+    ``model_cfg``; every failure is an :class:`InputError` naming ``path``. ``expect``: the
+    config the caller needs (fields in ``ignore`` are not compared); ``hint`` follows the
+    wrong-format message."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise InputError(f"checkpoint {p}: no such file")
+    try:
+        ck = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a damaged file
+        raise InputError(f"checkpoint {p}: cannot be read (corrupted or not a torch file: "
+                         f"{type(exc).__name__}: {str(exc)[:200]})") from None
+    if not isinstance(ck, dict) or ck.get("format") != fmt:
+        found = ck.get("format") if isinstance(ck, dict) else None
+        raise InputError(f"checkpoint {p}: not an oceanda {what} checkpoint"
+                         + (f" (format {found!r}; {hint})" if hint else ""))
+    if ck.get("version") != version:
+        raise InputError(f"checkpoint {p}: version {ck.get('version')} not supported "
+                         f"(expected {version})")
+    for key in ("model_config", "state_dict", "norm"):
+        if key not in ck:
+            raise InputError(f"checkpoint {p}: missing '{key}'")
+    try:
+        cfg = config_cls.from_dict(ck["model_config"])
+    except (ConfigError, TypeError) as exc:
+        raise InputError(f"checkpoint {p}: bad model config: {exc}") from None
+    norm = ck["norm"]
+    if not (isinstance(norm, dict) and math.isfinite(norm.get("mean", math.nan))
+            and math.isfinite(norm.get("std", math.nan)) and norm["std"] > 0):
+        raise InputError(f"checkpoint {p}: bad normalisation {norm!r} (need finite mean, std > 0)")
+    if expect is not None:
+        diff = {k: (v, getattr(cfg, k)) for k, v in asdict(expect).items()
+                if getattr(cfg, k) != v and k not in ignore}
+        if diff:
+            raise InputError(f"checkpoint {p} does not fit the config: "
+                             + ", ".join(f"{k}: config {a!r} vs checkpoint {b!r}" for k, (a, b) in diff.items()))
+    try:
+        model = build(cfg)
+        model.load_state_dict(ck["state_dict"])
+    except (RuntimeError, ConfigError) as exc:
+        raise InputError(f"checkpoint {p}: weights do not match its model config: "
+                         f"{str(exc)[:300]}") from None
+    ck["model"], ck["model_cfg"] = model, cfg
+    return ck
