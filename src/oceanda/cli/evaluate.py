@@ -2,6 +2,7 @@
 
 usage:
   oceanda evaluate truth=runs/osse/truth.zarr analysis=runs/oi/analysis.zarr
+  oceanda evaluate analysis=A alongtrack=dc_obs/dt_global_c2_phy_l3_*.nc   # independent along-track scores
   oceanda evaluate truth=T analysis=A period=[2012-10-22,2012-12-02] box=[-65,-55,33,43] out_dir=DIR
 
 Prints the leaderboard row (mu, sigma_t, lambda_x, lambda_t, RMSE; plus spread/skill and
@@ -156,7 +157,15 @@ def _list_or_none(cfg: DictConfig, key: str, length: int) -> list[Any] | None:
 
 
 def run(cfg: DictConfig) -> int:
-    """``oceanda evaluate``: print the leaderboard row, write scores.json and figures."""
+    """``oceanda evaluate``: print the leaderboard row, write scores.json and figures (and
+    scores_alongtrack.json with ``alongtrack=FILES``)."""
+    from omegaconf import OmegaConf
+
+    alongtrack = cfg.get("alongtrack")
+    if alongtrack is not None and OmegaConf.is_config(alongtrack):
+        alongtrack = list(OmegaConf.to_container(alongtrack))
+    if cfg.get("truth_path") is None and alongtrack is None:
+        raise ConfigError("give truth=PATH (gridded scores) and / or alongtrack=FILES (along-track scores)")
     period = _list_or_none(cfg, "dates", 2)
     box = _list_or_none(cfg, "box", 4)
     if box is not None:
@@ -169,6 +178,22 @@ def run(cfg: DictConfig) -> int:
         detrend = None
     elif detrend not in ("linear", "constant"):
         raise ConfigError(f"detrend must be linear, constant or none, got {detrend!r}")
+    if alongtrack is not None:
+        from oceanda.cli._alongtrack import evaluate_alongtrack_paths, format_row
+
+        opts = OmegaConf.to_container(cfg.alongtrack_options) if cfg.get("alongtrack_options") else {}
+        l3 = opts.pop("l3", None) or {}
+        at = evaluate_alongtrack_paths(cfg.analysis, alongtrack, l3=l3, options=opts, period=period, box=box,
+                                       out_dir=cfg.get("out_dir"), figures=bool(cfg.get("figures", True)),
+                                       name=cfg.get("name"))
+        ev = at["evaluation"]
+        print(f"along-track: {at['n_points']} points of {', '.join(ev['missions'])}, "
+              f"{ev['period'][0]}..{ev['period'][1]}, {ev['segments'] or 0} spectral segments")
+        print(format_row(at))
+        print(f"\nwrote {Path(ev['out_dir']) / 'scores_alongtrack.json'}")
+        if cfg.get("truth_path") is None:
+            return 0
+        print()
     result = evaluate_paths(cfg.truth_path, cfg.analysis, period=period, box=box, out_dir=cfg.get("out_dir"),
                             figures=bool(cfg.get("figures", True)), name=cfg.get("name"), detrend=detrend)
     ev = result["evaluation"]
