@@ -223,7 +223,7 @@ class L3File:
             tns, nat = tns[self.order], nat[self.order]
         self.nat = nat
         self.tns = np.where(nat, np.iinfo(np.int64).max, tns)  # NaT last
-        self._cache: tuple[int, int, dict[str, np.ndarray]] | None = None
+        self._cache: tuple[tuple[int, int], dict[str, np.ndarray]] | None = None  # see AlongTrackSource._band
 
     def close(self) -> None:
         self.ds.close()
@@ -238,14 +238,6 @@ class L3File:
                 vals = self.ds[v].values[self.order[i0:i1]]
             out[v] = np.asarray(vals, np.float64)
         return out
-
-    def coords(self, i0: int, i1: int) -> dict[str, np.ndarray]:
-        """Longitudes and latitudes on ``[i0, i1)`` (cached: tiles of a time band share them)."""
-        if self._cache is not None and self._cache[0] == i0 and self._cache[1] == i1:
-            return self._cache[2]
-        c = self.read((LON, LAT), i0, i1)
-        self._cache = (i0, i1, c)
-        return c
 
     def values(self, i0: int, i1: int) -> np.ndarray:
         """``sla + mdt - lwe`` on ``[i0, i1)``, and the sla alone (for the QC)."""
@@ -378,6 +370,21 @@ class AlongTrackSource:
         day = (t - self._t0) // _DAY_NS
         return code, day, iy, ix
 
+    def _band(self, f: L3File, i0: int, i1: int) -> dict[str, np.ndarray]:
+        """Every point of ``f`` on ``[i0, i1)`` read and classified (cached per file: the tiles
+        of one time band share it)."""
+        key = (i0, i1)
+        if f._cache is not None and f._cache[0] == key:
+            return f._cache[1]
+        f._cache = None  # free the previous band first
+        c = f.read((LON, LAT), i0, i1)
+        ssh, sla, lwe_ok = f.values(i0, i1)
+        code, day, iy, ix = self._classify(f, i0, i1, c[LON], c[LAT], ssh, sla, lwe_ok)
+        band = {"code": code, "t": day, "iy": iy.astype(np.int32), "ix": ix.astype(np.int32), "ssh": ssh,
+                "lon": c[LON], "lat": c[LAT], "time_ns": f.tns[i0:i1]}
+        f._cache = (key, band)
+        return band
+
     def points(self, box: tuple[tuple[int, int], ...] | None = None) -> Iterator[dict[str, np.ndarray]]:
         """The QC'd points inside the global index ``box`` (None: the whole grid), file by file:
         ``{"mission", "t", "iy", "ix", "ssh", "time_ns", "lon", "lat"}``."""
@@ -390,19 +397,12 @@ class AlongTrackSource:
             i0, i1 = self._range(f, self._t0 + lo_t * int(_DAY_NS), self._t0 + hi_t * int(_DAY_NS))
             if i1 <= i0:
                 continue
-            c = f.coords(i0, i1)
-            iy, ix, inside = self._cells(c[LON], c[LAT])
-            sel = inside & (iy >= b_y[0]) & (iy < b_y[1]) & (ix >= b_x[0]) & (ix < b_x[1])
-            idx = np.flatnonzero(sel)
-            if idx.size == 0:
+            b = self._band(f, i0, i1)
+            iy, ix = b["iy"], b["ix"]
+            keep = (b["code"] == used) & (iy >= b_y[0]) & (iy < b_y[1]) & (ix >= b_x[0]) & (ix < b_x[1])
+            if not keep.any():
                 continue
-            j0, j1 = i0 + int(idx[0]), i0 + int(idx[-1]) + 1
-            ssh, sla, lwe_ok = f.values(j0, j1)
-            lon, lat = c[LON][j0 - i0:j1 - i0], c[LAT][j0 - i0:j1 - i0]
-            code, day, yy, xx = self._classify(f, j0, j1, lon, lat, ssh, sla, lwe_ok)
-            keep = (code == used) & sel[j0 - i0:j1 - i0]
-            yield {"mission": f.mission, "t": day[keep], "iy": yy[keep], "ix": xx[keep], "ssh": ssh[keep],
-                   "time_ns": f.tns[j0:j1][keep], "lon": lon[keep], "lat": lat[keep]}
+            yield {"mission": f.mission, **{k: v[keep] for k, v in b.items() if k != "code"}}
 
     def read(self, box: tuple[tuple[int, int], ...]) -> np.ndarray:
         """Daily cell means on the global index ``box`` as float64 (T, H, W); NaN where no
