@@ -380,8 +380,12 @@ class AlongTrackSource:
         c = f.read((LON, LAT), i0, i1)
         ssh, sla, lwe_ok = f.values(i0, i1)
         code, day, iy, ix = self._classify(f, i0, i1, c[LON], c[LAT], ssh, sla, lwe_ok)
-        band = {"code": code, "t": day, "iy": iy.astype(np.int32), "ix": ix.astype(np.int32), "ssh": ssh,
-                "lon": c[LON], "lat": c[LAT], "time_ns": f.tns[i0:i1]}
+        used = np.flatnonzero(code == QC_REASONS.index("used"))
+        # the kept points, stably sorted by longitude index: a box is a searchsorted range, and the
+        # points of one cell keep their file order (so cell sums do not depend on the box)
+        order = used[np.argsort(ix[used], kind="stable")]
+        band = {"t": day[order], "iy": iy[order].astype(np.int32), "ix": ix[order].astype(np.int32),
+                "ssh": ssh[order], "lon": c[LON][order], "lat": c[LAT][order], "time_ns": f.tns[i0:i1][order]}
         f._cache = (key, band)
         return band
 
@@ -392,31 +396,34 @@ class AlongTrackSource:
         lo_t, hi_t = max(b_t[0], 0), min(b_t[1], self.shape[0])
         if hi_t <= lo_t:
             return
-        used = QC_REASONS.index("used")
         for f in self.files:
             i0, i1 = self._range(f, self._t0 + lo_t * int(_DAY_NS), self._t0 + hi_t * int(_DAY_NS))
             if i1 <= i0:
                 continue
             b = self._band(f, i0, i1)
-            iy, ix = b["iy"], b["ix"]
-            keep = (b["code"] == used) & (iy >= b_y[0]) & (iy < b_y[1]) & (ix >= b_x[0]) & (ix < b_x[1])
+            j0, j1 = np.searchsorted(b["ix"], [b_x[0], b_x[1]], "left")
+            iy, t = b["iy"][j0:j1], b["t"][j0:j1]
+            keep = (iy >= b_y[0]) & (iy < b_y[1]) & (t >= lo_t) & (t < hi_t)
             if not keep.any():
                 continue
-            yield {"mission": f.mission, **{k: v[keep] for k, v in b.items() if k != "code"}}
+            yield {"mission": f.mission, **{k: v[j0:j1][keep] for k, v in b.items()}}
 
     def read(self, box: tuple[tuple[int, int], ...]) -> np.ndarray:
         """Daily cell means on the global index ``box`` as float64 (T, H, W); NaN where no
         point (and outside the grid)."""
         shape = tuple(hi - lo for lo, hi in box)
-        size = int(np.prod(shape))
-        s = np.zeros(size)
-        n = np.zeros(size)
+        flat, val = [], []
         for p in self.points(box):
-            flat = np.ravel_multi_index((p["t"] - box[0][0], p["iy"] - box[1][0], p["ix"] - box[2][0]), shape)
-            s += np.bincount(flat, weights=p["ssh"], minlength=size)
-            n += np.bincount(flat, minlength=size)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(n > 0, s / np.where(n > 0, n, 1), np.nan).reshape(shape)
+            flat.append(np.ravel_multi_index((p["t"] - box[0][0], p["iy"] - box[1][0], p["ix"] - box[2][0]), shape))
+            val.append(p["ssh"])
+        out = np.full(shape, np.nan)
+        if flat:
+            # one pass over the points in file order: each cell's sum runs over its points in that order
+            cells, inv = np.unique(np.concatenate(flat), return_inverse=True)
+            s = np.bincount(inv, weights=np.concatenate(val), minlength=cells.size)
+            n = np.bincount(inv, minlength=cells.size)
+            out.flat[cells] = s / n
+        return out
 
     # -------------------------------------------------------------------- QC pass
     def qc_counts(self) -> dict[str, dict[str, int]]:
