@@ -70,6 +70,9 @@ def write_l3(path: str | os.PathLike, *, time: np.ndarray, lon: np.ndarray, lat:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # an ordinary file's mode, not mkstemp's 0600
     try:
         ds.to_netcdf(tmp, encoding=enc, unlimited_dims=["time"], engine="netcdf4")
         os.replace(tmp, path)
