@@ -35,14 +35,14 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import argparse  # noqa: E402
-import hashlib  # noqa: E402
-import json  # noqa: E402
-import resource  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import hashlib
+import json
+import resource
+import time
+from pathlib import Path
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 MISSIONS = ("5nadirs", "sentinel3b")
 

@@ -11,7 +11,13 @@ import pytest
 import xarray as xr
 
 from oceanda.cli import main
-from oceanda.data.alongtrack import (AlongTrackSource, L3Options, mission_name, read_points, resolve_paths)
+from oceanda.data.alongtrack import (
+    AlongTrackSource,
+    L3Options,
+    mission_name,
+    read_points,
+    resolve_paths,
+)
 from oceanda.data.alongtrack_write import write_l3
 from oceanda.errors import InputError
 from oceanda.testing import write_l3_testset

@@ -10,8 +10,14 @@ import pytest
 from scipy.interpolate import RegularGridInterpolator
 
 from oceanda.cli import main
-from oceanda.metrics.alongtrack import (AlongTrackOptions, interp_to_points, lambda_crossing, rmse_scores,
-                                        segments, spectral_scores)
+from oceanda.metrics.alongtrack import (
+    AlongTrackOptions,
+    interp_to_points,
+    lambda_crossing,
+    rmse_scores,
+    segments,
+    spectral_scores,
+)
 from oceanda.testing import write_l3_testset
 
 pytestmark = pytest.mark.filterwarnings("ignore:Consolidated metadata:UserWarning")
@@ -134,7 +140,7 @@ def test_evaluate_alongtrack_cli_matches_direct_scores(tmp_path, capsys):
     ana = np.where(f["ocean"][None], f["truth"] + 0.02 * rng.standard_normal(f["truth"].shape), np.nan)
     xr.Dataset({"ssh": (("time", "lat", "lon"), ana)},
                {"time": f["time"], "lat": f["lat"], "lon": f["lon"]}).to_zarr(tmp_path / "a.zarr")
-    c2 = [p for p in l3["files"] if "_c2_" in p.name][0]
+    c2 = next(p for p in l3["files"] if "_c2_" in p.name)
     out = tmp_path / "eval"
     assert main(["evaluate", f"analysis={tmp_path / 'a.zarr'}", f"alongtrack={c2}", f"out_dir={out}",
                  "alongtrack_options.segment_km=150"]) == 0

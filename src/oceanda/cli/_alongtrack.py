@@ -13,7 +13,7 @@ import numpy as np
 
 from oceanda import __version__
 from oceanda.data import names as N
-from oceanda.data.io import open_dataset, select_window, write_bytes_atomic, write_json_atomic
+from oceanda.data.io import open_dataset, select_window
 from oceanda.errors import InputError
 
 log = logging.getLogger("oceanda.evaluate")
@@ -41,7 +41,11 @@ def evaluate_alongtrack_paths(analysis_path: str | Path, alongtrack: Any, *, l3:
     """
     from oceanda.data.alongtrack import L3Options, read_points, resolve_paths
     from oceanda.errors import ConfigError
-    from oceanda.metrics.alongtrack import AlongTrackOptions, alongtrack_scores, interp_to_points
+    from oceanda.metrics.alongtrack import (
+        AlongTrackOptions,
+        alongtrack_scores,
+        interp_to_points,
+    )
 
     analysis_path = Path(analysis_path)
     files = resolve_paths(alongtrack)
@@ -100,20 +104,21 @@ def evaluate_alongtrack_paths(analysis_path: str | Path, alongtrack: Any, *, l3:
     }
     pngs: dict[str, bytes] = {}
     if figures:
-        from oceanda.plots.alongtrack import alongtrack_map_figure, alongtrack_psd_figure, alongtrack_time_figure
+        from oceanda.plots.alongtrack import (
+            alongtrack_map_figure,
+            alongtrack_psd_figure,
+            alongtrack_time_figure,
+        )
         from oceanda.plots.metrics import png_bytes
 
         if sc.psd is not None:
             pngs[FIGURES[0]] = png_bytes(alongtrack_psd_figure(sc.psd, method))
         pngs[FIGURES[1]] = png_bytes(alongtrack_time_figure(sc.rmse, method))
         pngs[FIGURES[2]] = png_bytes(alongtrack_map_figure(sc.bins, method))
+    from oceanda.cli.evaluate import write_outputs
+
     out = Path(out_dir) if out_dir is not None else analysis_path.resolve().parent
-    try:
-        for fname, data in pngs.items():
-            write_bytes_atomic(out / fname, data)
-        write_json_atomic(out / "scores_alongtrack.json", result)
-    except OSError as exc:
-        raise InputError(f"cannot write the along-track scores to {out}: {exc}") from None
+    write_outputs(out, pngs, "scores_alongtrack.json", result, "along-track scores")
     for note in sc.notes:
         log.info(note)
     result["evaluation"]["out_dir"] = str(out)

@@ -135,14 +135,19 @@ def evaluate_paths(truth_path: str | Path, analysis_path: str | Path, period: Se
         pngs["error_maps.png"] = png_bytes(error_maps_figure(truth, analysis, ev.rmse, method, ocean=ocean))
         pngs["score_time.png"] = png_bytes(score_time_figure(ev.rmse, method))
     out = Path(out_dir) if out_dir is not None else analysis_path.resolve().parent
+    write_outputs(out, pngs, "scores.json", result, "scores")
+    result["evaluation"]["out_dir"] = str(out)
+    return result
+
+
+def write_outputs(out: Path, pngs: dict[str, bytes], json_name: str, result: dict[str, Any], what: str) -> None:
+    """Write the rendered figures, then the JSON (each atomically) into ``out``."""
     try:
         for fname, data in pngs.items():
             write_bytes_atomic(out / fname, data)
-        write_json_atomic(out / "scores.json", result)
+        write_json_atomic(out / json_name, result)
     except OSError as exc:
-        raise InputError(f"cannot write the scores to {out}: {exc}") from None
-    result["evaluation"]["out_dir"] = str(out)
-    return result
+        raise InputError(f"cannot write the {what} to {out}: {exc}") from None
 
 
 def _list_or_none(cfg: DictConfig, key: str, length: int) -> list[Any] | None:

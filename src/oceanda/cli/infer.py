@@ -97,8 +97,14 @@ def _obs_ident(obs_path: Any) -> str:
 def _open_obs(cfg: DictConfig, obs_path: Any):
     """The observation source: gridded store (:class:`ObsSource`) or L3 along-track files
     (:class:`oceanda.data.alongtrack.AlongTrackSource`, binned daily onto ``grid``)."""
-    from oceanda.data.alongtrack import (AlongTrackSource, L3Options, analysis_grid, daily_period,
-                                         is_alongtrack, resolve_paths)
+    from oceanda.data.alongtrack import (
+        AlongTrackSource,
+        L3Options,
+        analysis_grid,
+        daily_period,
+        is_alongtrack,
+        resolve_paths,
+    )
     from oceanda.data.store import ObsSource
 
     if not is_alongtrack(obs_path):

@@ -148,7 +148,7 @@ def is_alongtrack(spec: Any) -> bool:
         try:
             with xr.open_dataset(p, decode_times=False) as ds:
                 return any(v in ds.variables for v in SLA.values())
-        except Exception:  # unreadable: let the gridded reader name the problem
+        except Exception:  # noqa: BLE001 - unreadable: the gridded reader names the problem
             return False
     return False
 
@@ -185,7 +185,7 @@ class L3File:
             if "time" in str(exc).lower() or "units" in str(exc).lower():
                 raise InputError(f"{where}: variable 'time': cannot decode its units ({exc})") from None
             raise InputError(f"{where}: cannot be read as netCDF ({exc})") from None
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any reader failure is a bad file for the user
             raise InputError(f"{where}: cannot be read as netCDF ({type(exc).__name__}: {exc})") from None
         self.ds = ds
         self.mission = mission_name(self.path, dict(ds.attrs))
@@ -206,7 +206,7 @@ class L3File:
         if t.dtype == object:  # cftime dates (non-standard calendar)
             try:
                 t = xr.coding.times.cftime_to_nptime(t)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - a calendar numpy cannot hold
                 raise InputError(f"{where}: variable 'time': calendar cannot be converted ({exc})") from None
         if not np.issubdtype(t.dtype, np.datetime64):
             raise InputError(f"{where}: variable 'time' is not a date (units "

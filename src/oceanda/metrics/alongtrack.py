@@ -30,6 +30,7 @@ distance, time step); the challenge sets them for CryoSat-2 (0.9434 s, 6.77 km/s
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,7 +85,7 @@ def interp_to_points(field_of_day, time: np.ndarray, lat: np.ndarray, lon: np.nd
     """
     if not callable(field_of_day):
         arr = np.asarray(field_of_day)
-        field_of_day = lambda k: arr[k]  # noqa: E731
+        field_of_day = lambda k: arr[k]
     lon = np.asarray(lon, np.float64)
     e0 = lon[0] - 0.5 * (lon[1] - lon[0] if lon.size > 1 else 1.0)
     plon = np.mod(np.asarray(p_lon, np.float64) - e0, 360.0) + e0
@@ -103,12 +104,12 @@ def interp_to_points(field_of_day, time: np.ndarray, lat: np.ndarray, lon: np.nd
         y1 = np.minimum(y0 + 1, a.shape[0] - 1)
         x1 = np.minimum(x0 + 1, a.shape[1] - 1)
 
-        def bil(f):
-            return ((1 - fy) * ((1 - fx) * f[y0, x0] + fx * f[y0, x1])
-                    + fy * ((1 - fx) * f[y1, x0] + fx * f[y1, x1]))
-
-        out[sel] = (1 - ft) * bil(a) + ft * bil(b)
+        out[sel] = (1 - ft) * _bilinear(a, y0, x0, y1, x1, fy, fx) + ft * _bilinear(b, y0, x0, y1, x1, fy, fx)
     return out
+
+
+def _bilinear(f, y0, x0, y1, x1, fy, fx):
+    return (1 - fy) * ((1 - fx) * f[y0, x0] + fx * f[y0, x1]) + fy * ((1 - fx) * f[y1, x0] + fx * f[y1, x1])
 
 
 def haversine_km(lon1, lat1, lon2, lat2) -> np.ndarray:
@@ -135,7 +136,7 @@ def rmse_scores(time: np.ndarray, ref: np.ndarray, est: np.ndarray, time_bin_day
                 min_obs: int = 10) -> RmseSeries:
     """mu and sigma of ``1 - RMSE_t / RMS_t(ref)`` over time bins (``mod_write.write_timeserie_stat``)."""
     tns = _as_ns(time)
-    width = int(round(time_bin_days * 86400e9))
+    width = round(time_bin_days * 86400e9)
     b = (tns // width)  # bins aligned on the epoch, as pandas' resample('1D')
     b0 = int(b.min())
     idx = (b - b0).astype(np.int64)
@@ -176,7 +177,7 @@ def segments(time: np.ndarray, lon: np.ndarray, lat: np.ndarray, npt: int, max_g
     cut = np.flatnonzero(np.diff(tns) > max_gap_ns) + 1
     bounds = np.concatenate([[0], cut, [tns.size]])
     out = []
-    for s, e in zip(bounds[:-1], bounds[1:]):
+    for s, e in itertools.pairwise(bounds):
         if e - s < npt:
             continue
         for a in range(int(s), int(e) - npt + 1, max(step, 1)):
@@ -232,7 +233,8 @@ def spectral_scores(time: np.ndarray, lon: np.ndarray, lat: np.ndarray, ref: np.
         return None
     r = np.concatenate([ref[a:b] for a, b in segs])
     e = np.concatenate([est[a:b] for a, b in segs])
-    kw = dict(fs=1.0 / dx, nperseg=npt, noverlap=0, scaling="density", window="hann", detrend="constant")
+    kw = {"fs": 1.0 / dx, "nperseg": npt, "noverlap": 0, "scaling": "density", "window": "hann",
+          "detrend": "constant"}
     k, p_ref = scipy.signal.welch(r, **kw)
     _, p_est = scipy.signal.welch(e, **kw)
     _, p_diff = scipy.signal.welch(e - r, **kw)
