@@ -15,10 +15,11 @@ Measured on every rank, exactly as ``oceanda infer`` reads (``--patch``/``--tile
 configs; the layout of :func:`oceanda.parallel.layout.build_layout` for the number of ranks):
 
 * ``open_s``: open every file and read its ``time`` variable;
-* ``qc_s``: the streaming QC pass (:meth:`AlongTrackSource.qc_counts`, every point of every file);
+* ``qc_s``: the streaming QC pass over this rank's slice of every file
+  (:meth:`AlongTrackSource.qc_counts` with ``part=(rank, ranks)``, as ``infer`` does);
 * ``tiles_s``: :meth:`AlongTrackSource.read` of the tile + halo box of each tile the rank owns
   (the box :func:`oceanda.parallel.driver` reads), i.e. reading + classifying + binning;
-* throughput: points of the files per second of ``qc_s``, points read for the tiles per second
+* throughput: points of the rank's QC slice per second of ``qc_s``, points read for the tiles per second
   of ``tiles_s``, observed (cell, day) values produced per second;
 * peak RSS of the rank.
 
@@ -111,9 +112,10 @@ def main() -> int:
     src = AlongTrackSource(paths, grid.lon, grid.lat, grid.ocean, times)
     open_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    qc = src.qc_counts()
+    qc = src.qc_counts(part=(comm.rank, comm.size))  # this rank's slice of every file, as infer does
     qc_s = time.perf_counter() - t0
-    n_points = sum(sum(c.values()) for c in qc.values())
+    my_points = sum(sum(c.values()) for m, c in qc.items() if "excluded" not in c)
+    n_points = sum(comm.allgather(my_points))
 
     geometry = PatchGeometry(size=tuple(args.patch), stride=tuple(args.stride), crop=(8, 8))
     patches = make_patches(geometry, src.shape, src.ocean)
@@ -142,8 +144,8 @@ def main() -> int:
     tiles_s = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     mine = {"rank": comm.rank, "tiles": len(boxes), "open_s": open_s, "qc_s": qc_s, "tiles_s": tiles_s,
-            "points_in_files": n_points, "points_read_for_tiles": read_pts, "cells_observed": cells,
-            "qc_points_per_s": n_points / qc_s, "tile_points_per_s": read_pts / tiles_s if tiles_s else None,
+            "points_in_files": n_points, "points_qc": my_points, "points_read_for_tiles": read_pts,
+            "cells_observed": cells, "qc_points_per_s": my_points / qc_s, "tile_points_per_s": read_pts / tiles_s if tiles_s else None,
             "cells_per_s": cells / tiles_s if tiles_s else None, "peak_rss_mb": rss}
 
     ref = None
@@ -199,11 +201,11 @@ def main() -> int:
         print(f"along-track read + gridding: natl {grid.ny}x{grid.nx} at 1/20 deg, {args.days} days, "
               f"{len(paths)} missions ({n_points:,} points in the files), {comm.size} rank(s), tiles {args.tile}, "
               f"patch {args.patch} stride {args.stride}; data made in {make_s:.1f} s")
-        hdr = ("rank", "tiles", "open s", "QC pass s", "QC Mpts/s", "tiles s", "pts read", "tile Mpts/s",
+        hdr = ("rank", "tiles", "open s", "QC pts", "QC pass s", "QC Mpts/s", "tiles s", "pts read", "tile Mpts/s",
                "cells", "Mcells/s", "RSS MB")
         print("  ".join(f"{h:>11}" for h in hdr))
         for r in ranks:
-            vals = (r["rank"], r["tiles"], f"{r['open_s']:.2f}", f"{r['qc_s']:.2f}", f"{r['qc_points_per_s'] / 1e6:.2f}",
+            vals = (r["rank"], r["tiles"], f"{r['open_s']:.2f}", f"{r['points_qc']:,}", f"{r['qc_s']:.2f}", f"{r['qc_points_per_s'] / 1e6:.2f}",
                     f"{r['tiles_s']:.2f}", f"{r['points_read_for_tiles']:,}",
                     f"{(r['tile_points_per_s'] or 0) / 1e6:.2f}", f"{r['cells_observed']:,}",
                     f"{(r['cells_per_s'] or 0) / 1e6:.3f}", f"{r['peak_rss_mb']:.0f}")

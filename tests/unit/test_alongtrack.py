@@ -94,6 +94,11 @@ def test_binning_and_qc_match_a_direct_reference(l3):
     assert qc["j3"]["duplicate_time"] == 1 and qc["alg"]["absurd"] == 1
     assert all(qc[m]["missing"] == 3 for m in qc) and qc["s3a"]["land"] >= 1
     assert src.count_observed() == sum(c["used"] for c in counts.values()) > 1000
+    # counted in 3 parts (ranks), each reading a third of every file: the same totals
+    from oceanda.data.alongtrack import merge_qc
+
+    parts = [AlongTrackSource(l3["files"], f["lon"], f["lat"], f["ocean"]).qc_counts(part=(k, 3)) for k in range(3)]
+    assert merge_qc(parts) == qc and parts[0] != qc
     # the binned field is the truth (nearest cell) + 1 cm noise
     ok = np.isfinite(got)
     assert np.sqrt(np.nanmean((got[ok] - f["truth"][ok]) ** 2)) < 0.012

@@ -278,12 +278,15 @@ def _run_one(cfg: DictConfig, comm, obs_path: str, truth_path: str | None,
         raise ConfigError(f"dtype must be float32 or float64, got {cfg.dtype!r}")
 
     obs = _open_obs(cfg, obs_path)
-    qc = obs.qc_counts() if hasattr(obs, "qc_counts") else None
-    if qc is not None and comm.rank == 0:
-        from oceanda.data.alongtrack import format_qc
+    qc = None
+    if hasattr(obs, "qc_counts"):  # along-track input: each rank counts a slice of the files
+        from oceanda.data.alongtrack import format_qc, merge_qc
 
-        print(f"oceanda infer: along-track observations, points per mission and QC outcome:\n{format_qc(qc)}")
-    if obs.count_observed() == 0:
+        qc = merge_qc(comm.allgather(obs.qc_counts(part=(comm.rank, comm.size))))
+        if comm.rank == 0:
+            print(f"oceanda infer: along-track observations, points per mission and QC outcome:\n{format_qc(qc)}")
+    n_observed = sum(c.get("used", 0) for c in qc.values()) if qc is not None else obs.count_observed()
+    if n_observed == 0:
         raise InputError(f"observations {obs_path}: the observation window (period "
                          f"{_list(cfg, 'dates', 2)}, box {_list(cfg, 'box', 4)}) holds no "
                          "observation (all NaN)")

@@ -31,8 +31,9 @@ and bins them: the daily cell mean over the points of the cell and day (days ``[
 t_k + 1 day)``; cells by their edges, midway between centres). A rank therefore reads only
 the time window of its tiles + halo, and keeps only their points. Points are summed in file
 order, files in path order, so a cell's value does not depend on the box (bitwise the same on
-any number of ranks). :meth:`AlongTrackSource.qc_counts` is one streaming pass over every
-file, in blocks of :data:`BLOCK` points (memory bounded by a block).
+any number of ranks). :meth:`AlongTrackSource.qc_counts` is one streaming pass over the files
+in blocks of :data:`BLOCK` points (memory bounded by a block), split across ranks (each rank
+counts one slice of every file; the counts are summed).
 """
 
 from __future__ import annotations
@@ -313,7 +314,7 @@ class AlongTrackSource:
         self._t0 = int(self.time[0].astype(np.int64))
         self.shape = (int(self.time.size), int(self.lat.size), int(self.lon.size))
         self.attrs = {"source": "along-track L3 files", "missions": " ".join(self.missions)}
-        self._qc: dict[str, dict[str, int]] | None = None
+        self._qc: tuple[tuple[int, int], dict[str, dict[str, int]]] | None = None
 
     @property
     def missions(self) -> list[str]:
@@ -426,30 +427,49 @@ class AlongTrackSource:
         return out
 
     # -------------------------------------------------------------------- QC pass
-    def qc_counts(self) -> dict[str, dict[str, int]]:
-        """Per mission, the number of points under each :data:`QC_REASONS` (one streaming pass
-        over every file in blocks of :data:`BLOCK` points; cached). Excluded missions appear with
-        ``excluded`` only."""
-        if self._qc is not None:
-            return self._qc
+    def qc_counts(self, part: tuple[int, int] = (0, 1)) -> dict[str, dict[str, int]]:
+        """Per mission, the number of points under each :data:`QC_REASONS`: one streaming pass in
+        blocks of :data:`BLOCK` points (cached). ``part=(k, n)`` counts only the k-th of n equal
+        index slices of every file (rank k of n ranks: each point is read by one rank;
+        :func:`merge_qc` of the n parts is the whole count). Excluded missions appear with
+        ``excluded`` only (in part 0)."""
+        k, n = int(part[0]), int(part[1])
+        if not 0 <= k < n:
+            raise ValueError(f"part={part}: need 0 <= k < n")
+        if self._qc is not None and self._qc[0] == (k, n):
+            return self._qc[1]
         out: dict[str, dict[str, int]] = {}
         for f in self.files:
-            cnt = out.setdefault(f.mission, {k: 0 for k in QC_REASONS})
-            for i0 in range(0, f.n, BLOCK):
-                i1 = min(i0 + BLOCK, f.n)
+            cnt = out.setdefault(f.mission, dict.fromkeys(QC_REASONS, 0))
+            lo, hi = f.n * k // n, f.n * (k + 1) // n
+            for i0 in range(lo, hi, BLOCK):
+                i1 = min(i0 + BLOCK, hi)
                 c = f.read((LON, LAT), i0, i1)
                 ssh, sla, lwe_ok = f.values(i0, i1)
                 code, *_ = self._classify(f, i0, i1, c[LON], c[LAT], ssh, sla, lwe_ok)
-                for k, v in zip(QC_REASONS, np.bincount(code, minlength=len(QC_REASONS))):
-                    cnt[k] += int(v)
-        for m, n in self.excluded.items():
-            out[m] = {"excluded": n}
-        self._qc = {m: out[m] for m in sorted(out)}
-        return self._qc
+                for key, v in zip(QC_REASONS, np.bincount(code, minlength=len(QC_REASONS))):
+                    cnt[key] += int(v)
+        if k == 0:
+            for m, x in self.excluded.items():
+                out[m] = {"excluded": x}
+        counts = {m: out[m] for m in sorted(out)}
+        self._qc = ((k, n), counts)
+        return counts
 
     def count_observed(self) -> int:
         """Points kept by the QC over the whole window (see :meth:`qc_counts`)."""
         return sum(c.get("used", 0) for c in self.qc_counts().values())
+
+
+def merge_qc(parts: Sequence[dict[str, dict[str, int]]]) -> dict[str, dict[str, int]]:
+    """Sum the per-mission QC counts of several parts (ranks)."""
+    out: dict[str, dict[str, int]] = {}
+    for p in parts:
+        for m, c in p.items():
+            acc = out.setdefault(m, {})
+            for key, v in c.items():
+                acc[key] = acc.get(key, 0) + v
+    return {m: out[m] for m in sorted(out)}
 
 
 def format_qc(counts: dict[str, dict[str, int]]) -> str:
