@@ -177,3 +177,25 @@ def test_evaluate_alongtrack_cli_matches_direct_scores(tmp_path, capsys):
 def test_evaluate_needs_truth_or_alongtrack(tmp_path, capsys):
     assert main(["evaluate", f"analysis={tmp_path / 'a.zarr'}"]) == 2
     assert "alongtrack=FILES" in capsys.readouterr().err
+
+
+def test_evaluate_bad_alongtrack_file_exit_2_and_nothing_written(tmp_path, capsys):
+    import xarray as xr
+
+    from oceanda.data.alongtrack_write import write_l3
+
+    time = np.datetime64("2017-01-01") + np.arange(5).astype("timedelta64[D]")
+    lat, lon = 33 + 0.1 * np.arange(10), -60 + 0.1 * np.arange(10)
+    xr.Dataset({"ssh": (("time", "lat", "lon"), np.zeros((5, 10, 10)))},
+               {"time": time, "lat": lat, "lon": lon}).to_zarr(tmp_path / "a.zarr")
+    t = np.datetime64("2017-01-02") + np.arange(50).astype("timedelta64[s]")
+    good = write_l3(tmp_path / "dt_global_c2_phy_l3_x.nc", time=t, lon=np.full(50, -59.5), lat=33.2 + 0.01 * np.arange(50),
+                    sla_unfiltered=np.zeros(50), mdt=np.zeros(50), mission="c2")
+    ds = xr.open_dataset(good, decode_times=False).load().drop_vars("sla_unfiltered")
+    bad = tmp_path / "dt_global_c2_phy_l3_bad.nc"
+    ds.to_netcdf(bad)
+    out = tmp_path / "eval"
+    assert main(["evaluate", f"analysis={tmp_path / 'a.zarr'}", f"alongtrack={bad}", f"out_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert "oceanda evaluate: error:" in err and str(bad) in err and "'sla_unfiltered'" in err
+    assert not out.exists()
