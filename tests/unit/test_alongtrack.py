@@ -254,3 +254,15 @@ def test_generate_writes_one_l3_file_per_mission_that_reads_back_as_its_obs(tmp_
     np.testing.assert_array_equal(np.isfinite(got), np.isfinite(ref))
     np.testing.assert_allclose(got[np.isfinite(got)], ref[np.isfinite(ref)], atol=1.1e-3, rtol=0)
     assert not any(".tmp-" in p.name for p in (tmp_path / "o").iterdir())
+
+
+def test_train_loads_l3_files_binned_on_the_truth_grid(l3):
+    from oceanda.train.data import load_arrays
+
+    f = l3["fields"]
+    glob_ = f"{l3['files'][0].parent}/dt_global_*_phy_l3_*.nc"
+    truth, obs, ocean, times, _ = load_arrays(str(l3["grid"]), glob_, with_grid=True)
+    ref, _ = reference_binning(l3["files"], f)
+    np.testing.assert_allclose(obs, ref.astype(np.float32), rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(np.isfinite(obs), np.isfinite(ref))
+    assert truth.shape == obs.shape and (ocean == f["ocean"]).all() and len(times) == 20

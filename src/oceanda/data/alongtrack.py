@@ -555,3 +555,19 @@ def daily_period(period: Sequence[Any] | None) -> np.ndarray | None:
     if t1 < t0:
         raise ConfigError(f"period / dates={list(period)}: end before start")
     return np.arange(t0, t1 + np.timedelta64(1, "D"), np.timedelta64(1, "D"))
+
+
+def gridded_dataset(paths: Any, grid: Any, period: Sequence[Any] | None = None,
+                    opts: L3Options | None = None) -> xr.Dataset:
+    """L3 files binned daily onto ``grid`` (see :func:`analysis_grid`; for training, the truth
+    store) over ``period`` (default: the days the files span), in memory: a dataset with
+    ``ssh_obs`` (time, lat, lon) and ``ocean``, as a gridded observation store."""
+    g = analysis_grid(grid)
+    src = AlongTrackSource(resolve_paths(paths), g.lon, g.lat, g.ocean, daily_period(period), opts)
+    try:
+        obs = src.read(tuple((0, n) for n in src.shape)).astype(np.float32)
+    finally:
+        src.close()
+    return xr.Dataset({N.SSH_OBS: (N.FIELD_DIMS, obs), N.OCEAN: ((N.LAT, N.LON), g.ocean.astype(np.int8))},
+                      coords={N.TIME: src.time, N.LAT: g.lat, N.LON: g.lon},
+                      attrs={"source": "along-track L3 files", "missions": " ".join(src.missions)})
