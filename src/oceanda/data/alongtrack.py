@@ -303,6 +303,9 @@ class AlongTrackSource:
         self.ocean = np.asarray(ocean, bool)
         self._lon_edges, self._lat_edges = _edges(self.lon), _edges(self.lat)
         if time is None:
+            if not any((~f.nat).any() for f in self.files):
+                self.close()
+                raise InputError(f"along-track input: no point with a valid time in {', '.join(map(str, self.paths))}")
             t0 = min(int(f.tns[~f.nat].min()) for f in self.files if (~f.nat).any())
             t1 = max(int(f.tns[~f.nat].max()) for f in self.files if (~f.nat).any())
             d0 = np.datetime64(t0, "ns").astype("datetime64[D]")
