@@ -99,3 +99,82 @@ def synthetic_fields(shape: tuple[int, int, int] = (12, 30, 40), seed: int = 0,
     obs = np.where(ocean[None], obs, np.nan)
     time = np.datetime64("2012-10-01") + np.arange(nt).astype("timedelta64[D]")
     return {"truth": truth, "obs": obs, "ocean": ocean, "lon": lon, "lat": lat, "time": time}
+
+
+def write_l3_testset(root, shape: tuple[int, int, int] = (20, 32, 32), seed: int = 3,
+                     missions: tuple[str, ...] = ("j3", "s3a", "alg", "c2")) -> dict:
+    """Small L3 along-track files in the data challenge 2021a layout (one a mission,
+    ``dt_global_<m>_phy_l3_..._295-305_33-43.nc``; longitudes 0..360, CMEMS packing), sampling
+    the ``truth`` of :func:`synthetic_fields` (nearest cell) along straight 1 Hz passes that run
+    past the grid's edges, plus: a few fill values (missing sla), one duplicated time (first
+    mission), one point on land (second mission), one absurd sla (third mission). ``ssh = sla +
+    mdt - lwe`` with a non-zero mdt and lwe. Writes ``grid.zarr`` (the truth ``ssh`` and ``ocean``
+    on the grid). Returns ``{"files", "grid", "fields", "special"}``; ``special`` counts the
+    planted points per mission and QC reason."""
+    from pathlib import Path
+
+    import xarray as xr
+
+    from oceanda.data import names as N
+    from oceanda.data.alongtrack_write import write_l3
+
+    root = Path(root)
+    f = synthetic_fields(shape, seed=seed)
+    nt, ny, nx = shape
+    lon, lat, truth, ocean = f["lon"], f["lat"], f["truth"], f["ocean"]
+    coords = {N.TIME: f["time"], N.LAT: lat, N.LON: lon}
+    xr.Dataset({N.SSH: (N.FIELD_DIMS, truth.astype(np.float32)),
+                N.OCEAN: ((N.LAT, N.LON), ocean.astype(np.int8))}, coords).to_zarr(root / "grid.zarr", mode="w")
+    rng = np.random.default_rng(seed + 100)
+    files, special = [], {}
+    t0 = f["time"][0].astype("datetime64[s]")
+    span = (lon[0] - 0.2, lon[-1] + 0.2, lat[0] - 0.2, lat[-1] + 0.2)
+    for k, m in enumerate(missions):
+        ts, los, las = [], [], []
+        for d in range(nt):
+            for _ in range(2):
+                sec = int(rng.integers(0, 86000 - 200))
+                y0, y1 = span[2] + 0.0123, span[3]  # off the cell edges: no ties
+                x0 = rng.uniform(span[0], span[1])
+                slope = rng.choice([-1.0, 1.0]) * rng.uniform(0.3, 1.0)
+                n = int((y1 - y0) / 0.045)
+                yy = y0 + 0.045 * np.arange(n)
+                xx = x0 + slope * (yy - y0)
+                ts.append(t0 + np.timedelta64(d * 86400 + sec, "s") + np.arange(n).astype("timedelta64[s]"))
+                los.append(xx)
+                las.append(yy)
+        t = np.concatenate(ts).astype("datetime64[ns]")
+        x, y = np.concatenate(los), np.concatenate(las)
+        order = np.argsort(t, kind="stable")
+        t, x, y = t[order], x[order], y[order]
+        day = ((t - f["time"][0].astype("datetime64[ns]")) // np.timedelta64(1, "D")).astype(int)
+        ix = np.clip(np.round((x - lon[0]) / 0.05).astype(int), 0, nx - 1)
+        iy = np.clip(np.round((y - lat[0]) / 0.05).astype(int), 0, ny - 1)
+        ssh = np.nan_to_num(truth[day, iy, ix], nan=0.0) + 0.01 * rng.standard_normal(t.size)
+        mdt = 0.4 + 0.2 * np.sin(np.deg2rad(y) * 20)
+        lwe = np.full(t.size, 0.02 * (k + 1))
+        sla = ssh - mdt + lwe
+        sp = {"missing": 3}
+        inside = np.flatnonzero((x > lon[0] + 0.1) & (x < lon[-1] - 0.1) & (y > lat[0] + 0.1) & (y < lat[-1] - 0.1)
+                                & ocean[iy, ix])
+        sla[rng.choice(inside, 3, replace=False)] = np.nan  # written as _FillValue
+        if k == 0:  # a duplicated time: the point after a mid-pass point repeats its time
+            j = int(inside[len(inside) // 2])
+            t[j + 1] = t[j]
+            sp["duplicate_time"] = 1
+        if k == 1:  # a point on land, inserted at its time
+            ly, lx = np.argwhere(~ocean)[0]
+            j = int(inside[len(inside) // 3])
+            t = np.insert(t, j + 1, t[j] + np.timedelta64(500, "ms"))
+            x, y = np.insert(x, j + 1, lon[lx]), np.insert(y, j + 1, lat[ly])
+            sla, mdt, lwe = np.insert(sla, j + 1, 0.1), np.insert(mdt, j + 1, 0.4), np.insert(lwe, j + 1, lwe[0])
+            sp["land_planted"] = 1
+        if k == 2:
+            sla[int(inside[len(inside) // 2])] = 9.0
+            sp["absurd"] = 1
+        path = root / f"dt_global_{m}_phy_l3_20121001-20121020_295-305_33-43.nc"
+        write_l3(path, time=t, lon=np.mod(x, 360.0), lat=y, sla_unfiltered=sla, mdt=mdt, lwe=lwe,
+                 sla_filtered=sla, mission=m)
+        files.append(path)
+        special[m] = sp
+    return {"files": files, "grid": root / "grid.zarr", "fields": f, "special": special}

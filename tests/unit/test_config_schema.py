@@ -27,7 +27,7 @@ def test_shipped_configs_validate(app, args, capsys):
 
 @pytest.mark.parametrize("app,args,named", [
     ("infer", ["method.noise_std=-1"], "method.noise_std must be > 0"),
-    ("infer", ["+batchsize=8"], "unknown key batchsize; known: allow_mode_mismatch, batch_size, box"),
+    ("infer", ["+batchsize=8"], "unknown key batchsize; known: allow_mode_mismatch, alongtrack, batch_size, box"),
     ("infer", ["tile=big"], "tile: expected a list of 3 values"),
     ("infer", ["+patch.strid=[1,2,3]"], "unknown key patch.strid"),
     ("infer", ["patch.crop=[60,60]"], "patch.crop/taper leave no full-weight"),
@@ -54,7 +54,8 @@ def test_shipped_configs_validate(app, args, capsys):
     ("generate", ["chunk_days=0"], "chunk_days must be >= 1"),
     ("evaluate", ["truth=t", "analysis=a", "detrend=quadratic"], "detrend: expected"),
     ("evaluate", ["truth=t", "analysis=a", "+extra=1"], "unknown key extra"),
-    ("evaluate", [], "leaves mandatory values unset: truth_path, analysis"),
+    ("evaluate", [], "leaves mandatory values unset: analysis"),
+    ("evaluate", ["analysis=a"], "give truth=PATH (gridded scores) and / or alongtrack=FILES"),
     ("validate", ["+experiment.foo=1"], "unknown key experiment.foo"),
     ("validate", ["+experiment.training.lrr=1"], "unknown key experiment.training.lrr"),
     ("validate", ["+experiment.data.bogus=1"], "unknown key experiment.data.bogus"),

@@ -2,6 +2,7 @@
 
 usage:
   oceanda evaluate truth=runs/osse/truth.zarr analysis=runs/oi/analysis.zarr
+  oceanda evaluate analysis=A alongtrack=dc_obs/dt_global_c2_phy_l3_*.nc   # independent along-track scores
   oceanda evaluate truth=T analysis=A period=[2012-10-22,2012-12-02] box=[-65,-55,33,43] out_dir=DIR
 
 Prints the leaderboard row (mu, sigma_t, lambda_x, lambda_t, RMSE; plus spread/skill and
@@ -134,21 +135,45 @@ def evaluate_paths(truth_path: str | Path, analysis_path: str | Path, period: Se
         pngs["error_maps.png"] = png_bytes(error_maps_figure(truth, analysis, ev.rmse, method, ocean=ocean))
         pngs["score_time.png"] = png_bytes(score_time_figure(ev.rmse, method))
     out = Path(out_dir) if out_dir is not None else analysis_path.resolve().parent
-    try:
-        for fname, data in pngs.items():
-            write_bytes_atomic(out / fname, data)
-        write_json_atomic(out / "scores.json", result)
-    except OSError as exc:
-        raise InputError(f"cannot write the scores to {out}: {exc}") from None
+    write_outputs(out, pngs, "scores.json", result, "scores")
     result["evaluation"]["out_dir"] = str(out)
     return result
 
 
+def write_outputs(out: Path, pngs: dict[str, bytes], json_name: str, result: dict[str, Any], what: str) -> None:
+    """Write the rendered figures, then the JSON (each atomically) into ``out``."""
+    try:
+        for fname, data in pngs.items():
+            write_bytes_atomic(out / fname, data)
+        write_json_atomic(out / json_name, result)
+    except OSError as exc:
+        raise InputError(f"cannot write the {what} to {out}: {exc}") from None
+
+
 def run(cfg: EvaluateConfig) -> int:
-    """``oceanda evaluate``: print the leaderboard row, write scores.json and figures."""
+    """``oceanda evaluate``: print the leaderboard row, write scores.json and figures (and
+    scores_alongtrack.json with ``alongtrack=FILES``)."""
+    from dataclasses import asdict
+
+    period = None if cfg.dates is None else list(cfg.dates)
+    box = None if cfg.box is None else list(cfg.box)
     detrend = None if cfg.detrend in (None, "none") else cfg.detrend
-    result = evaluate_paths(cfg.truth_path, cfg.analysis, period=None if cfg.dates is None else list(cfg.dates),
-                            box=None if cfg.box is None else list(cfg.box), out_dir=cfg.out_dir,
+    if cfg.alongtrack is not None:
+        from oceanda.cli._alongtrack import evaluate_alongtrack_paths, format_row
+
+        opts = cfg.alongtrack_options
+        at = evaluate_alongtrack_paths(cfg.analysis, cfg.alongtrack, l3=asdict(opts.l3),
+                                       options=asdict(opts.scores_options()), period=period, box=box,
+                                       out_dir=cfg.out_dir, figures=cfg.figures, name=cfg.name)
+        ev = at["evaluation"]
+        print(f"along-track: {at['n_points']} points of {', '.join(ev['missions'])}, "
+              f"{ev['period'][0]}..{ev['period'][1]}, {ev['segments'] or 0} spectral segments")
+        print(format_row(at))
+        print(f"\nwrote {Path(ev['out_dir']) / 'scores_alongtrack.json'}")
+        if cfg.truth_path is None:
+            return 0
+        print()
+    result = evaluate_paths(cfg.truth_path, cfg.analysis, period=period, box=box, out_dir=cfg.out_dir,
                             figures=cfg.figures, name=cfg.name, detrend=detrend)
     ev = result["evaluation"]
     print(f"evaluated {ev['shape'][N.TIME]} days x {ev['shape'][N.LAT]} x {ev['shape'][N.LON]} cells, "

@@ -84,6 +84,8 @@ def run(cfg: GenerateConfig) -> int:
     lines = [f"oceanda generate: wrote {result['truth']}"]
     if "obs" in result:
         lines.append(f"oceanda generate: wrote {result['obs']}")
+    if "alongtrack" in result:
+        lines.append(f"oceanda generate: wrote {result['alongtrack']}/ (one L3 along-track file a mission)")
     if "figures" in result:
         lines.append(f"oceanda generate: wrote {result['figures']}/")
     lines.append(f"  SSH std {stats['ssh_std_m']:.3f} m, zonal spectral slope (50-250 km) "

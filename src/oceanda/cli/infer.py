@@ -22,6 +22,11 @@ infers into demo.dir/infer_<method> with `method` (OI by default) and then with 
 demo.compare (by default 4DVarNet with the weights shipped in oceanda.weights), evaluates them
 and prints their leaderboard rows side by side (demo.compare=[] runs `method` alone).
 
+obs_path may also be L3 along-track files (a path, a glob or a list; CMEMS / data challenge
+2021a layout, or an OSSE's alongtrack/*.nc): they are quality-controlled and binned daily onto
+``grid`` (a named domain or a gridded store), per tile + halo (oceanda.data.alongtrack);
+obs_exclude=[c2] leaves missions out; summary.json gets the per-mission QC counts.
+
 method=4dvarnet with method.checkpoint=null uses the shipped Gulf Stream weights
 (oceanda.weights.default_checkpoint(); `shipped:NAME` picks another shipped checkpoint).
 """
@@ -32,7 +37,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,7 +58,7 @@ def run_id(cfg: InferConfig, obs_path: str, checkpoint: str | None = None) -> st
     """Hash of everything that determines the output (not ranks, devices or progress); with
     ``checkpoint``, also the content of the weights file (so new weights are a new run)."""
     ident = {
-        "obs": str(Path(obs_path).expanduser().resolve()),
+        "obs": _obs_ident(obs_path),
         "box": _list(cfg.box),
         "period": [str(p) for p in (cfg.dates or [])],
         "method": cfg.method.as_dict(),
@@ -63,7 +68,40 @@ def run_id(cfg: InferConfig, obs_path: str, checkpoint: str | None = None) -> st
     }
     if checkpoint is not None and Path(checkpoint).is_file():
         ident["checkpoint_sha256"] = _file_digest(checkpoint)
+    from oceanda.data.alongtrack import is_alongtrack
+
+    if is_alongtrack(obs_path):  # along-track input: how it is read and gridded is part of the run
+        ident |= {"grid": cfg.grid, "obs_exclude": list(cfg.obs_exclude), "alongtrack": asdict(cfg.alongtrack)}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _obs_ident(obs_path: Any) -> str:
+    """The observations' identity: the resolved path, or the sorted along-track files."""
+    from oceanda.data.alongtrack import is_alongtrack, resolve_paths
+
+    if is_alongtrack(obs_path):
+        return ";".join(str(p.resolve()) for p in resolve_paths(obs_path))
+    return str(Path(obs_path).expanduser().resolve())
+
+
+def _open_obs(cfg: InferConfig, obs_path: Any):
+    """The observation source: gridded store (:class:`ObsSource`) or L3 along-track files
+    (:class:`oceanda.data.alongtrack.AlongTrackSource`, binned daily onto ``grid``)."""
+    from oceanda.data.alongtrack import (
+        AlongTrackSource,
+        analysis_grid,
+        daily_period,
+        is_alongtrack,
+        resolve_paths,
+    )
+    from oceanda.data.store import ObsSource
+
+    if not is_alongtrack(obs_path):
+        return ObsSource(obs_path, box=_list(cfg.box), period=_list(cfg.dates))
+    l3 = replace(cfg.alongtrack, exclude=tuple(cfg.obs_exclude) + tuple(cfg.alongtrack.exclude))
+    grid = analysis_grid(cfg.grid, _list(cfg.box))
+    return AlongTrackSource(resolve_paths(obs_path), grid.lon, grid.lat, grid.ocean,
+                            daily_period(_list(cfg.dates)), l3)
 
 
 def _demo_paths(cfg: InferConfig, comm) -> tuple[str, str, str]:
@@ -144,7 +182,7 @@ def run(cfg: InferConfig) -> int:
             print("\nGulf Stream demo, side by side (same observations, same scoring window):")
             print(format_table(rows))
         return 0
-    obs_path, truth_path, out_dir = str(cfg.obs_path), cfg.truth_path, cfg.out_dir
+    obs_path, truth_path, out_dir = cfg.obs_path, cfg.truth_path, cfg.out_dir
     if out_dir is None and not cfg.dry_run:
         raise ConfigError("out_dir is required with obs_path=... (e.g. out_dir=runs/oi)")
     _run_one(cfg, comm, obs_path, truth_path, out_dir)
@@ -157,7 +195,7 @@ def _run_one(cfg: InferConfig, comm, obs_path: str, truth_path: str | None,
     ``method``: the method built from ``cfg.method`` (None: built here)."""
     from oceanda.assim.registry import build_method
     from oceanda.data.patches import make_patches
-    from oceanda.data.store import AnalysisStore, ObsSource, to_json_attr
+    from oceanda.data.store import AnalysisStore, to_json_attr
     from oceanda.parallel.device import bind_device
     from oceanda.parallel.driver import run_inference
     from oceanda.parallel.layout import build_layout
@@ -178,8 +216,16 @@ def _run_one(cfg: InferConfig, comm, obs_path: str, truth_path: str | None,
     check_method(method, geometry, allow_mm)  # a checkpoint trained for another mode: before any write
     tile = list(cfg.tile)
 
-    obs = ObsSource(obs_path, box=_list(cfg.box), period=_list(cfg.dates))
-    if obs.count_observed() == 0:
+    obs = _open_obs(cfg, obs_path)
+    qc = None
+    if hasattr(obs, "qc_counts"):  # along-track input: each rank counts a slice of the files
+        from oceanda.data.alongtrack import format_qc, merge_qc
+
+        qc = merge_qc(comm.allgather(obs.qc_counts(part=(comm.rank, comm.size))))
+        if comm.rank == 0:
+            print(f"oceanda infer: along-track observations, points per mission and QC outcome:\n{format_qc(qc)}")
+    n_observed = sum(c.get("used", 0) for c in qc.values()) if qc is not None else obs.count_observed()
+    if n_observed == 0:
         raise InputError(f"observations {obs_path}: the observation window (period "
                          f"{_list(cfg.dates)}, box {_list(cfg.box)}) holds no "
                          "observation (all NaN)")
@@ -213,7 +259,7 @@ def _run_one(cfg: InferConfig, comm, obs_path: str, truth_path: str | None,
                 attrs={"title": f"oceanda {name} analysis of sea surface height",
                        "method": name, "source": f"oceanda {__version__}",
                        "history": f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} oceanda infer",
-                       "observations": str(Path(obs_path).resolve()), "run_id": rid,
+                       "observations": _obs_ident(obs_path), "run_id": rid,
                        "oceanda_version": __version__,
                        "oceanda_config": cfg.source_yaml,
                        "patch": to_json_attr(asdict(cfg.patch)),
@@ -235,7 +281,8 @@ def _run_one(cfg: InferConfig, comm, obs_path: str, truth_path: str | None,
         return None
     from oceanda.data.io import write_json_atomic
 
-    write_json_atomic(out / "summary.json", {"method": name, "run_id": rid, **summary})
+    write_json_atomic(out / "summary.json", {"method": name, "run_id": rid, **summary,
+                                              **({"alongtrack_qc": qc} if qc is not None else {})})
     sh = summary["overhead_share"]
     print(f"oceanda infer: {name}: {summary['patches_computed']}/{summary['patches_total']} patches on "
           f"{summary['ranks']} rank(s) in {summary['wall_s']:.1f} s "

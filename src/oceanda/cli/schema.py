@@ -32,13 +32,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from oceanda.config_dataclass import check_value, from_mapping, kwargs_for
+from oceanda.data.alongtrack import L3Options
 from oceanda.errors import ConfigError
+from oceanda.metrics.alongtrack import AlongTrackOptions
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
 __all__ = ["SystemConfig", "MethodConfig", "EvaluateWindow", "CompareEntry", "DemoConfig", "InferConfig", "DemoOSSE",
-           "TrainAppConfig", "GenerateConfig", "EvaluateConfig", "ValidateConfig", "SCHEMAS", "load",
+           "TrainAppConfig", "GenerateConfig", "AlongTrackScoring", "EvaluateConfig", "ValidateConfig", "SCHEMAS", "load",
            "load_patch", "missing_keys"]
 
 Box = tuple[float, float, float, float]
@@ -172,7 +174,12 @@ class InferConfig:
     method: MethodConfig
     patch: Any                      # PatchGeometry
     system: SystemConfig = SystemConfig()
-    obs_path: str | None = None
+    #: a gridded store, or L3 along-track files (a path, a glob or a list)
+    obs_path: str | tuple[str, ...] | None = None
+    #: along-track input: missions left out, the analysis grid, how the files are read
+    obs_exclude: str | tuple[str, ...] = ()
+    grid: str | None = None
+    alongtrack: L3Options = L3Options()
     truth_path: str | None = None
     out_dir: str | None = None
     box: Box | None = None
@@ -191,6 +198,10 @@ class InferConfig:
 
     def __post_init__(self) -> None:
         _check_box(self.box, "box")
+        if isinstance(self.obs_exclude, str):  # obs_exclude=c2
+            object.__setattr__(self, "obs_exclude", (self.obs_exclude,))
+        if isinstance(self.obs_path, tuple):
+            object.__setattr__(self, "obs_path", list(self.obs_path))
         if min(self.tile) < 1:
             raise ConfigError(f"tile must be 3 positive integers (time, lat, lon), got {list(self.tile)}")
         if self.batch_size < 1:
@@ -433,11 +444,25 @@ class GenerateConfig:
 
 
 @dataclass(frozen=True)
-class EvaluateConfig:
-    """``configs/evaluate.yaml``."""
+class AlongTrackScoring(AlongTrackOptions):
+    """``evaluate``'s ``alongtrack_options``: the along-track scores' parameters and how the L3
+    reference files are read (``l3``)."""
 
-    truth_path: str
+    l3: L3Options = L3Options()
+
+    def scores_options(self) -> AlongTrackOptions:
+        return AlongTrackOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(AlongTrackOptions)})
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """``configs/evaluate.yaml``: gridded scores against ``truth_path`` and / or along-track
+    scores against ``alongtrack`` (L3 files: a path, a glob or a list)."""
+
     analysis: str
+    truth_path: str | None = None
+    alongtrack: str | tuple[str, ...] | None = None
+    alongtrack_options: AlongTrackScoring = AlongTrackScoring()
     dates: Dates | None = None
     box: Box | None = None
     out_dir: str | None = None
@@ -448,6 +473,10 @@ class EvaluateConfig:
 
     def __post_init__(self) -> None:
         _check_box(self.box, "box")
+        if isinstance(self.alongtrack, tuple):
+            object.__setattr__(self, "alongtrack", list(self.alongtrack))
+        if self.truth_path is None and self.alongtrack is None:
+            raise ConfigError("give truth=PATH (gridded scores) and / or alongtrack=FILES (along-track scores)")
 
 
 @dataclass(frozen=True)

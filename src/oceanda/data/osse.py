@@ -326,7 +326,8 @@ def generate_osse(
         config_yaml: provenance string stored in the attributes (default: these args).
 
     Returns:
-        ``{"truth": path, "obs": path (if obs), "figures": path (if figures)}`` and the
+        ``{"truth": path, "obs": path (if obs), "alongtrack": folder of the L3 files, one
+        a mission (if obs), "figures": path (if figures)}`` and the
         measured ``"stats"`` (a dict: ``ssh_std_m``, ``spectral_slope_50_250km``,
         ``observed_fraction`` and ``n_track_points`` when obs, ``seconds``).
 
@@ -372,6 +373,7 @@ def generate_osse(
     finals = {"truth": out / "truth.zarr"}
     if sats is not None:
         finals["obs"] = out / "obs.zarr"
+        finals["alongtrack"] = out / "alongtrack"  # one L3 file per mission (oceanda.data.alongtrack_write)
     if figures:
         finals["figures"] = out / "figures"
     if not overwrite:
@@ -491,6 +493,10 @@ def generate_osse(
             # (appending the track table in mode "a" resets the global attributes: set them all)
             _finalise_attrs(tmps["obs"], {**obs_attrs, "observed_fraction_daily_mean": stats["observed_fraction"],
                                           "n_track_points": n_obs})
+        if sats is not None:
+            from oceanda.data.alongtrack_write import write_osse_alongtrack
+
+            write_osse_alongtrack(tmps["obs"], tmps["truth"], tmps["alongtrack"])
         if figures:
             tmps["figures"].mkdir(parents=True)
             label = str(times[mid_day])[:10]

@@ -253,7 +253,17 @@ def load_arrays(truth_path: str | None, obs_path: str, box=None, period=None, *,
     from oceanda.data import io
     from oceanda.data import names as N
 
-    obs_ds = io.open_dataset(obs_path, [N.SSH_OBS], optional=[N.OCEAN])
+    from oceanda.data.alongtrack import gridded_dataset, is_alongtrack
+
+    if is_alongtrack(obs_path):  # L3 along-track files, binned daily onto the truth's grid
+        if truth_path is None:
+            from oceanda.errors import ConfigError
+
+            raise ConfigError(f"obs={obs_path}: along-track files are binned onto the truth's grid: "
+                              "give truth_path (or grid them with oceanda infer's reader first)")
+        obs_ds = gridded_dataset(obs_path, truth_path, period)
+    else:
+        obs_ds = io.open_dataset(obs_path, [N.SSH_OBS], optional=[N.OCEAN])
     obs_ds = io.select_window(obs_ds, period=period, box=box, what=str(obs_path))
     truth = None
     if truth_path is not None:
