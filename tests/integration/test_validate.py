@@ -10,15 +10,18 @@ import pytest
 from oceanda.cli import main
 
 METHODS = ("z0", "var4d", "cold_diffusion", "neural", "neural_var4d")
+EXTRA = ("particle_smoother", "var4d_from_truth", "cold_diffusion_var4d", "var4d_strong", "neural_var4d_strong",
+         "cold_diffusion_var4d_strong")
 TINY_L63 = [
     "experiment=lorenz63", "experiment.data.n_train=8", "experiment.data.n_test=3",
     "experiment.data.spinup_steps=100", "experiment.training.epochs=1", "experiment.var4d.max_iter=4",
     "experiment.n_levels=2", "experiment.n_plot=1", "progress=false", "threads=1",
+    "experiment.particle_smoother.n_particles=500",
 ]
 TINY_PEND = [
     "experiment=pendulum", "experiment.data.n_train=8", "experiment.data.n_test=3",
     "experiment.training.epochs=1", "experiment.var4d.max_iter=4", "experiment.z0_inflation=[1.0,100.0]",
-    "experiment.n_plot=1", "progress=false", "threads=1",
+    "experiment.n_plot=1", "progress=false", "threads=1", "experiment.particle_smoother.n_particles=500",
 ]
 
 
@@ -29,6 +32,12 @@ def _check_report(out):
         assert keys <= set(rep[m]), (m, rep[m])
         assert rep[m]["rmse"] >= 0 and rep[m]["time_per_window_ms"] > 0
     assert 1 <= rep["var4d"]["gn_iters_median"] <= 4
+    for m in EXTRA:  # references and 4D-Var variants, same format
+        assert {"rmse", "rmse_raw", "time_per_window_ms"} <= set(rep[m]), (m, rep[m])
+        assert ("gn_iters_median" in rep[m]) == ("var4d" in m)
+    ps = rep["particle_smoother"]
+    assert ps["n_particles"] == 500 and 1 <= ps["ess_min_min"] <= ps["ess_min_median"] <= 500
+    assert 0 <= rep["meta"]["minima"]["var4d_worse_fraction"] <= 1
     md = (out / "report.md").read_text()
     assert "| Neural + 4D-Var polish |" in md.splitlines()[6] or "Neural + 4D-Var polish" in md
     for f in ("reconstructions.png", "var4d_inits.png", "training.png", "model.pt"):
@@ -51,6 +60,26 @@ def test_validate_tiny_end_to_end_and_checkpoint_reload(tmp_path, tiny, capsys):
         assert rep2[m]["rmse"] == pytest.approx(rep[m]["rmse"], rel=1e-6, abs=1e-9)
 
 
+def test_validate_dt_scan_writes_table_and_figure(tmp_path, capsys):
+    out = tmp_path / "scan"
+    assert main(["validate", *TINY_L63, "experiment.var4d.strong_factor=null", f"out_dir={out}",
+                 "dt=[0.025,0.05]"]) == 0
+    scan = json.loads((out / "scan.json").read_text())
+    assert scan["dt"] == [0.025, 0.05]
+    for dt in ("0.025", "0.05"):
+        rep = json.loads((out / f"dt{dt}" / "report.json").read_text())
+        assert rep["meta"]["settings"]["data"]["dt"] == float(dt)
+        assert "var4d_strong" not in rep  # strong_factor=null skips the variant
+    assert scan["rmse"]["var4d"][1] == json.loads((out / "dt0.05" / "report.json").read_text())["var4d"]["rmse"]
+    assert (out / "scan.png").stat().st_size > 0 and "| dt = 0.05 |" in (out / "scan.md").read_text()
+    # a single dt runs one experiment at that step
+    one = tmp_path / "one"
+    assert main(["validate", *TINY_L63, "experiment.var4d.strong_factor=null", "experiment.particle_smoother.n_particles=0",
+                 f"out_dir={one}", "dt=0.05"]) == 0
+    rep = json.loads((one / "report.json").read_text())
+    assert rep["meta"]["settings"]["data"]["dt"] == 0.05 and "particle_smoother" not in rep
+
+
 def test_validate_user_errors(tmp_path, capsys):
     assert main(["validate", *TINY_L63, f"out_dir={tmp_path}", "checkpoint=/nonexistent/model.pt"]) == 2
     assert "checkpoint" in capsys.readouterr().err
@@ -60,6 +89,10 @@ def test_validate_user_errors(tmp_path, capsys):
     assert "momentum" in capsys.readouterr().err
     assert main(["validate", *TINY_L63, f"out_dir={tmp_path}", "experiment.data.obs_every=40"]) == 2
     assert "obs_every" in capsys.readouterr().err
+    assert main(["validate", *TINY_L63, f"out_dir={tmp_path}", "dt=[0.05,-1]"]) == 2
+    assert "dt" in capsys.readouterr().err
+    assert main(["validate", *TINY_L63, f"out_dir={tmp_path}", "experiment.particle_smoother.n_particles=-1"]) == 2
+    assert "n_particles" in capsys.readouterr().err
     # a checkpoint of another system is refused with a message naming it
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")

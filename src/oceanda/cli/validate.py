@@ -5,6 +5,8 @@ usage:
   oceanda validate experiment=lorenz63 [preset=quick] [out_dir=DIR]
   oceanda validate experiment=pendulum [preset=quick]
   oceanda validate experiment=lorenz63 checkpoint=runs/validate/lorenz63/model.pt
+  oceanda validate experiment=lorenz63 dt=0.05             # the public code's step
+  oceanda validate experiment=lorenz63 'dt=[0.025,0.035,0.05]'   # the dt scan
 
 Generates the data (trajectories, observation processes split into training and held-out
 test processes), computes the Gaussian first guess z0, trains the neural band prior
@@ -14,11 +16,18 @@ assimilation (Algorithm 2) and the neural output polished by 4D-Var. Writes into
 report.md (Table 1 layout), report.json, reconstructions.png (Fig. 1/2), var4d_inits.png
 (Fig. 3), training.png and the checkpoint model.pt (reload it with checkpoint=PATH).
 `preset=quick` takes a few minutes on 2 CPU cores; the default preset is the paper's scale.
+
+``dt=`` overrides ``experiment.data.dt``; a list runs the whole experiment (training
+included) at each step into ``out_dir/dt<value>/`` and writes the scan table
+``scan.md`` / ``scan.json`` and ``scan.png`` (RMSE of every method against dt, the particle
+smoother as the floor) into ``out_dir``.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
 import logging
 import time
 from pathlib import Path
@@ -33,7 +42,7 @@ log = logging.getLogger("oceanda.validate")
 def settings_from_cfg(exp: DictConfig):
     """Typed :class:`ExperimentSettings` from the ``experiment`` config (unknown keys are errors)."""
     from oceanda.train.incremental import TrainSettings
-    from oceanda.validation.runner import ExperimentSettings, ModelSettings, Var4DSettings
+    from oceanda.validation.runner import ExperimentSettings, ModelSettings, ParticleSettings, Var4DSettings
 
     raw = OmegaConf.to_container(exp, resolve=True)
     if not isinstance(raw, dict):
@@ -48,7 +57,8 @@ def settings_from_cfg(exp: DictConfig):
             raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
         return cls(**values)
 
-    nested = {"model": ModelSettings, "training": TrainSettings, "var4d": Var4DSettings}
+    nested = {"model": ModelSettings, "training": TrainSettings, "var4d": Var4DSettings,
+              "particle_smoother": ParticleSettings}
     kw = dict(raw)
     for key, cls in nested.items():
         if key in kw:
@@ -66,8 +76,7 @@ def settings_from_cfg(exp: DictConfig):
 def run(cfg: DictConfig) -> int:
     import torch
 
-    from oceanda.validation.report import NAMES, write_report
-    from oceanda.validation.runner import METHODS, run_experiment
+    from oceanda.validation.report import write_scan
 
     settings, raw = settings_from_cfg(cfg.experiment)
     if cfg.get("threads") is not None:
@@ -79,15 +88,54 @@ def run(cfg: DictConfig) -> int:
     checkpoint = cfg.get("checkpoint")
     if checkpoint is not None and not Path(str(checkpoint)).is_file():
         raise ConfigError(f"checkpoint={checkpoint}: no such file")
+    dts = _dt_values(cfg.get("dt"))
+    if dts is None:
+        return _run_one(settings, raw, preset, out_dir, checkpoint, bool(cfg.progress))
+    if len(dts) == 1 and not OmegaConf.is_list(cfg.get("dt")):
+        settings.data["dt"] = raw["data"]["dt"] = dts[0]
+        return _run_one(settings, raw, preset, out_dir, checkpoint, bool(cfg.progress))
+    if checkpoint is not None:
+        raise ConfigError("checkpoint= cannot be combined with a dt list (one network per dt)")
+    reports = {}
+    for dt in dts:
+        s_dt, raw_dt = copy.deepcopy(settings), copy.deepcopy(raw)
+        s_dt.data["dt"] = raw_dt["data"]["dt"] = dt
+        print(f"--- dt = {dt:g}")
+        _run_one(s_dt, raw_dt, preset, out_dir / f"dt{dt:g}", None, bool(cfg.progress))
+        reports[dt] = json.loads((out_dir / f"dt{dt:g}" / "report.json").read_text())
+    table = write_scan(out_dir, settings.system, preset, reports)
+    print(table)
+    print(f"wrote {out_dir}/scan.md, scan.json, scan.png")
+    return 0
+
+
+def _dt_values(value) -> list[float] | None:
+    if value is None:
+        return None
+    items = list(value) if OmegaConf.is_list(value) or isinstance(value, (list, tuple)) else [value]
+    try:
+        dts = [float(v) for v in items]
+    except (TypeError, ValueError):
+        raise ConfigError(f"dt must be a positive number or a list of them, got {value!r}") from None
+    if not dts or min(dts) <= 0:
+        raise ConfigError(f"dt must be a positive number or a non-empty list of them, got {value!r}")
+    return dts
+
+
+def _run_one(settings, raw, preset, out_dir: Path, checkpoint, progress: bool) -> int:
+    from oceanda.validation.report import NAMES, write_report
+    from oceanda.validation.runner import EXTRA, METHODS, run_experiment
+
     out_dir.mkdir(parents=True, exist_ok=True)
     t0, c0 = time.perf_counter(), time.process_time()
-    result = run_experiment(settings, out_dir=out_dir, checkpoint=checkpoint, progress=bool(cfg.progress))
+    result = run_experiment(settings, out_dir=out_dir, checkpoint=checkpoint, progress=progress)
     result.extra["run_wall_s"] = time.perf_counter() - t0
     result.extra["run_cpu_s"] = time.process_time() - c0
     report = write_report(out_dir, result, preset, raw)
-    width = max(len(NAMES[m]) for m in METHODS)
+    shown = [m for m in (*METHODS, *EXTRA) if m in report]
+    width = max(len(NAMES[m]) for m in shown)
     print(f"{settings.system}: RMSE (normalised / physical), time per window, Gauss-Newton iterations (median)")
-    for m in METHODS:
+    for m in shown:
         r = report[m]
         gn = f"  GN {r['gn_iters_median']:g}" if "gn_iters_median" in r else ""
         print(f"  {NAMES[m]:<{width}}  {r['rmse']:.4f} / {r['rmse_raw']:.4f}  {r['time_per_window_ms']:.3g} ms{gn}")

@@ -5,7 +5,9 @@
   truth, observations and each method (Figures 1 and 2);
 * :func:`plot_var4d_inits` -- 4D-Var output from two initialisations on one window, with
   the cost against Gauss-Newton iterations (Figure 3);
-* :func:`plot_training` -- training loss per epoch.
+* :func:`plot_training` -- training loss per epoch;
+* :func:`plot_scan` -- RMSE of every method against the model time step (the dt scan),
+  the particle smoother as the floor.
 
 All functions write one PNG with the Agg backend and return its path.
 """
@@ -134,6 +136,33 @@ def plot_training(path, histories: dict, title: str) -> Path:
     ax.set_ylabel("training loss (MSE)")
     ax.set_title(title)
     ax.legend()
+    fig.tight_layout()
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
+def plot_scan(path, dts, rmse: dict, names: dict, title: str, floor: str = "particle_smoother") -> Path:
+    """``rmse`` method -> list of RMSE (one per ``dts`` entry, ``nan`` where missing); the
+    ``floor`` method is drawn as a shaded floor (nothing can do better on average)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    x = np.asarray(dts, float)
+    if floor in rmse:
+        f = np.asarray(rmse[floor], float)
+        ax.fill_between(x, 0, f, color="0.85", label=names.get(floor, floor))
+        ax.plot(x, f, color="black", lw=2.0)
+    markers = "osD^v<>p*hx"
+    for i, (m, vals) in enumerate(rmse.items()):
+        if m == floor:
+            continue
+        st = {k: v for k, v in STYLE.get(m, {}).items() if k in ("color", "ls")}
+        ax.plot(x, np.asarray(vals, float), marker=markers[i % len(markers)], label=names.get(m, m), **st)
+    ax.set_xlabel("model time step dt (window of 32 steps)")
+    ax.set_ylabel("RMSE (normalised units)")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     out = _save(fig, path)
     plt.close(fig)

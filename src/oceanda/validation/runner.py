@@ -10,6 +10,18 @@ Methods compared on the same held-out trajectories and held-out observation proc
 * ``neural``: incremental neural assimilation (Algorithm 2);
 * ``neural_var4d``: 4D-Var started from the neural output ("polish").
 
+References and variants (:data:`EXTRA`), on the same windows:
+
+* ``particle_smoother``: bootstrap particle smoother with the true model, noise and initial
+  distribution (:mod:`oceanda.assim.particle`): the Bayes-optimal (minimum-RMSE) estimate
+  ``E[x | y]`` up to Monte-Carlo error, reported with its effective sample size;
+* ``var4d_from_truth``: 4D-Var started from the true trajectory (the minimum 4D-Var finds
+  near the truth); the fraction of windows where 4D-Var from ``z0`` ends in a minimum of
+  higher cost is ``meta.minima.var4d_worse_fraction``;
+* ``cold_diffusion_var4d``: 4D-Var polish from the cold-diffusion output;
+* ``var4d_strong``, ``neural_var4d_strong``, ``cold_diffusion_var4d_strong``: the same three
+  starts with the near-strong-constraint model-error covariance ``Qm * var4d.strong_factor``.
+
 RMSE is over all entries of the test windows (every time, every component): ``rmse`` in
 normalised units (each component zero mean, unit variance over the training
 trajectories), ``rmse_raw`` in physical units. Times are wall-clock on the whole test batch
@@ -29,6 +41,7 @@ from pathlib import Path
 import torch
 
 from oceanda.assim.incremental import UPDATES, incremental_assimilation, temperature_levels
+from oceanda.assim.particle import particle_smoother
 from oceanda.assim.var4d import Var4DResult, WeakConstraint4DVar
 from oceanda.dynamics import lorenz63, pendulum
 from oceanda.errors import ConfigError, InputError, NumericalError
@@ -39,6 +52,8 @@ from oceanda.validation.data import PairSet, ToyData, make_lorenz63, make_pendul
 
 log = logging.getLogger("oceanda.validate")
 METHODS = ("z0", "var4d", "cold_diffusion", "neural", "neural_var4d")
+EXTRA = ("particle_smoother", "var4d_from_truth", "cold_diffusion_var4d", "var4d_strong", "neural_var4d_strong",
+         "cold_diffusion_var4d_strong")
 SYSTEMS = ("lorenz63", "pendulum")
 CHECKPOINT_VERSION = 1
 
@@ -51,6 +66,16 @@ class ModelSettings:
     depth: int = 4
     emb_dim: int = 16
     bandwidth: int | None = None
+    residual_mean: bool = True  #: mu = z + f(z, s) (True) or mu = f(z, s), a plain MLP mean (False)
+
+
+@dataclass
+class ParticleSettings:
+    """The particle-smoother reference (:mod:`oceanda.assim.particle`); ``n_particles = 0``
+    skips it. Particles run in float32 (the Monte-Carlo error dominates round-off)."""
+
+    n_particles: int = 100_000
+    seed: int = 0
 
 
 @dataclass
@@ -62,6 +87,8 @@ class Var4DSettings:
     cost_tol: float | None = None
     decrement_tol: float | None = 0.05
     lm_init: float = 1e-3
+    #: near-strong-constraint variant: model-error covariance Qm * strong_factor (null: skip it)
+    strong_factor: float | None = 1e-3
 
 
 @dataclass
@@ -76,6 +103,7 @@ class ExperimentSettings:
     model: ModelSettings = field(default_factory=ModelSettings)
     training: TrainSettings = field(default_factory=TrainSettings)
     var4d: Var4DSettings = field(default_factory=Var4DSettings)
+    particle_smoother: ParticleSettings = field(default_factory=ParticleSettings)
     z0_inflation: list[float] = field(default_factory=lambda: [1.0])
     n_plot: int = 3
 
@@ -89,6 +117,11 @@ class ExperimentSettings:
         if not self.z0_inflation or min(self.z0_inflation) <= 0:
             raise ConfigError(f"experiment.z0_inflation must be a non-empty list of positive factors, "
                               f"got {self.z0_inflation}")
+        if self.particle_smoother.n_particles < 0:
+            raise ConfigError(f"experiment.particle_smoother.n_particles must be >= 0, "
+                              f"got {self.particle_smoother.n_particles}")
+        if self.var4d.strong_factor is not None and not self.var4d.strong_factor > 0:
+            raise ConfigError(f"experiment.var4d.strong_factor must be > 0 or null, got {self.var4d.strong_factor}")
         self.training.check()
 
 
@@ -120,10 +153,33 @@ def background(data: ToyData) -> tuple[torch.Tensor, torch.Tensor]:
                                                                         dtype=torch.float64))
 
 
-def build_var4d(data: ToyData, s: Var4DSettings) -> WeakConstraint4DVar:
+def initial_particles(data: ToyData, n: int, generator: torch.Generator, dtype=torch.float32) -> torch.Tensor:
+    """``n`` draws ``(n, phi)`` of the true initial-state distribution (physical units): the
+    attractor sampler of the data (L63), the uniform box (pendulum)."""
+    if data.system == "lorenz63":
+        return lorenz63.sample_attractor(n, data.dt, data.spinup_steps, math.sqrt(data.model_noise_var), generator,
+                                         dtype)
+    return pendulum.sample_initial(n, *data.ic_box, generator, dtype)
+
+
+def run_particle_smoother(data: ToyData, pairs: PairSet, s: ParticleSettings, dtype=torch.float32):
+    """The particle smoother on ``pairs`` (physical units); returns ``(result, seconds)``,
+    the time excluding the draw of the initial particles."""
+    g = torch.Generator().manual_seed(s.seed)
+    pool = initial_particles(data, s.n_particles, g, dtype)
+    step = (lambda x: lorenz63.step(x, data.dt)) if data.system == "lorenz63" else (lambda x: pendulum.step(x, data.dt))
+    yraw = torch.where(pairs.mask, data.norm.to_raw(pairs.y), torch.zeros_like(pairs.y)).to(dtype)
+    t0 = time.perf_counter()
+    res = particle_smoother(step, math.sqrt(data.model_noise_var), pool, yraw, pairs.mask, data.R_raw, generator=g)
+    return res, time.perf_counter() - t0
+
+
+def build_var4d(data: ToyData, s: Var4DSettings, factor: float = 1.0) -> WeakConstraint4DVar:
+    """Weak-constraint 4D-Var with the true model and noise; ``factor`` scales the
+    model-error covariance (``var4d.strong_factor``: near-strong constraint)."""
     xb, Bc = background(data)
     return WeakConstraint4DVar(
-        model_step(data), data.model_noise_var * torch.eye(data.phi, dtype=torch.float64), data.R_raw,
+        model_step(data), factor * data.model_noise_var * torch.eye(data.phi, dtype=torch.float64), data.R_raw,
         xb, Bc, max_iter=s.max_iter, ftol=s.ftol, cost_tol=s.cost_tol, decrement_tol=s.decrement_tol,
         lm_init=s.lm_init,
     )
@@ -226,7 +282,8 @@ def train_models(settings: ExperimentSettings, data: ToyData, z0_train: torch.Te
 
 def new_prior(settings: ExperimentSettings, data: ToyData, conditional: bool) -> NeuralBandPrior:
     m = settings.model
-    return NeuralBandPrior(data.T, data.phi, m.bandwidth, m.width, m.depth, m.emb_dim, precision=conditional)
+    return NeuralBandPrior(data.T, data.phi, m.bandwidth, m.width, m.depth, m.emb_dim, precision=conditional,
+                           residual=m.residual_mean)
 
 
 def save_checkpoint(path: Path, settings: ExperimentSettings, priors: dict, histories: dict) -> None:
@@ -340,15 +397,42 @@ def run_experiment(
         bar.close()
         est[name] = data.norm.to_norm(runs[name].x).reshape(N, -1)
     times["neural_var4d"] += times["neural"]
+    # references and variants: run once each (timings of one run)
+    starts = {"cold_diffusion_var4d": (var, est["cold_diffusion"], times["cold_diffusion"]),
+              "var4d_from_truth": (var, x, 0.0)}
+    if settings.var4d.strong_factor is not None:
+        var_s = build_var4d(data, settings.var4d, settings.var4d.strong_factor)
+        starts.update({"var4d_strong": (var_s, est["z0"], 0.0),
+                       "neural_var4d_strong": (var_s, est["neural"], times["neural"]),
+                       "cold_diffusion_var4d_strong": (var_s, est["cold_diffusion"], times["cold_diffusion"])})
+    for name, (solver, start, t_start) in starts.items():
+        bar = tqdm(total=settings.var4d.max_iter, desc=f"4D-Var {name}", disable=not progress, leave=False)
+        runs[name], times[name] = _timed(lambda solver=solver, start=start, bar=bar: solver.solve(
+            to_raw(start), yraw, data.test.mask, lambda k, n: bar.update(1)), repeat=1)
+        bar.close()
+        times[name] += t_start
+        est[name] = data.norm.to_norm(runs[name].x).reshape(N, -1)
+    ps_info = {}
+    if settings.particle_smoother.n_particles > 0:
+        log.info("particle smoother: %d particles x %d windows", settings.particle_smoother.n_particles, N)
+        ps, times["particle_smoother"] = run_particle_smoother(data, data.test, settings.particle_smoother)
+        est["particle_smoother"] = data.norm.to_norm(ps.mean.double()).reshape(N, -1)
+        ess = ps.ess_min.double()
+        ps_info = {"n_particles": ps.n_particles, "ess_min_median": float(ess.median()), "ess_min_min": float(ess.min()),
+                   "unique_x0_median": float(ps.n_unique0.double().median()),
+                   "unique_x0_min": int(ps.n_unique0.min())}
+    shown = [m for m in (*METHODS, *EXTRA) if m in est]
 
     metrics = {}
-    for m in METHODS:
+    for m in shown:
         xr = to_raw(est[m])
         metrics[m] = {
             "rmse": rmse(est[m], x),
             "rmse_raw": rmse(xr, data.norm.to_raw(data.test.x)),
             "time_per_window_ms": 1e3 * times[m] / N,
         }
+        if m == "particle_smoother":
+            metrics[m].update(ps_info)
         if m in runs:
             it = runs[m].iters.double()
             metrics[m]["gn_iters_median"] = float(it.median())
@@ -378,6 +462,10 @@ def run_experiment(
         "minima": {
             "polish_lower_fraction": float((runs["neural_var4d"].cost < runs["var4d"].cost - 1.0).double().mean()),
             "z0_lower_fraction": float((runs["var4d"].cost < runs["neural_var4d"].cost - 1.0).double().mean()),
+            # 4D-Var from z0 ends in a minimum of higher cost than 4D-Var started from the truth
+            "var4d_worse_fraction": float((runs["var4d"].cost > runs["var4d_from_truth"].cost + 1.0).double().mean()),
+            "neural_var4d_worse_fraction": float(
+                (runs["neural_var4d"].cost > runs["var4d_from_truth"].cost + 1.0).double().mean()),
         },
     }
     if data.test_seen is not None:  # diagnostic: same held-out trajectories, training processes
@@ -395,8 +483,8 @@ def run_experiment(
         qmax = data.norm.to_raw(data.test.x)[..., 0].abs().amax(-1)
         big = qmax > math.pi / 4
         extra["large_angle"] = {"threshold_rad": math.pi / 4, "n_windows": int(big.sum()),
-                                **{m: rmse(est[m][big], x[big]) for m in METHODS}}
+                                **{m: rmse(est[m][big], x[big]) for m in shown}}
         extra["small_angle"] = {"n_windows": int((~big).sum()),
-                                **{m: rmse(est[m][~big], x[~big]) for m in METHODS}}
-    estimates = {m: est[m].reshape(N, T, phi) for m in METHODS}
+                                **{m: rmse(est[m][~big], x[~big]) for m in shown}}
+    estimates = {m: est[m].reshape(N, T, phi) for m in shown}
     return ExperimentResult(metrics, estimates, runs, data, histories, extra)
