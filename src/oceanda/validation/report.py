@@ -177,6 +177,9 @@ def markdown(system: str, preset: str, metrics: dict, checks: list[dict], meta: 
         "",
         f"Used for the table: `{meta['update_used']}`. Temperatures s_k = {[round(s, 3) for s in meta['levels']]}.",
         "",
+        "RMSE of the MAP output x_k at each level of Algorithm 2 (k = 0: one MAP step from z0; the last is the "
+        "estimate): " + ", ".join(f"{v:.4f}" for v in meta.get("level_rmse", [])) + ".",
+        "",
         "## Set-up",
         "",
         f"- First guess: {meta['z0']}.",

@@ -439,9 +439,14 @@ def run_experiment(
             metrics[m]["gn_iters_mean"] = float(it.mean())
             metrics[m]["converged_fraction"] = float(runs[m].converged.double().mean())
             metrics[m]["cost_median"] = float(runs[m].cost.median())
+    # Algorithm 2's iterations: the error of each MAP output x_k (k = 0: one MAP step from z0)
+    _, path = incremental_assimilation(priors["neural"], z0d, yd, mask, data.R_norm, levels, update=settings.update,
+                                       return_path=True)
+    level_rmse = [rmse(p, x) for p in path]
     cost_truth = var.cost(data.norm.to_raw(data.test.x), yraw, data.test.mask)
     extra = {
         "update_rmse": updates,
+        "level_rmse": level_rmse,
         "update_used": settings.update,
         "update_notes": update_notes,
         "levels": levels,
