@@ -18,8 +18,11 @@ whose mean is the Bayes-optimal (minimum mean-square error) estimate; it converg
 Path degeneracy (few distinct ancestors at early times) is the smoother's failure mode; it
 is reported: ``ess_min`` (smallest ESS of the weights at an observed time, before
 resampling) and ``n_unique0`` (distinct initial states among the final paths). Windows are
-processed in chunks sized by ``max_bytes``; everything is vectorised in torch over windows
-and particles and runs on any device (the particles follow ``y``'s device and dtype).
+processed in chunks of at most ``max_bytes`` of stored particles; everything is vectorised in
+torch over windows and particles and runs on any device (the particles follow ``y``'s device
+and dtype). The default holds one window of 10^5 L63 particles per chunk (memory stays
+low; on CPU larger chunks were no faster per window); on a GPU pass a larger ``max_bytes``
+so that many windows run at once.
 """
 
 from __future__ import annotations
@@ -75,7 +78,7 @@ def particle_smoother(
     R: float | torch.Tensor,
     generator: torch.Generator | None = None,
     resample_threshold: float = 0.5,
-    max_bytes: float = 5e8,
+    max_bytes: float = 6.4e7,
 ) -> ParticleSmootherResult:
     """Bootstrap particle smoother (module docstring) on windows ``y``, ``mask`` ``(B, T, phi)``.
 
@@ -84,7 +87,8 @@ def particle_smoother(
     ``(P, phi)``: samples of the initial-state distribution, shared by every window (each
     window propagates its own copies); ``R``: observation-error variance, scalar or
     ``(phi,)``; ``generator``: random stream on ``y``'s device; ``resample_threshold``:
-    resample when ``ESS < threshold * P`` (``1`` resamples at every observed time).
+    resample when ``ESS < threshold * P`` (``1`` resamples at every observed time);
+    ``max_bytes``: memory of the particles stored per chunk of windows.
     """
     if y.dim() != 3 or mask.shape != y.shape:
         raise InputError(f"particle smoother: y and mask must be (B, T, phi) of one shape, got "
@@ -99,21 +103,23 @@ def particle_smoother(
     q = torch.as_tensor(model_noise_std, **kw)
     Rv = torch.as_tensor(R, **kw).expand(phi)
     x0p = x0_particles.to(**kw)
-    per_window = 2 * P * T * phi * y.element_size()  # paths + their gathered copy
+    per_window = P * T * (phi * y.element_size() + 8)  # particles of every step + ancestor indices
     chunk = max(1, int(max_bytes // per_window))
     means, stds, ess_all, uniq = [], [], [], []
     for c0 in range(0, Bn, chunk):
         yc, mc = y[c0:c0 + chunk], mask[c0:c0 + chunk]
         b = yc.shape[0]
-        paths = torch.empty(b, P, T, phi, **kw)
-        origin = torch.arange(P, device=y.device).expand(b, P).clone()
+        # particles of every step before resampling, and the ancestors drawn at each step
+        # (None: no resampling then); the paths are rebuilt backwards at the end
+        xs = torch.empty(b, T, P, phi, **kw)
+        anc: list[torch.Tensor | None] = [None] * T
         logw = torch.zeros(b, P, **kw)
         ess_min = torch.full((b,), float(P), **kw)
         x = x0p.expand(b, P, phi)
         for t in range(T):
             if t > 0:
                 x = step(x) + q * torch.randn(b, P, phi, generator=generator, **kw)
-            paths[:, :, t] = x
+            xs[:, t] = x
             obs = mc[:, t]  # (b, phi)
             if not bool(obs.any()):
                 continue
@@ -125,22 +131,29 @@ def particle_smoother(
             ess_min = torch.where(has, torch.minimum(ess_min, ess), ess_min)
             need = has & (ess < resample_threshold * P)
             if bool(need.any()):
+                a = torch.arange(P, device=y.device).expand(b, P).clone()
                 rows = need.nonzero().squeeze(-1)
-                a = systematic_resample(logw[rows], generator)
-                g = a.view(len(rows), P, 1, 1).expand(len(rows), P, t + 1, phi)
-                paths[rows, :, :t + 1] = torch.gather(paths[rows, :, :t + 1], 1, g)
-                origin[rows] = torch.gather(origin[rows], 1, a)
+                a[rows] = systematic_resample(logw[rows], generator)
+                anc[t] = a
                 logw[rows] = 0.0
-                x = paths[:, :, t]
-        w = torch.softmax(logw, dim=-1).view(b, P, 1, 1)
-        mean = (w * paths).sum(1)
-        var = (w * (paths - mean.unsqueeze(1)) ** 2).sum(1)
+                x = torch.gather(xs[:, t], 1, a.unsqueeze(-1).expand(b, P, phi))
+        # backwards through the genealogy: idx[i] = the particle of step t on final path i
+        w = torch.softmax(logw, dim=-1).unsqueeze(-1)  # (b, P, 1)
+        idx = torch.arange(P, device=y.device).expand(b, P)
+        mean = torch.empty(b, T, phi, **kw)
+        var = torch.empty(b, T, phi, **kw)
+        for t in range(T - 1, -1, -1):
+            if anc[t] is not None:
+                idx = torch.gather(anc[t], 1, idx)
+            xt = torch.gather(xs[:, t], 1, idx.unsqueeze(-1).expand(b, P, phi))
+            mean[:, t] = (w * xt).sum(1)
+            var[:, t] = (w * (xt - mean[:, t].unsqueeze(1)) ** 2).sum(1)
         means.append(mean)
         stds.append(var.clamp_min(0).sqrt())
         ess_all.append(ess_min)
-        alive = torch.softmax(logw, dim=-1) > 0
-        uniq.append(torch.tensor([int(torch.unique(origin[i][alive[i]]).numel()) for i in range(b)],
+        alive = w.squeeze(-1) > 0
+        uniq.append(torch.tensor([int(torch.unique(idx[i][alive[i]]).numel()) for i in range(b)],
                                  device=y.device))
-        del paths
+        del xs
     return ParticleSmootherResult(torch.cat(means), torch.cat(stds), torch.cat(ess_all), torch.cat(uniq), P)
 
