@@ -108,7 +108,16 @@ def test_quick_preset_lorenz63_beats_first_guess(tmp_path):
     assert rep["neural"]["rmse"] < 0.8 * rep["z0"]["rmse"]
     assert rep["neural_var4d"]["rmse"] <= rep["neural"]["rmse"]
     printed = rep["meta"]["update_rmse"]["printed"]  # None: diverged (non-finite / non-SPD)
-    assert printed is None or rep["meta"]["update_rmse"]["cold"] < printed
+    assert printed is None or rep["meta"]["update_rmse"]["cold"] <= printed  # equal for l = 0
+    _check_expected(rep)
+
+
+def _check_expected(rep):
+    """The numbers kept as data in configs/experiment/*.yaml (`expected.quick`) are met."""
+    rows = rep["expected_check"]
+    assert {"z0", "var4d", "neural", "particle_smoother"} <= {r["method"] for r in rows}, rows
+    bad = [r for r in rows if not r["within"]]
+    assert not bad, bad
 
 
 @pytest.mark.slow
@@ -117,3 +126,19 @@ def test_quick_preset_pendulum_beats_first_guess(tmp_path):
     assert main(["validate", "experiment=pendulum", "preset=quick", f"out_dir={out}", "progress=false"]) == 0
     rep = _check_report(out)
     assert rep["neural"]["rmse"] < 0.5 * rep["z0"]["rmse"]
+
+
+def test_expected_check_compares_with_tolerance_and_setting():
+    from oceanda.validation.report import expected_check
+
+    metrics = {"var4d": {"rmse": 0.104}, "neural": {"rmse": 0.20}}
+    settings = {"data": {"dt": 0.025, "n_train": 256},
+                "expected": {"quick": {"data": {"dt": 0.025}, "rmse": {"var4d": 0.100, "neural": 0.150, "z0": 0.6},
+                                       "rel_tol": {"default": 0.05, "neural": 0.2}}}}
+    rows = {r["method"]: r for r in expected_check(metrics, settings, "quick")}
+    assert set(rows) == {"var4d", "neural"}  # z0 was not run
+    assert rows["var4d"]["within"] and rows["var4d"]["rel_tol"] == 0.05
+    assert not rows["neural"]["within"]  # 0.20 vs 0.15 +- 20 %
+    assert expected_check(metrics, settings, "default") == []
+    settings["data"]["dt"] = 0.05  # another setting than the one measured: no comparison
+    assert expected_check(metrics, settings, "quick") == []

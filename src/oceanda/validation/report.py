@@ -99,6 +99,28 @@ def paper_checks(system: str, metrics: dict, extra: dict) -> list[dict]:
     return out
 
 
+def expected_check(metrics: dict, settings: dict, preset: str) -> list[dict]:
+    """This run's RMSE against the experiment's ``expected`` results for ``preset`` (the
+    numbers measured on the same fixed seeds, kept in ``configs/experiment/*.yaml``): one
+    row per method with ``expected``, ``measured``, ``rel_tol`` and ``within``. Empty when
+    the experiment holds no expectation for this preset or the data settings differ."""
+    exp = (settings.get("expected") or {}).get(preset)
+    if not exp:
+        return []
+    if any(settings.get("data", {}).get(k) != v for k, v in (exp.get("data") or {}).items()):
+        return []  # another setting (e.g. dt=) than the one the numbers were measured at
+    tol = exp.get("rel_tol") or {}
+    out = []
+    for m, value in (exp.get("rmse") or {}).items():
+        if m not in metrics:
+            continue
+        got = metrics[m]["rmse"]
+        t = float(tol.get(m, tol.get("default", 0.1)))
+        out.append({"method": m, "expected": value, "measured": got, "rel_tol": t,
+                    "within": abs(got - value) <= t * value})
+    return out
+
+
 def _json_clean(obj):
     """NaN / inf -> None (strict JSON), tensors and numpy scalars -> floats."""
     if isinstance(obj, dict):
@@ -160,6 +182,7 @@ def markdown(system: str, preset: str, metrics: dict, checks: list[dict], meta: 
         f"(or a relative decrease below {meta['var4d'].get('ftol')}, or after {meta['var4d'].get('max_iter')} iterations).",
         "",
         *_extra_table(metrics, meta),
+        *_expected_lines(meta.get("expected_check", []), preset),
         "## The paper's relations",
         "",
         "| relation | paper | ours | holds |",
@@ -227,6 +250,15 @@ def markdown(system: str, preset: str, metrics: dict, checks: list[dict], meta: 
     return "\n".join(lines)
 
 
+def _expected_lines(rows: list[dict], preset: str) -> list[str]:
+    if not rows:
+        return []
+    return [f"## This run against the expected results of preset `{preset}` (configs/experiment)", "",
+            "| method | expected RMSE | this run | tolerance | within |", "|---|---|---|---|---|",
+            *[f"| {NAMES[r['method']]} | {r['expected']:.4f} | {r['measured']:.4f} | {100 * r['rel_tol']:.0f}% | "
+              f"{'yes' if r['within'] else '**no**'} |" for r in rows], ""]
+
+
 def _extra_table(metrics: dict, meta: dict) -> list[str]:
     """Markdown lines of the references and 4D-Var variants (those that were run)."""
     rows = [m for m in EXTRA if m in metrics]
@@ -275,6 +307,7 @@ def write_report(out_dir, result: ExperimentResult, preset: str, settings: dict)
     checks = paper_checks(system, result.metrics, meta)
     report = dict(result.metrics)
     report["checks"] = checks
+    report["expected_check"] = meta["expected_check"] = expected_check(result.metrics, settings, preset)
     report["meta"] = {"experiment": system, "preset": preset, **meta}
 
     # figures (physical units)
