@@ -25,6 +25,9 @@ STYLE = {
     "cold_diffusion": dict(color="tab:orange", ls="-.", lw=1.4, label="cold diffusion"),
     "neural": dict(color="tab:red", lw=1.4, label="neural assimilation"),
     "neural_var4d": dict(color="tab:green", ls="--", lw=1.2, label="neural + 4D-Var polish"),
+    "var4d_from_truth": dict(color="tab:cyan", ls=":", lw=1.4, label="4D-Var from the truth"),
+    "var4d_strong": dict(color="tab:purple", ls="--", lw=1.2, label="4D-Var near-strong"),
+    "neural_var4d_strong": dict(color="tab:olive", ls="--", lw=1.2, label="neural + near-strong polish"),
 }
 
 
@@ -146,7 +149,7 @@ def plot_scan(path, dts, rmse: dict, names: dict, title: str, floor: str = "part
     """``rmse`` method -> list of RMSE (one per ``dts`` entry, ``nan`` where missing); the
     ``floor`` method is drawn as a shaded floor (nothing can do better on average)."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    fig, ax = plt.subplots(figsize=(8.8, 4.2))
     x = np.asarray(dts, float)
     if floor in rmse:
         f = np.asarray(rmse[floor], float)
@@ -162,7 +165,7 @@ def plot_scan(path, dts, rmse: dict, names: dict, title: str, floor: str = "part
     ax.set_ylabel("RMSE (normalised units)")
     ax.set_yscale("log")
     ax.set_title(title)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     out = _save(fig, path)
     plt.close(fig)
