@@ -126,6 +126,7 @@ def test_quick_preset_pendulum_beats_first_guess(tmp_path):
     assert main(["validate", "experiment=pendulum", "preset=quick", f"out_dir={out}", "progress=false"]) == 0
     rep = _check_report(out)
     assert rep["neural"]["rmse"] < 0.5 * rep["z0"]["rmse"]
+    _check_expected(rep)
 
 
 def test_expected_check_compares_with_tolerance_and_setting():
