@@ -80,6 +80,21 @@ def test_validate_dt_scan_writes_table_and_figure(tmp_path, capsys):
     assert rep["meta"]["settings"]["data"]["dt"] == 0.05 and "particle_smoother" not in rep
 
 
+def test_validate_width_chosen_by_held_out_validation(tmp_path):
+    out = tmp_path / "sel"
+    assert main(["validate", *TINY_L63, "experiment.var4d.strong_factor=null", "experiment.particle_smoother.n_particles=0",
+                 "experiment.data.n_train=20", "experiment.model.width=[4,12]", f"out_dir={out}"]) == 0
+    sel = json.loads((out / "report.json").read_text())["meta"]["capacity_selection"]
+    assert sel["widths"] == [4, 12] and sel["n_val_trajectories"] == 2 and len(sel["val_rmse"]) == 2
+    assert sel["chosen"] == sel["widths"][min(range(2), key=sel["val_rmse"].__getitem__)]
+    import torch
+
+    ck = torch.load(out / "model.pt", weights_only=True)
+    assert ck["model"]["width"] == sel["chosen"]  # the networks trained have the chosen width
+    assert ck["state_dicts"]["neural"]["mean_net.0.weight"].shape[0] == sel["chosen"]
+    assert "Width chosen by held-out validation" in (out / "report.md").read_text()
+
+
 def test_validate_user_errors(tmp_path, capsys):
     assert main(["validate", *TINY_L63, f"out_dir={tmp_path}", "checkpoint=/nonexistent/model.pt"]) == 2
     assert "checkpoint" in capsys.readouterr().err
@@ -93,6 +108,8 @@ def test_validate_user_errors(tmp_path, capsys):
     assert "dt" in capsys.readouterr().err
     assert main(["validate", *TINY_L63, f"out_dir={tmp_path}", "experiment.particle_smoother.n_particles=-1"]) == 2
     assert "n_particles" in capsys.readouterr().err
+    assert main(["validate", *TINY_L63, f"out_dir={tmp_path}", "experiment.model.width=[]"]) == 2
+    assert "experiment.model.width" in capsys.readouterr().err
     # a checkpoint of another system is refused with a message naming it
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")

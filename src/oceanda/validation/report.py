@@ -216,6 +216,11 @@ def markdown(system: str, preset: str, metrics: dict, checks: list[dict], meta: 
         f"- Run time: {meta.get('run_wall_s', math.nan):.0f} s wall clock, {meta.get('run_cpu_s', math.nan):.0f} s CPU "
         "(data, training, evaluation; the machine may have been shared).",
         f"- Training pairs: {meta['n_train_pairs']}; settings: `{json.dumps(meta['settings'])}`.",
+        *([f"- Width chosen by held-out validation ({meta['capacity_selection']['n_val_trajectories']} training "
+           "trajectories held out, never the test windows): "
+           + ", ".join(f"{w}: {v:.4f}" for w, v in zip(meta['capacity_selection']['widths'],
+                                                     meta['capacity_selection']['val_rmse']))
+           + f" -> {meta['capacity_selection']['chosen']}."] if meta.get("capacity_selection") else []),
     ]
     if "seen_processes" in meta:
         sp = meta["seen_processes"]

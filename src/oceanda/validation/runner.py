@@ -35,7 +35,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -60,9 +60,11 @@ CHECKPOINT_VERSION = 1
 
 @dataclass
 class ModelSettings:
-    """Networks of the neural band prior (paper: depth 4, width 32, bandwidth 2*phi)."""
+    """Networks of the neural band prior (paper: depth 4, width 32, bandwidth 2*phi).
+    ``width`` may be a list of candidates: the one chosen by held-out validation
+    (:func:`select_width`) is trained."""
 
-    width: int = 32
+    width: int | list[int] = 32
     depth: int = 4
     emb_dim: int = 16
     bandwidth: int | None = None
@@ -120,6 +122,10 @@ class ExperimentSettings:
         if not self.z0_inflation or min(self.z0_inflation) <= 0:
             raise ConfigError(f"experiment.z0_inflation must be a non-empty list of positive factors, "
                               f"got {self.z0_inflation}")
+        widths = self.model.width if isinstance(self.model.width, list) else [self.model.width]
+        if not widths or any(not isinstance(w, int) or w < 1 for w in widths):
+            raise ConfigError(f"experiment.model.width must be a positive integer or a non-empty list of them, "
+                              f"got {self.model.width}")
         if self.particle_smoother.n_particles < 0:
             raise ConfigError(f"experiment.particle_smoother.n_particles must be >= 0, "
                               f"got {self.particle_smoother.n_particles}")
@@ -283,6 +289,44 @@ def train_models(settings: ExperimentSettings, data: ToyData, z0_train: torch.Te
     return out, histories
 
 
+VAL_FRACTION = 0.1  #: training trajectories held out to choose the width
+
+
+def select_width(settings: ExperimentSettings, data: ToyData, z0_train: torch.Tensor, dtype=torch.float32,
+                 progress: bool = True) -> dict:
+    """Capacity by held-out validation, never by the test windows: each candidate width of
+    ``settings.model.width`` (a list) trains the neural prior on the training pairs of all
+    but the last ``VAL_FRACTION`` of the training trajectories and is scored by the RMSE of
+    its assimilation on the pairs of those held-out trajectories (same training processes).
+    Sets ``settings.model.width`` to the best candidate (the networks are then trained on all
+    training pairs) and returns ``{"widths", "val_rmse", "chosen", "n_val_trajectories"}``."""
+    from tqdm.auto import tqdm
+
+    widths = list(settings.model.width)
+    levels = temperature_levels(settings.n_levels)
+    n_traj = int(data.train.traj.max()) + 1
+    n_val = max(1, round(VAL_FRACTION * n_traj))
+    if n_val >= n_traj:
+        raise ConfigError(f"experiment.model.width: choosing among {widths} needs >= 2 training trajectories")
+    val = data.train.traj >= n_traj - n_val
+    fit = ~val
+    x, y, mask = data.train.flat()
+    scores = []
+    for w in tqdm(widths, desc="choose width", disable=not progress, leave=False):
+        s_w = replace(settings, model=replace(settings.model, width=w))
+        prior = new_prior(s_w, data, True)
+        torch.manual_seed(settings.training.seed)
+        train_incremental(prior, x[fit].to(dtype), z0_train[fit].to(dtype), y[fit].to(dtype), mask[fit], data.R_norm,
+                          levels, settings.training)
+        est = incremental_assimilation(prior, z0_train[val].to(dtype), y[val].to(dtype), mask[val], data.R_norm, levels,
+                                       update=settings.update)
+        scores.append(rmse(est, x[val]))
+        log.info("width %d: validation RMSE %.4f (%d held-out training trajectories)", w, scores[-1], n_val)
+    chosen = widths[min(range(len(widths)), key=scores.__getitem__)]
+    settings.model.width = chosen
+    return {"widths": widths, "val_rmse": scores, "chosen": chosen, "n_val_trajectories": n_val}
+
+
 def new_prior(settings: ExperimentSettings, data: ToyData, conditional: bool) -> NeuralBandPrior:
     m = settings.model
     return NeuralBandPrior(data.T, data.phi, m.bandwidth, m.width, m.depth, m.emb_dim, precision=conditional,
@@ -353,10 +397,13 @@ def run_experiment(
     fg = FirstGuess(data, settings.z0_inflation)
     z0_train = fg(data.train)
     (z0_test, t_z0) = _timed(lambda: fg(data.test))
+    selection = None
     if checkpoint is not None:
         priors, histories = load_checkpoint(Path(checkpoint), settings, data)
         log.info("loaded networks from %s (training skipped)", checkpoint)
     else:
+        if isinstance(settings.model.width, list):
+            selection = select_width(settings, data, z0_train, dtype, progress)
         priors, histories = train_models(settings, data, z0_train, dtype, progress)
         if out_dir is not None:
             save_checkpoint(Path(out_dir) / "model.pt", settings, priors, histories)
@@ -449,6 +496,7 @@ def run_experiment(
     cost_truth = var.cost(data.norm.to_raw(data.test.x), yraw, data.test.mask)
     extra = {
         "update_rmse": updates,
+        "capacity_selection": selection,
         "level_rmse": level_rmse,
         "update_used": settings.update,
         "update_notes": update_notes,
