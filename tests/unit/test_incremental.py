@@ -189,3 +189,18 @@ def test_tiny_trained_model_beats_first_guess_on_held_out_processes():
     err_z0 = float((z0te - xte).pow(2).mean().sqrt())
     assert set(map(tuple, data.processes_test)).isdisjoint(map(tuple, data.processes_train))
     assert err_nn < 0.8 * err_z0, (err_nn, err_z0)  # measured: 0.46 vs 0.76
+
+
+def test_plain_mean_is_the_network_output_and_residual_adds_z():
+    torch.manual_seed(0)
+    z = torch.randn(3, 12, dtype=DT)
+    plain = NeuralBandPrior(4, 3, width=8, residual=False).double()
+    res = NeuralBandPrior(4, 3, width=8, residual=True).double()
+    res.load_state_dict(plain.state_dict())  # same weights, two parametrisations
+    inp = torch.cat((z, sinusoidal_embedding(torch.full((3,), 0.5, dtype=DT), 16)), -1)
+    torch.testing.assert_close(plain.mean(z, 0.5), plain.mean_net(inp), rtol=0, atol=0)
+    torch.testing.assert_close(res.mean(z, 0.5), z + plain.mean_net(inp), rtol=0, atol=0)
+    torch.testing.assert_close(plain(z, 0.5)[0], plain.mean(z, 0.5), rtol=0, atol=0)
+    # a fresh residual prior starts at mu = z (zero read-out), a plain one does not
+    torch.testing.assert_close(NeuralBandPrior(4, 3, width=8).double().mean(z, 1.0), z, rtol=0, atol=0)
+    assert float((NeuralBandPrior(4, 3, width=8, residual=False).double().mean(z, 1.0) - z).abs().max()) > 0.1

@@ -115,7 +115,7 @@ def evaluate_alongtrack_paths(analysis_path: str | Path, alongtrack: Any, *, l3:
             pngs[FIGURES[0]] = png_bytes(alongtrack_psd_figure(sc.psd, method))
         pngs[FIGURES[1]] = png_bytes(alongtrack_time_figure(sc.rmse, method))
         pngs[FIGURES[2]] = png_bytes(alongtrack_map_figure(sc.bins, method))
-    from oceanda.cli.evaluate import write_outputs
+    from oceanda.data.io import write_outputs
 
     out = Path(out_dir) if out_dir is not None else analysis_path.resolve().parent
     write_outputs(out, pngs, "scores_alongtrack.json", result, "along-track scores")

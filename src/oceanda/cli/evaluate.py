@@ -31,8 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from oceanda import __version__
 from oceanda.data import names as N
-from oceanda.data.io import open_dataset, require_finite, write_bytes_atomic, write_json_atomic
-from oceanda.errors import InputError
+from oceanda.data.io import open_dataset, require_finite, write_outputs
 
 if TYPE_CHECKING:
     from oceanda.cli.schema import EvaluateConfig
@@ -138,16 +137,6 @@ def evaluate_paths(truth_path: str | Path, analysis_path: str | Path, period: Se
     write_outputs(out, pngs, "scores.json", result, "scores")
     result["evaluation"]["out_dir"] = str(out)
     return result
-
-
-def write_outputs(out: Path, pngs: dict[str, bytes], json_name: str, result: dict[str, Any], what: str) -> None:
-    """Write the rendered figures, then the JSON (each atomically) into ``out``."""
-    try:
-        for fname, data in pngs.items():
-            write_bytes_atomic(out / fname, data)
-        write_json_atomic(out / json_name, result)
-    except OSError as exc:
-        raise InputError(f"cannot write the {what} to {out}: {exc}") from None
 
 
 def run(cfg: EvaluateConfig) -> int:

@@ -489,6 +489,8 @@ class ValidateConfig:
     checkpoint: str | None = None
     progress: bool = True
     threads: int | None = None
+    #: the model time step: null (the experiment's), a number (that setting), a list (a dt scan)
+    dt: float | tuple[float, ...] | None = None
     source_yaml: str = field(default="", compare=False)
     #: the experiment section as composed (recorded in report.json)
     experiment_raw: dict[str, Any] = field(default_factory=dict, compare=False)
@@ -496,6 +498,9 @@ class ValidateConfig:
     def __post_init__(self) -> None:
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
+        dts = self.dt if isinstance(self.dt, tuple) else () if self.dt is None else (self.dt,)
+        if (isinstance(self.dt, tuple) and not dts) or any(not (d > 0) for d in dts):
+            raise ConfigError(f"dt must be a positive number or a non-empty list of them, got {self.dt!r}")
 
     @classmethod
     def from_mapping(cls, data: dict[str, Any]) -> ValidateConfig:

@@ -5,6 +5,8 @@ usage:
   oceanda validate experiment=lorenz63 [preset=quick] [out_dir=DIR]
   oceanda validate experiment=pendulum [preset=quick]
   oceanda validate experiment=lorenz63 checkpoint=runs/validate/lorenz63/model.pt
+  oceanda validate experiment=lorenz63 dt=0.05             # the public code's step
+  oceanda validate experiment=lorenz63 'dt=[0.025,0.035,0.05]'   # the dt scan
 
 Generates the data (trajectories, observation processes split into training and held-out
 test processes), computes the Gaussian first guess z0, trains the neural band prior
@@ -14,10 +16,17 @@ assimilation (Algorithm 2) and the neural output polished by 4D-Var. Writes into
 report.md (Table 1 layout), report.json, reconstructions.png (Fig. 1/2), var4d_inits.png
 (Fig. 3), training.png and the checkpoint model.pt (reload it with checkpoint=PATH).
 `preset=quick` takes a few minutes on 2 CPU cores; the default preset is the paper's scale.
+
+``dt=`` overrides ``experiment.data.dt``; a list runs the whole experiment (training
+included) at each step into ``out_dir/dt<value>/`` and writes the scan table
+``scan.md`` / ``scan.json`` and ``scan.png`` (RMSE of every method against dt, the particle
+smoother as the floor) into ``out_dir``.
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import time
 from pathlib import Path
@@ -34,25 +43,54 @@ log = logging.getLogger("oceanda.validate")
 def run(cfg: ValidateConfig) -> int:
     import torch
 
-    from oceanda.validation.report import NAMES, write_report
-    from oceanda.validation.runner import METHODS, run_experiment
+    from oceanda.validation.report import write_scan
 
-    settings = cfg.experiment
+    settings, raw, preset = cfg.experiment, cfg.experiment_raw, cfg.preset_name
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     out_dir = Path(cfg.out_dir).expanduser()
     checkpoint = cfg.checkpoint
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise ConfigError(f"checkpoint={checkpoint}: no such file")
+    if cfg.dt is None:
+        return _run_one(settings, raw, preset, out_dir, checkpoint, cfg.progress)
+    if not isinstance(cfg.dt, tuple):  # dt=0.05: that setting, one run
+        return _run_one(*_with_dt(settings, raw, cfg.dt), preset, out_dir, checkpoint, cfg.progress)
+    if checkpoint is not None:
+        raise ConfigError("checkpoint= cannot be combined with a dt list (one network per dt)")
+    reports = {}
+    for dt in cfg.dt:
+        print(f"--- dt = {dt:g}")
+        _run_one(*_with_dt(settings, raw, dt), preset, out_dir / f"dt{dt:g}", None, cfg.progress)
+        reports[dt] = json.loads((out_dir / f"dt{dt:g}" / "report.json").read_text())
+    table = write_scan(out_dir, settings.system, preset, reports)
+    print(table)
+    print(f"wrote {out_dir}/scan.md, scan.json, scan.png")
+    return 0
+
+
+def _with_dt(settings, raw: dict, dt: float):
+    """Copies of the typed and the composed experiment with the model time step ``dt``."""
+    settings, raw = copy.deepcopy(settings), copy.deepcopy(raw)
+    settings.data["dt"] = dt
+    raw.setdefault("data", {})["dt"] = dt
+    return settings, raw
+
+
+def _run_one(settings, raw, preset, out_dir: Path, checkpoint, progress: bool) -> int:
+    from oceanda.validation.report import NAMES, write_report
+    from oceanda.validation.runner import EXTRA, METHODS, run_experiment
+
     out_dir.mkdir(parents=True, exist_ok=True)
     t0, c0 = time.perf_counter(), time.process_time()
-    result = run_experiment(settings, out_dir=out_dir, checkpoint=checkpoint, progress=cfg.progress)
+    result = run_experiment(settings, out_dir=out_dir, checkpoint=checkpoint, progress=progress)
     result.extra["run_wall_s"] = time.perf_counter() - t0
     result.extra["run_cpu_s"] = time.process_time() - c0
-    report = write_report(out_dir, result, cfg.preset_name, cfg.experiment_raw)
-    width = max(len(NAMES[m]) for m in METHODS)
+    report = write_report(out_dir, result, preset, raw)
+    shown = [m for m in (*METHODS, *EXTRA) if m in report]
+    width = max(len(NAMES[m]) for m in shown)
     print(f"{settings.system}: RMSE (normalised / physical), time per window, Gauss-Newton iterations (median)")
-    for m in METHODS:
+    for m in shown:
         r = report[m]
         gn = f"  GN {r['gn_iters_median']:g}" if "gn_iters_median" in r else ""
         print(f"  {NAMES[m]:<{width}}  {r['rmse']:.4f} / {r['rmse_raw']:.4f}  {r['time_per_window_ms']:.3g} ms{gn}")

@@ -327,6 +327,17 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     return write_bytes_atomic(path, (text + "\n").encode())
 
 
+def write_outputs(out: Path, pngs: dict[str, bytes], json_name: str, result: dict[str, Any], what: str) -> None:
+    """Write the rendered figures, then the JSON ``result`` (each atomically) into ``out``;
+    :class:`InputError` naming ``what`` and ``out`` when it cannot be written."""
+    try:
+        for fname, data in pngs.items():
+            write_bytes_atomic(out / fname, data)
+        write_json_atomic(out / json_name, result)
+    except OSError as exc:
+        raise InputError(f"cannot write the {what} to {out}: {exc}") from None
+
+
 def atomic_zarr_write(ds: xr.Dataset, path: str | os.PathLike, **to_zarr_kwargs: Any) -> Path:
     """Write ``ds`` to the zarr store ``path`` so that readers never see half a store.
 

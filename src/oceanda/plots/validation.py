@@ -5,7 +5,9 @@
   truth, observations and each method (Figures 1 and 2);
 * :func:`plot_var4d_inits` -- 4D-Var output from two initialisations on one window, with
   the cost against Gauss-Newton iterations (Figure 3);
-* :func:`plot_training` -- training loss per epoch.
+* :func:`plot_training` -- training loss per epoch;
+* :func:`plot_scan` -- RMSE of every method against the model time step (the dt scan),
+  the particle smoother as the floor.
 
 All functions write one PNG with the Agg backend and return its path.
 """
@@ -23,6 +25,9 @@ STYLE = {
     "cold_diffusion": dict(color="tab:orange", ls="-.", lw=1.4, label="cold diffusion"),
     "neural": dict(color="tab:red", lw=1.4, label="neural assimilation"),
     "neural_var4d": dict(color="tab:green", ls="--", lw=1.2, label="neural + 4D-Var polish"),
+    "var4d_from_truth": dict(color="tab:cyan", ls=":", lw=1.4, label="4D-Var from the truth"),
+    "var4d_strong": dict(color="tab:purple", ls="--", lw=1.2, label="4D-Var near-strong"),
+    "neural_var4d_strong": dict(color="tab:olive", ls="--", lw=1.2, label="neural + near-strong polish"),
 }
 
 
@@ -134,6 +139,33 @@ def plot_training(path, histories: dict, title: str) -> Path:
     ax.set_ylabel("training loss (MSE)")
     ax.set_title(title)
     ax.legend()
+    fig.tight_layout()
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
+def plot_scan(path, dts, rmse: dict, names: dict, title: str, floor: str = "particle_smoother") -> Path:
+    """``rmse`` method -> list of RMSE (one per ``dts`` entry, ``nan`` where missing); the
+    ``floor`` method is drawn as a shaded floor (nothing can do better on average)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8.8, 4.2))
+    x = np.asarray(dts, float)
+    if floor in rmse:
+        f = np.asarray(rmse[floor], float)
+        ax.fill_between(x, 0, f, color="0.85", label=names.get(floor, floor))
+        ax.plot(x, f, color="black", lw=2.0)
+    markers = "osD^v<>p*hx"
+    for i, (m, vals) in enumerate(rmse.items()):
+        if m == floor:
+            continue
+        st = {k: v for k, v in STYLE.get(m, {}).items() if k in ("color", "ls")}
+        ax.plot(x, np.asarray(vals, float), marker=markers[i % len(markers)], label=names.get(m, m), **st)
+    ax.set_xlabel("model time step dt (window of 32 steps)")
+    ax.set_ylabel("RMSE (normalised units)")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     out = _save(fig, path)
     plt.close(fig)

@@ -4,8 +4,10 @@ Two fully connected networks of depth 4 and width 32 (Sec. 4, "Architecture") re
 current estimate ``z`` ``(B, d)`` (time-major trajectory, ``d = T*phi``) and a sinusoidal
 positional embedding of the temperature ``s`` in ``[0, 1]``:
 
-* the mean network gives ``mu = z + f_mu(z, s)`` (a residual parametrisation of the
-  paper's ``mu(z; theta, s)``: the network learns the increment, which starts at zero);
+* the mean network gives ``mu = z + f_mu(z, s)`` (``residual=True``: the network learns the
+  increment, which starts at zero) or ``mu = f_mu(z, s)`` (``residual=False``: a plain MLP,
+  as the authors' public code). The residual mean co-adapts with the precision to the
+  training observation times and generalises worse to unseen observation processes;
 * the precision network gives the band Cholesky factor ``L`` (``k = 2*phi`` sub-diagonals,
   positive diagonal) of the precision ``Q = L L^T``, so ``Q`` is banded with bandwidth
   ``2*phi`` (:func:`oceanda.linalg.spd_band_from_raw`).
@@ -56,7 +58,7 @@ class NeuralBandPrior(nn.Module):
     """
 
     def __init__(self, T: int, phi: int, bandwidth: int | None = None, width: int = 32, depth: int = 4,
-                 emb_dim: int = 16, precision: bool = True, diag_floor: float = 1e-2):
+                 emb_dim: int = 16, precision: bool = True, diag_floor: float = 1e-2, residual: bool = True):
         super().__init__()
         self.T, self.phi = T, phi
         self.d = T * phi
@@ -65,9 +67,11 @@ class NeuralBandPrior(nn.Module):
             raise InputError(f"NeuralBandPrior: bandwidth {self.k} must be in [0, d={self.d})")
         self.emb_dim = emb_dim
         self.diag_floor = diag_floor
+        self.residual = residual
         self.mean_net = mlp(self.d + emb_dim, self.d, width, depth)
-        nn.init.zeros_(self.mean_net[-1].weight)
-        nn.init.zeros_(self.mean_net[-1].bias)
+        if residual:
+            nn.init.zeros_(self.mean_net[-1].weight)
+            nn.init.zeros_(self.mean_net[-1].bias)
         self.has_precision = precision
         if precision:
             self.prec_net = mlp(self.d + emb_dim, self.d * (self.k + 1), width, depth)
@@ -84,7 +88,11 @@ class NeuralBandPrior(nn.Module):
 
     def mean(self, z: torch.Tensor, s: torch.Tensor | float) -> torch.Tensor:
         """``mu(z; theta, s)`` ``(B, d)``."""
-        return z + self.mean_net(self._input(z, s))
+        return self._mean(z, self._input(z, s))
+
+    def _mean(self, z: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
+        out = self.mean_net(inp)
+        return z + out if self.residual else out
 
     def forward(self, z: torch.Tensor, s: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
         """``(mu (B, d), Q_band (B, d, k+1))``, ``Q = L L^T`` with ``L`` from the network.
@@ -98,7 +106,7 @@ class NeuralBandPrior(nn.Module):
         if not self.has_precision:
             raise InputError("NeuralBandPrior built with precision=False has no precision network")
         inp = self._input(z, s)
-        mu = z + self.mean_net(inp)
+        mu = self._mean(z, inp)
         raw = self.prec_net(inp).reshape(z.shape[0], self.d, self.k + 1)
         return mu, spd_band_from_raw(raw.double(), self.k, eps=self.diag_floor)
 

@@ -83,6 +83,7 @@ class ToyData:
     model_noise_var: float  #: model-noise variance per step and component (physical)
     observed_component: int = 0
     ic_box: tuple[float, float] | None = None  #: pendulum: (q_max, p_max) of the uniform initial states
+    spinup_steps: int | None = None  #: Lorenz-63: spin-up of the attractor sampler
     raw_train_x: torch.Tensor | None = field(default=None, repr=False)
     #: diagnostic: held-out trajectories observed by the *training* processes
     test_seen: PairSet | None = field(default=None, repr=False)
@@ -148,8 +149,10 @@ def make_lorenz63(n_train: int, n_test: int, T: int = 32, dt: float = 0.025, spi
     noise_std = math.sqrt(dt)
     x0 = lorenz63.sample_attractor(n_train + n_test, dt, spinup_steps, noise_std, g)
     traj = lorenz63.simulate(x0, T - 1, dt, noise_std, g)
-    return _finish("lorenz63", traj[:n_train], traj[n_train:], T, 3, dt, obs_every, n_test_processes,
+    data = _finish("lorenz63", traj[:n_train], traj[n_train:], T, 3, dt, obs_every, n_test_processes,
                    obs_noise, None, dt, g)
+    data.spinup_steps = spinup_steps
+    return data
 
 
 def make_pendulum(n_train: int, n_test: int, T: int = 100, dt: float = 0.1, obs_every: int = 10,

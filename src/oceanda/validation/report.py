@@ -2,8 +2,11 @@
 
 ``report.json`` has one entry per method (``z0``, ``var4d``, ``cold_diffusion``, ``neural``,
 ``neural_var4d``) with ``rmse`` (normalised units), ``rmse_raw`` (physical units),
-``time_per_window_ms`` and, for the 4D-Var runs, ``gn_iters_median``; plus ``checks`` (the
-paper's relations, each with our numbers and whether it holds) and ``meta``.
+``time_per_window_ms`` and, for the 4D-Var runs, ``gn_iters_median``; the references and
+variants of :data:`~oceanda.validation.runner.EXTRA` (``particle_smoother`` with its effective
+sample size, ``var4d_from_truth``, the cold-diffusion polish and the near-strong-constraint
+``*_strong`` runs) in the same format; plus ``checks`` (the paper's relations and the
+reference's, each with our numbers and whether it holds) and ``meta``.
 ``report.md`` lays the numbers out as the paper's Table 1 with two more columns (first
 guess, neural + 4D-Var polish).
 """
@@ -18,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from oceanda.plots import validation as vplots
-from oceanda.validation.runner import METHODS, ExperimentResult
+from oceanda.validation.runner import EXTRA, METHODS, ExperimentResult
 
 NAMES = {
     "z0": "First guess z0",
@@ -26,6 +29,12 @@ NAMES = {
     "cold_diffusion": "Cold diffusion",
     "neural": "Neural assimilation",
     "neural_var4d": "Neural + 4D-Var polish",
+    "particle_smoother": "Particle smoother (Bayes-optimal reference)",
+    "var4d_from_truth": "4D-Var started from the truth",
+    "cold_diffusion_var4d": "Cold diffusion + 4D-Var polish",
+    "var4d_strong": "4D-Var near-strong constraint",
+    "neural_var4d_strong": "Neural + near-strong 4D-Var polish",
+    "cold_diffusion_var4d_strong": "Cold diffusion + near-strong 4D-Var polish",
 }
 PAPER = {  # Blanke et al. (2024), Table 1 and Sec. 4.2 (metric not defined there)
     "lorenz63": {"var4d": 0.9, "cold_diffusion": 1.1, "neural": 0.5},
@@ -67,8 +76,48 @@ def paper_checks(system: str, metrics: dict, extra: dict) -> list[dict]:
                       f"({la.get('n_windows', 0)} windows)",
                  holds=bool(la) and la["neural"] <= 0.5 * la["z0"]),
         ]
+    if "particle_smoother" in metrics:
+        ps = metrics["particle_smoother"]["rmse"]
+        out += [
+            dict(check="RMSE neural < cold diffusion < 4D-Var from z0", paper="issue 14 at dt = 0.05",
+                 ours=f"{r['neural']:.3f} / {r['cold_diffusion']:.3f} / {r['var4d']:.3f}",
+                 holds=r["neural"] < r["cold_diffusion"] < r["var4d"]),
+            dict(check="neural within 1.5x of the particle smoother", paper="-",
+                 ours=f"{r['neural']:.3f} vs {ps:.3f} ({r['neural'] / ps:.2f}x)", holds=r["neural"] <= 1.5 * ps),
+            dict(check="neural + 4D-Var polish within 1.1x of the particle smoother and below 4D-Var from z0",
+                 paper="-", ours=f"{r['neural_var4d']:.3f} vs {ps:.3f} ({r['neural_var4d'] / ps:.2f}x), "
+                                 f"4D-Var {r['var4d']:.3f}",
+                 holds=r["neural_var4d"] <= 1.1 * ps and r["neural_var4d"] < r["var4d"]),
+        ]
+    if "neural_var4d_strong" in metrics:
+        a, b = metrics["var4d_strong"]["gn_iters_median"], metrics["neural_var4d_strong"]["gn_iters_median"]
+        out.append(dict(check="near-strong 4D-Var: GN iterations (median) from z0 / from neural >= 4",
+                        paper="23 / 4 (one sample)", ours=f"{a:g} / {b:g} = {a / max(b, 1.0):.2f}",
+                        holds=a / max(b, 1.0) >= 4))
     out.append(dict(check="neural inference >= 5x faster than 4D-Var", paper="2 vs 10",
                     ours=f"{t['neural']:.3g} ms vs {t['var4d']:.3g} ms per window ({speed:.1f}x)", holds=speed >= 5))
+    return out
+
+
+def expected_check(metrics: dict, settings: dict, preset: str) -> list[dict]:
+    """This run's RMSE against the experiment's ``expected`` results for ``preset`` (the
+    numbers measured on the same fixed seeds, kept in ``configs/experiment/*.yaml``): one
+    row per method with ``expected``, ``measured``, ``rel_tol`` and ``within``. Empty when
+    the experiment holds no expectation for this preset or the data settings differ."""
+    exp = (settings.get("expected") or {}).get(preset)
+    if not exp:
+        return []
+    if any(settings.get("data", {}).get(k) != v for k, v in (exp.get("data") or {}).items()):
+        return []  # another setting (e.g. dt=) than the one the numbers were measured at
+    tol = exp.get("rel_tol") or {}
+    out = []
+    for m, value in (exp.get("rmse") or {}).items():
+        if m not in metrics:
+            continue
+        got = metrics[m]["rmse"]
+        t = float(tol.get(m, tol.get("default", 0.1)))
+        out.append({"method": m, "expected": value, "measured": got, "rel_tol": t,
+                    "within": abs(got - value) <= t * value})
     return out
 
 
@@ -132,6 +181,8 @@ def markdown(system: str, preset: str, metrics: dict, checks: list[dict], meta: 
         f"Gauss-Newton step predicts less than {meta['var4d'].get('decrement_tol')} further decrease of its cost "
         f"(or a relative decrease below {meta['var4d'].get('ftol')}, or after {meta['var4d'].get('max_iter')} iterations).",
         "",
+        *_extra_table(metrics, meta),
+        *_expected_lines(meta.get("expected_check", []), preset),
         "## The paper's relations",
         "",
         "| relation | paper | ours | holds |",
@@ -149,6 +200,9 @@ def markdown(system: str, preset: str, metrics: dict, checks: list[dict], meta: 
         "",
         f"Used for the table: `{meta['update_used']}`. Temperatures s_k = {[round(s, 3) for s in meta['levels']]}.",
         "",
+        "RMSE of the MAP output x_k at each level of Algorithm 2 (k = 0: one MAP step from z0; the last is the "
+        "estimate): " + ", ".join(f"{v:.4f}" for v in meta.get("level_rmse", [])) + ".",
+        "",
         "## Set-up",
         "",
         f"- First guess: {meta['z0']}.",
@@ -162,6 +216,11 @@ def markdown(system: str, preset: str, metrics: dict, checks: list[dict], meta: 
         f"- Run time: {meta.get('run_wall_s', math.nan):.0f} s wall clock, {meta.get('run_cpu_s', math.nan):.0f} s CPU "
         "(data, training, evaluation; the machine may have been shared).",
         f"- Training pairs: {meta['n_train_pairs']}; settings: `{json.dumps(meta['settings'])}`.",
+        *([f"- Width chosen by held-out validation ({meta['capacity_selection']['n_val_trajectories']} training "
+           "trajectories held out, never the test windows): "
+           + ", ".join(f"{w}: {v:.4f}" for w, v in zip(meta['capacity_selection']['widths'],
+                                                     meta['capacity_selection']['val_rmse']))
+           + f" -> {meta['capacity_selection']['chosen']}."] if meta.get("capacity_selection") else []),
     ]
     if "seen_processes" in meta:
         sp = meta["seen_processes"]
@@ -196,6 +255,51 @@ def markdown(system: str, preset: str, metrics: dict, checks: list[dict], meta: 
     return "\n".join(lines)
 
 
+def _expected_lines(rows: list[dict], preset: str) -> list[str]:
+    if not rows:
+        return []
+    return [f"## This run against the expected results of preset `{preset}` (configs/experiment)", "",
+            "| method | expected RMSE | this run | tolerance | within |", "|---|---|---|---|---|",
+            *[f"| {NAMES[r['method']]} | {r['expected']:.4f} | {r['measured']:.4f} | {100 * r['rel_tol']:.0f}% | "
+              f"{'yes' if r['within'] else '**no**'} |" for r in rows], ""]
+
+
+def _extra_table(metrics: dict, meta: dict) -> list[str]:
+    """Markdown lines of the references and 4D-Var variants (those that were run)."""
+    rows = [m for m in EXTRA if m in metrics]
+    if not rows:
+        return []
+    lines = ["## Bayes-optimal reference and 4D-Var variants (same test windows)", "",
+             "| method | RMSE (normalised) | RMSE (physical) | time per window (ms) | GN iterations (median / mean) "
+             "| converged |", "|---|---|---|---|---|---|"]
+    for m in ("var4d", "neural_var4d", *rows):
+        r = metrics[m]
+        gn = f"{r['gn_iters_median']:g} / {r['gn_iters_mean']:.1f}" if "gn_iters_median" in r else "-"
+        conv = f"{100 * r['converged_fraction']:.0f}%" if "converged_fraction" in r else "-"
+        lines.append(f"| {NAMES[m]} | {r['rmse']:.4f} | {r['rmse_raw']:.4f} | {r['time_per_window_ms']:.3g} | {gn} "
+                     f"| {conv} |")
+    lines.append("")
+    if "particle_smoother" in metrics:
+        ps = metrics["particle_smoother"]
+        lines += [
+            f"Particle smoother: bootstrap filter with {ps['n_particles']} particles per window, the true model, "
+            "model noise and initial-state distribution, systematic resampling of whole paths when the effective "
+            "sample size (ESS) falls below half the particles; its mean over the final paths approximates "
+            f"E[x | y], the minimum-RMSE estimate. Smallest ESS at an observed time: median over windows "
+            f"{ps['ess_min_median']:.0f}, worst window {ps['ess_min_min']:.0f}; distinct initial states among the "
+            f"final paths: median {ps['unique_x0_median']:.0f}, worst {ps['unique_x0_min']}.", ""]
+    mn = meta["minima"]
+    lines += [
+        f"4D-Var from z0 ends in a minimum of higher cost (by > 1) than 4D-Var started from the truth on "
+        f"{100 * mn['var4d_worse_fraction']:.1f}% of the windows; the polish from the neural output on "
+        f"{100 * mn['neural_var4d_worse_fraction']:.1f}%.", ""]
+    if "var4d_strong" in metrics:
+        lines += [f"Near-strong constraint: model-error covariance x {meta['var4d'].get('strong_factor')}; "
+                  "times of the polish rows include the neural / cold-diffusion pass; the rows of this table "
+                  "other than the first two are timed on one run.", ""]
+    return lines
+
+
 def write_report(out_dir, result: ExperimentResult, preset: str, settings: dict) -> dict:
     """Write ``report.json``, ``report.md`` and the figures into ``out_dir``; returns the
     JSON content."""
@@ -206,8 +310,9 @@ def write_report(out_dir, result: ExperimentResult, preset: str, settings: dict)
     meta["settings"] = settings
     meta["var4d"] = settings.get("var4d", {})
     checks = paper_checks(system, result.metrics, meta)
-    report = {m: result.metrics[m] for m in METHODS}
+    report = dict(result.metrics)
     report["checks"] = checks
+    report["expected_check"] = meta["expected_check"] = expected_check(result.metrics, settings, preset)
     report["meta"] = {"experiment": system, "preset": preset, **meta}
 
     # figures (physical units)
@@ -251,3 +356,52 @@ def write_report(out_dir, result: ExperimentResult, preset: str, settings: dict)
     _atomic_write(out_dir / "report.json", json.dumps(_json_clean(report), indent=2, allow_nan=False))
     _atomic_write(out_dir / "report.md", markdown(system, preset, result.metrics, checks, meta))
     return report
+
+
+SCAN_METHODS = ("particle_smoother", "var4d_from_truth", "neural_var4d", "var4d", "neural", "cold_diffusion", "z0",
+                "var4d_strong", "neural_var4d_strong")
+
+
+def write_scan(out_dir, system: str, preset: str, reports: dict) -> str:
+    """``scan.json``, ``scan.md`` and ``scan.png`` from ``reports`` (dt -> report.json
+    content); returns the markdown table. Says at which dt the paper's ordering
+    neural < 4D-Var < cold diffusion holds."""
+    out_dir = Path(out_dir)
+    dts = sorted(reports)
+    methods = [m for m in SCAN_METHODS if any(m in reports[dt] for dt in dts)]
+    val = {m: [reports[dt].get(m, {}).get("rmse", math.nan) for dt in dts] for m in methods}
+    lines = [f"# oceanda validate: {system} dt scan (preset `{preset}`)", "",
+             "RMSE (normalised units) on the held-out test windows at each model time step (windows of "
+             f"{reports[dts[0]]['meta']['settings']['data'].get('T', '?')} steps; each dt is a separate experiment: "
+             "data, training, evaluation).", "",
+             "| method | " + " | ".join(f"dt = {dt:g}" for dt in dts) + " |",
+             "|---" * (len(dts) + 1) + "|"]
+    for m in methods:
+        lines.append(f"| {NAMES[m]} | " + " | ".join("-" if not math.isfinite(v) else f"{v:.4f}" for v in val[m]) + " |")
+    worse = [reports[dt]["meta"]["minima"].get("var4d_worse_fraction", math.nan) for dt in dts]
+    lines.append("| 4D-Var from z0 in a worse minimum than from the truth | "
+                 + " | ".join(f"{100 * w:.0f}%" for w in worse) + " |")
+    gn = {m: [reports[dt].get(m, {}).get("gn_iters_median", math.nan) for dt in dts]
+          for m in ("var4d_strong", "neural_var4d_strong") if m in methods}
+    for m, v in gn.items():
+        lines.append(f"| GN iterations (median), {NAMES[m]} | " + " | ".join(f"{x:g}" for x in v) + " |")
+    lines += ["", "| dt | paper's ordering neural < 4D-Var < cold diffusion | neural < cold diffusion < 4D-Var | "
+              "neural / particle smoother |", "|---|---|---|---|"]
+    rows = []
+    for i, dt in enumerate(dts):
+        n, v, c = val["neural"][i], val["var4d"][i], val["cold_diffusion"][i]
+        ps = val["particle_smoother"][i] if "particle_smoother" in val else math.nan
+        paper, ours = n < v < c, n < c < v
+        rows.append({"dt": dt, "paper_ordering_holds": paper, "neural_lt_cold_lt_var4d": ours,
+                     "neural_over_particle_smoother": n / ps if ps > 0 else None})
+        lines.append(f"| {dt:g} | {'yes' if paper else 'no'} | {'yes' if ours else 'no'} | "
+                     f"{n / ps:.2f} |" if ps > 0 else f"| {dt:g} | {'yes' if paper else 'no'} | "
+                     f"{'yes' if ours else 'no'} | - |")
+    lines += ["", "![RMSE against dt](scan.png)", ""]
+    text = "\n".join(lines)
+    vplots.plot_scan(out_dir / "scan.png", dts, val, NAMES, f"{system}: RMSE against the model time step")
+    _atomic_write(out_dir / "scan.json", json.dumps(_json_clean({"dt": dts, "rmse": val, "orderings": rows,
+                                                                 "var4d_worse_fraction": worse}),
+                                                    indent=2, allow_nan=False))
+    _atomic_write(out_dir / "scan.md", text)
+    return text

@@ -10,6 +10,18 @@ Methods compared on the same held-out trajectories and held-out observation proc
 * ``neural``: incremental neural assimilation (Algorithm 2);
 * ``neural_var4d``: 4D-Var started from the neural output ("polish").
 
+References and variants (:data:`EXTRA`), on the same windows:
+
+* ``particle_smoother``: bootstrap particle smoother with the true model, noise and initial
+  distribution (:mod:`oceanda.assim.particle`): the Bayes-optimal (minimum-RMSE) estimate
+  ``E[x | y]`` up to Monte-Carlo error, reported with its effective sample size;
+* ``var4d_from_truth``: 4D-Var started from the true trajectory (the minimum 4D-Var finds
+  near the truth); the fraction of windows where 4D-Var from ``z0`` ends in a minimum of
+  higher cost is ``meta.minima.var4d_worse_fraction``;
+* ``cold_diffusion_var4d``: 4D-Var polish from the cold-diffusion output;
+* ``var4d_strong``, ``neural_var4d_strong``, ``cold_diffusion_var4d_strong``: the same three
+  starts with the near-strong-constraint model-error covariance ``Qm * var4d.strong_factor``.
+
 RMSE is over all entries of the test windows (every time, every component): ``rmse`` in
 normalised units (each component zero mean, unit variance over the training
 trajectories), ``rmse_raw`` in physical units. Times are wall-clock on the whole test batch
@@ -23,12 +35,13 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from oceanda.assim.incremental import UPDATES, incremental_assimilation, temperature_levels
+from oceanda.assim.particle import particle_smoother
 from oceanda.assim.var4d import Var4DResult, WeakConstraint4DVar
 from oceanda.dynamics import lorenz63, pendulum
 from oceanda.errors import ConfigError, InputError, NumericalError
@@ -39,18 +52,32 @@ from oceanda.validation.data import PairSet, ToyData, make_lorenz63, make_pendul
 
 log = logging.getLogger("oceanda.validate")
 METHODS = ("z0", "var4d", "cold_diffusion", "neural", "neural_var4d")
+EXTRA = ("particle_smoother", "var4d_from_truth", "cold_diffusion_var4d", "var4d_strong", "neural_var4d_strong",
+         "cold_diffusion_var4d_strong")
 SYSTEMS = ("lorenz63", "pendulum")
 CHECKPOINT_VERSION = 1
 
 
 @dataclass
 class ModelSettings:
-    """Networks of the neural band prior (paper: depth 4, width 32, bandwidth 2*phi)."""
+    """Networks of the neural band prior (paper: depth 4, width 32, bandwidth 2*phi).
+    ``width`` may be a list of candidates: the one chosen by held-out validation
+    (:func:`select_width`) is trained."""
 
-    width: int = 32
+    width: int | list[int] = 32
     depth: int = 4
     emb_dim: int = 16
     bandwidth: int | None = None
+    residual_mean: bool = True  #: mu = z + f(z, s) (True) or mu = f(z, s), a plain MLP mean (False)
+
+
+@dataclass
+class ParticleSettings:
+    """The particle-smoother reference (:mod:`oceanda.assim.particle`); ``n_particles = 0``
+    skips it. Particles run in float32 (the Monte-Carlo error dominates round-off)."""
+
+    n_particles: int = 100_000
+    seed: int = 0
 
 
 @dataclass
@@ -62,6 +89,8 @@ class Var4DSettings:
     cost_tol: float | None = None
     decrement_tol: float | None = 0.05
     lm_init: float = 1e-3
+    #: near-strong-constraint variant: model-error covariance Qm * strong_factor (null: skip it)
+    strong_factor: float | None = 1e-3
 
 
 @dataclass
@@ -76,8 +105,12 @@ class ExperimentSettings:
     model: ModelSettings = field(default_factory=ModelSettings)
     training: TrainSettings = field(default_factory=TrainSettings)
     var4d: Var4DSettings = field(default_factory=Var4DSettings)
+    particle_smoother: ParticleSettings = field(default_factory=ParticleSettings)
     z0_inflation: list[float] = field(default_factory=lambda: [1.0])
     n_plot: int = 3
+    #: results measured on the experiment's fixed seeds, kept as data (preset -> {"rmse": {method: value},
+    #: "rel_tol": {method: tolerance}}); not used by the run, checked by the tests on the quick preset
+    expected: dict = field(default_factory=dict)
 
     def check(self) -> None:
         if self.system not in SYSTEMS:
@@ -89,6 +122,15 @@ class ExperimentSettings:
         if not self.z0_inflation or min(self.z0_inflation) <= 0:
             raise ConfigError(f"experiment.z0_inflation must be a non-empty list of positive factors, "
                               f"got {self.z0_inflation}")
+        widths = self.model.width if isinstance(self.model.width, list) else [self.model.width]
+        if not widths or any(not isinstance(w, int) or w < 1 for w in widths):
+            raise ConfigError(f"experiment.model.width must be a positive integer or a non-empty list of them, "
+                              f"got {self.model.width}")
+        if self.particle_smoother.n_particles < 0:
+            raise ConfigError(f"experiment.particle_smoother.n_particles must be >= 0, "
+                              f"got {self.particle_smoother.n_particles}")
+        if self.var4d.strong_factor is not None and not self.var4d.strong_factor > 0:
+            raise ConfigError(f"experiment.var4d.strong_factor must be > 0 or null, got {self.var4d.strong_factor}")
         self.training.check()
 
 
@@ -120,10 +162,33 @@ def background(data: ToyData) -> tuple[torch.Tensor, torch.Tensor]:
                                                                         dtype=torch.float64))
 
 
-def build_var4d(data: ToyData, s: Var4DSettings) -> WeakConstraint4DVar:
+def initial_particles(data: ToyData, n: int, generator: torch.Generator, dtype=torch.float32) -> torch.Tensor:
+    """``n`` draws ``(n, phi)`` of the true initial-state distribution (physical units): the
+    attractor sampler of the data (L63), the uniform box (pendulum)."""
+    if data.system == "lorenz63":
+        return lorenz63.sample_attractor(n, data.dt, data.spinup_steps, math.sqrt(data.model_noise_var), generator,
+                                         dtype)
+    return pendulum.sample_initial(n, *data.ic_box, generator, dtype)
+
+
+def run_particle_smoother(data: ToyData, pairs: PairSet, s: ParticleSettings, dtype=torch.float32):
+    """The particle smoother on ``pairs`` (physical units); returns ``(result, seconds)``,
+    the time excluding the draw of the initial particles."""
+    g = torch.Generator().manual_seed(s.seed)
+    pool = initial_particles(data, s.n_particles, g, dtype)
+    step = (lambda x: lorenz63.step(x, data.dt)) if data.system == "lorenz63" else (lambda x: pendulum.step(x, data.dt))
+    yraw = torch.where(pairs.mask, data.norm.to_raw(pairs.y), torch.zeros_like(pairs.y)).to(dtype)
+    t0 = time.perf_counter()
+    res = particle_smoother(step, math.sqrt(data.model_noise_var), pool, yraw, pairs.mask, data.R_raw, generator=g)
+    return res, time.perf_counter() - t0
+
+
+def build_var4d(data: ToyData, s: Var4DSettings, factor: float = 1.0) -> WeakConstraint4DVar:
+    """Weak-constraint 4D-Var with the true model and noise; ``factor`` scales the
+    model-error covariance (``var4d.strong_factor``: near-strong constraint)."""
     xb, Bc = background(data)
     return WeakConstraint4DVar(
-        model_step(data), data.model_noise_var * torch.eye(data.phi, dtype=torch.float64), data.R_raw,
+        model_step(data), factor * data.model_noise_var * torch.eye(data.phi, dtype=torch.float64), data.R_raw,
         xb, Bc, max_iter=s.max_iter, ftol=s.ftol, cost_tol=s.cost_tol, decrement_tol=s.decrement_tol,
         lm_init=s.lm_init,
     )
@@ -224,9 +289,48 @@ def train_models(settings: ExperimentSettings, data: ToyData, z0_train: torch.Te
     return out, histories
 
 
+VAL_FRACTION = 0.1  #: training trajectories held out to choose the width
+
+
+def select_width(settings: ExperimentSettings, data: ToyData, z0_train: torch.Tensor, dtype=torch.float32,
+                 progress: bool = True) -> dict:
+    """Capacity by held-out validation, never by the test windows: each candidate width of
+    ``settings.model.width`` (a list) trains the neural prior on the training pairs of all
+    but the last ``VAL_FRACTION`` of the training trajectories and is scored by the RMSE of
+    its assimilation on the pairs of those held-out trajectories (same training processes).
+    Sets ``settings.model.width`` to the best candidate (the networks are then trained on all
+    training pairs) and returns ``{"widths", "val_rmse", "chosen", "n_val_trajectories"}``."""
+    from tqdm.auto import tqdm
+
+    widths = list(settings.model.width)
+    levels = temperature_levels(settings.n_levels)
+    n_traj = int(data.train.traj.max()) + 1
+    n_val = max(1, round(VAL_FRACTION * n_traj))
+    if n_val >= n_traj:
+        raise ConfigError(f"experiment.model.width: choosing among {widths} needs >= 2 training trajectories")
+    val = data.train.traj >= n_traj - n_val
+    fit = ~val
+    x, y, mask = data.train.flat()
+    scores = []
+    for w in tqdm(widths, desc="choose width", disable=not progress, leave=False):
+        s_w = replace(settings, model=replace(settings.model, width=w))
+        prior = new_prior(s_w, data, True)
+        torch.manual_seed(settings.training.seed)
+        train_incremental(prior, x[fit].to(dtype), z0_train[fit].to(dtype), y[fit].to(dtype), mask[fit], data.R_norm,
+                          levels, settings.training)
+        est = incremental_assimilation(prior, z0_train[val].to(dtype), y[val].to(dtype), mask[val], data.R_norm, levels,
+                                       update=settings.update)
+        scores.append(rmse(est, x[val]))
+        log.info("width %d: validation RMSE %.4f (%d held-out training trajectories)", w, scores[-1], n_val)
+    chosen = widths[min(range(len(widths)), key=scores.__getitem__)]
+    settings.model.width = chosen
+    return {"widths": widths, "val_rmse": scores, "chosen": chosen, "n_val_trajectories": n_val}
+
+
 def new_prior(settings: ExperimentSettings, data: ToyData, conditional: bool) -> NeuralBandPrior:
     m = settings.model
-    return NeuralBandPrior(data.T, data.phi, m.bandwidth, m.width, m.depth, m.emb_dim, precision=conditional)
+    return NeuralBandPrior(data.T, data.phi, m.bandwidth, m.width, m.depth, m.emb_dim, precision=conditional,
+                           residual=m.residual_mean)
 
 
 def save_checkpoint(path: Path, settings: ExperimentSettings, priors: dict, histories: dict) -> None:
@@ -293,10 +397,13 @@ def run_experiment(
     fg = FirstGuess(data, settings.z0_inflation)
     z0_train = fg(data.train)
     (z0_test, t_z0) = _timed(lambda: fg(data.test))
+    selection = None
     if checkpoint is not None:
         priors, histories = load_checkpoint(Path(checkpoint), settings, data)
         log.info("loaded networks from %s (training skipped)", checkpoint)
     else:
+        if isinstance(settings.model.width, list):
+            selection = select_width(settings, data, z0_train, dtype, progress)
         priors, histories = train_models(settings, data, z0_train, dtype, progress)
         if out_dir is not None:
             save_checkpoint(Path(out_dir) / "model.pt", settings, priors, histories)
@@ -340,24 +447,57 @@ def run_experiment(
         bar.close()
         est[name] = data.norm.to_norm(runs[name].x).reshape(N, -1)
     times["neural_var4d"] += times["neural"]
+    # references and variants: run once each (timings of one run)
+    starts = {"cold_diffusion_var4d": (var, est["cold_diffusion"], times["cold_diffusion"]),
+              "var4d_from_truth": (var, x, 0.0)}
+    if settings.var4d.strong_factor is not None:
+        var_s = build_var4d(data, settings.var4d, settings.var4d.strong_factor)
+        starts.update({"var4d_strong": (var_s, est["z0"], 0.0),
+                       "neural_var4d_strong": (var_s, est["neural"], times["neural"]),
+                       "cold_diffusion_var4d_strong": (var_s, est["cold_diffusion"], times["cold_diffusion"])})
+    for name, (solver, start, t_start) in starts.items():
+        bar = tqdm(total=settings.var4d.max_iter, desc=f"4D-Var {name}", disable=not progress, leave=False)
+        runs[name], times[name] = _timed(lambda solver=solver, start=start, bar=bar: solver.solve(
+            to_raw(start), yraw, data.test.mask, lambda k, n: bar.update(1)), repeat=1)
+        bar.close()
+        times[name] += t_start
+        est[name] = data.norm.to_norm(runs[name].x).reshape(N, -1)
+    ps_info = {}
+    if settings.particle_smoother.n_particles > 0:
+        log.info("particle smoother: %d particles x %d windows", settings.particle_smoother.n_particles, N)
+        ps, times["particle_smoother"] = run_particle_smoother(data, data.test, settings.particle_smoother)
+        est["particle_smoother"] = data.norm.to_norm(ps.mean.double()).reshape(N, -1)
+        ess = ps.ess_min.double()
+        ps_info = {"n_particles": ps.n_particles, "ess_min_median": float(ess.median()), "ess_min_min": float(ess.min()),
+                   "unique_x0_median": float(ps.n_unique0.double().median()),
+                   "unique_x0_min": int(ps.n_unique0.min())}
+    shown = [m for m in (*METHODS, *EXTRA) if m in est]
 
     metrics = {}
-    for m in METHODS:
+    for m in shown:
         xr = to_raw(est[m])
         metrics[m] = {
             "rmse": rmse(est[m], x),
             "rmse_raw": rmse(xr, data.norm.to_raw(data.test.x)),
             "time_per_window_ms": 1e3 * times[m] / N,
         }
+        if m == "particle_smoother":
+            metrics[m].update(ps_info)
         if m in runs:
             it = runs[m].iters.double()
             metrics[m]["gn_iters_median"] = float(it.median())
             metrics[m]["gn_iters_mean"] = float(it.mean())
             metrics[m]["converged_fraction"] = float(runs[m].converged.double().mean())
             metrics[m]["cost_median"] = float(runs[m].cost.median())
+    # Algorithm 2's iterations: the error of each MAP output x_k (k = 0: one MAP step from z0)
+    _, path = incremental_assimilation(priors["neural"], z0d, yd, mask, data.R_norm, levels, update=settings.update,
+                                       return_path=True)
+    level_rmse = [rmse(p, x) for p in path]
     cost_truth = var.cost(data.norm.to_raw(data.test.x), yraw, data.test.mask)
     extra = {
         "update_rmse": updates,
+        "capacity_selection": selection,
+        "level_rmse": level_rmse,
         "update_used": settings.update,
         "update_notes": update_notes,
         "levels": levels,
@@ -378,6 +518,10 @@ def run_experiment(
         "minima": {
             "polish_lower_fraction": float((runs["neural_var4d"].cost < runs["var4d"].cost - 1.0).double().mean()),
             "z0_lower_fraction": float((runs["var4d"].cost < runs["neural_var4d"].cost - 1.0).double().mean()),
+            # 4D-Var from z0 ends in a minimum of higher cost than 4D-Var started from the truth
+            "var4d_worse_fraction": float((runs["var4d"].cost > runs["var4d_from_truth"].cost + 1.0).double().mean()),
+            "neural_var4d_worse_fraction": float(
+                (runs["neural_var4d"].cost > runs["var4d_from_truth"].cost + 1.0).double().mean()),
         },
     }
     if data.test_seen is not None:  # diagnostic: same held-out trajectories, training processes
@@ -395,8 +539,8 @@ def run_experiment(
         qmax = data.norm.to_raw(data.test.x)[..., 0].abs().amax(-1)
         big = qmax > math.pi / 4
         extra["large_angle"] = {"threshold_rad": math.pi / 4, "n_windows": int(big.sum()),
-                                **{m: rmse(est[m][big], x[big]) for m in METHODS}}
+                                **{m: rmse(est[m][big], x[big]) for m in shown}}
         extra["small_angle"] = {"n_windows": int((~big).sum()),
-                                **{m: rmse(est[m][~big], x[~big]) for m in METHODS}}
-    estimates = {m: est[m].reshape(N, T, phi) for m in METHODS}
+                                **{m: rmse(est[m][~big], x[~big]) for m in shown}}
+    estimates = {m: est[m].reshape(N, T, phi) for m in shown}
     return ExperimentResult(metrics, estimates, runs, data, histories, extra)
