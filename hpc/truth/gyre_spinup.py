@@ -10,8 +10,9 @@ same command after an interruption and it continues from the last one):
    ``--fine-years`` at full resolution, its eddies equilibrate;
 3. ``stats``: ``--stats-days`` more days whose daily upper-layer SSH is averaged (time mean and
    std at the vertices, saved to ``stats.npz``) to place the Gulf Stream box on the jet: the
-   box centre ``(x0, y0)`` goes where the time-mean jet (the largest mean meridional SSH
-   gradient in the row) sits at ``--x0-km`` from the western wall.
+   box centre ``(x0, y0)`` is ``--x0-km`` from the western wall, on the time-mean jet (the
+   median over the box's columns of the latitude of the largest mean meridional SSH drop).
+   Rerunning the finished command with another ``--x0-km`` only rewrites the state file.
 
 The state at the end of stage 3 is written with its reference date ``--date`` (float32 psi,
 compressed) and the box centre; the truth of any later date continues from it.
@@ -86,7 +87,9 @@ def main() -> None:
     ap.add_argument("--fine-years", type=float, default=2.0)
     ap.add_argument("--stats-days", type=int, default=180)
     ap.add_argument("--ckpt-days", type=int, default=30)
-    ap.add_argument("--x0-km", type=float, default=500.0, help="box centre: distance from the western wall")
+    ap.add_argument("--x0-km", type=float, default=700.0, help="box centre: distance from the western wall")
+    ap.add_argument("--half-width-km", type=float, default=440.0,
+                    help="half the box's zonal extent (the Gulf Stream box: 10 deg at 38N = 2 x 440 km)")
     ap.add_argument("--date", default="2012-07-01", help="reference date of the written state")
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
@@ -118,13 +121,14 @@ def main() -> None:
     mean = (acc["s1"] / acc["n"]).cpu().numpy()
     std = np.sqrt(np.maximum((acc["s2"] / acc["n"]).cpu().numpy() - mean**2, 0))
     np.savez_compressed(work / "stats.npz", mean=mean, std=std, dx=fine_p.dx)
-    # the jet: largest time-mean meridional SSH drop in the column at x0
-    i0 = int(round(a.x0_km * 1e3 / fine_p.dx))
-    col = mean[:, i0]
-    j = int(np.argmax(-np.diff(col)))
-    y0_km = (j + 0.5) * fine_p.dy / 1e3
+    # the jet: per column of the box's zonal extent (x0 +- --half-width-km), the latitude of the
+    # largest time-mean meridional SSH drop; y0 is their median
+    i0 = int(round((a.x0_km - a.half_width_km) * 1e3 / fine_p.dx))
+    i1 = int(round((a.x0_km + a.half_width_km) * 1e3 / fine_p.dx)) + 1
+    js = np.argmax(-np.diff(mean[:, max(i0, 0):i1], axis=0), axis=0)
+    y0_km = float(np.median((js + 0.5) * fine_p.dy / 1e3))
     meta = {"x0_km": a.x0_km, "y0_km": y0_km, "spinup": vars(a), "params": asdict(fine_p),
-            "seconds": time.perf_counter() - t0}
+            "seconds_this_invocation": time.perf_counter() - t0}
     gyre.save_state(a.out, fine_p, psi, a.date, meta)
     print(f"wrote {a.out} ({Path(a.out).stat().st_size / 1e6:.2f} MB): jet at y0 = {y0_km:.0f} km, "
           f"box centre x0 = {a.x0_km:g} km", flush=True)

@@ -163,27 +163,25 @@ def lagged_displacement(ssh: np.ndarray, lon: np.ndarray, lat: np.ndarray, lat_b
     j0, j1 = max(rows.min(), sy), min(rows.max() + 1, len(lat) - sy)
     if j1 - j0 < 2:
         raise ValueError(f"lagged_displacement: band {lat_band} too close to the box edge for {max_shift_km} km")
+    from scipy.signal import fftconvolve
+
     i0, i1 = sx, len(lon) - sx
     x0 = a[:-lag_days, j0:j1, i0:i1]
     x0 = (x0 - x0.mean()) / x0.std()
-    best = (-2.0, 0, 0)
-    for ky in range(-sy, sy + 1, max(sy // 20, 1)):
-        for kx in range(-sx, sx + 1, max(sx // 20, 1)):
-            x1 = a[lag_days:, j0 + ky:j1 + ky, i0 + kx:i1 + kx]
-            c = float(((x1 - x1.mean()) * x0).mean() / x1.std())
-            if c > best[0]:
-                best = (c, kx, ky)
-    # refine around the coarse peak with unit steps
-    c0, kx0, ky0 = best
-    for ky in range(ky0 - max(sy // 20, 1), ky0 + max(sy // 20, 1) + 1):
-        for kx in range(kx0 - max(sx // 20, 1), kx0 + max(sx // 20, 1) + 1):
-            if abs(ky) > sy or abs(kx) > sx:
-                continue
-            x1 = a[lag_days:, j0 + ky:j1 + ky, i0 + kx:i1 + kx]
-            c = float(((x1 - x1.mean()) * x0).mean() / x1.std())
-            if c > best[0]:
-                best = (c, kx, ky)
-    c, kx, ky = best
+    x1 = a[lag_days:, j0 - sy:j1 + sy, :]  # every shifted window lies inside
+    # C(sx, sy) = mean(x0 * x1[shifted]) / std(x1[shifted]) (x0 has zero mean and unit std),
+    # the sums over each window by 'valid' FFT convolutions, pooled over days
+    flip = x0[:, ::-1, ::-1]
+    num = fftconvolve(x1, flip, mode="valid", axes=(1, 2)).sum(axis=0)
+    ones = np.ones(x0.shape[1:])[None]
+    s1 = fftconvolve(x1, ones, mode="valid", axes=(1, 2)).sum(axis=0)
+    s2 = fftconvolve(x1**2, ones, mode="valid", axes=(1, 2)).sum(axis=0)
+    count = x0.size
+    var = np.maximum(s2 / count - (s1 / count) ** 2, 1e-300)
+    corr = num / count / np.sqrt(var)  # (2 sy + 1, 2 sx + 1), index (ky + sy, kx + sx)
+    ky, kx = np.unravel_index(int(np.argmax(corr)), corr.shape)
+    ky, kx = int(ky) - sy, int(kx) - sx
+    c = float(corr.max())
     return {"dx_km": kx * dx, "dy_km": ky * dy, "u_km_day": kx * dx / lag_days, "v_km_day": ky * dy / lag_days,
             "corr": c, "lag_days": lag_days, "lat_band": list(lat_band)}
 
