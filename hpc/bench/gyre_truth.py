@@ -67,14 +67,16 @@ def load_box(path: str | Path, period: tuple[str, str] | None = None):
 
 
 def generate(args: list[str], env: dict[str, str]) -> dict[str, float]:
-    """Run ``python -m oceanda generate ARGS`` in a subprocess; wall time and its peak RSS."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    """Run ``python -m oceanda generate ARGS`` in a subprocess; its wall time, CPU time (user +
+    system: what a shared machine's load does not inflate much) and peak RSS."""
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     subprocess.run([sys.executable, "-m", "oceanda", "generate", *args], check=True, env=env,
                    stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return {"wall_s": wall, "peak_rss_gb": peak / 1e6 if peak > before else float("nan"),
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    return {"wall_s": wall, "cpu_s": cpu, "peak_rss_gb": r1.ru_maxrss / 1e6 if r1.ru_maxrss > r0.ru_maxrss else float("nan"),
             "args": " ".join(args)}
 
 
@@ -149,7 +151,8 @@ def main() -> None:
                                         "progress=false"], env)
         res["timing"] = timing
         for k, v in timing.items():
-            print(f"generate {k:10s}: {v['wall_s']:7.1f} s wall, peak RSS {v['peak_rss_gb']:.2f} GB  ({v['args']})")
+            print(f"generate {k:10s}: {v['wall_s']:7.1f} s wall, {v['cpu_s']:7.1f} s CPU, "
+                  f"peak RSS {v['peak_rss_gb']:.2f} GB  ({v['args']})")
     if a.no_diagnostics:
         if a.divergence:
             res["divergence"] = divergence(a.divergence)
