@@ -16,7 +16,7 @@ Usage::
   observations) is today's QG truth.
 * ``--divergence DAYS``: how much the truth of one seed depends on the machine. Runs the gyre
   truth of seed 0 from its reference date three times in this process: with 1 torch thread,
-  with 2 (at most 30 days), and with 1 thread after a relative perturbation of 1e-15 of the state (a rounding
+  with 2 (``--threads-days``, default 30), and with 1 thread after a relative perturbation of 1e-15 of the state (a rounding
   difference, what another CPU or library build introduces), and prints the RMS difference of
   the box SSH every 10 days and the first days it exceeds 1 mm and 1 cm.
 * ``--figure``: one day, the time-mean SSH and the SSH std of the gyre truth.
@@ -80,7 +80,7 @@ def generate(args: list[str], env: dict[str, str]) -> dict[str, float]:
             "args": " ".join(args)}
 
 
-def divergence(days: int) -> dict[str, object]:
+def divergence(days: int, threads_days: int = 30) -> dict[str, object]:
     import torch
 
     from oceanda.data.domains import get_domain
@@ -89,7 +89,7 @@ def divergence(days: int) -> dict[str, object]:
     grid = get_domain("gulfstream")
     cfg = gyre.GyreTruthConfig()
     runs: dict[str, np.ndarray] = {}
-    for name, threads, eps, n in (("threads1", 1, 0.0, days), ("threads2", 2, 0.0, min(days, 30)),
+    for name, threads, eps, n in (("threads1", 1, 0.0, days), ("threads2", 2, 0.0, min(days, threads_days)),
                                   ("rounding", 1, 1e-15, days)):
         torch.set_num_threads(threads)
         model, q, psi, ref, meta = gyre.gyre_start(cfg, 0)
@@ -134,6 +134,7 @@ def main() -> None:
     ap.add_argument("--period", nargs=2, default=None, help="restrict the diagnostics to [start end]")
     ap.add_argument("--time", action="store_true", help="time oceanda generate (demo and year)")
     ap.add_argument("--divergence", type=int, default=0, help="days of the cross-machine divergence test")
+    ap.add_argument("--threads-days", type=int, default=30, help="days of its 2-thread run")
     ap.add_argument("--figure", help="write the gyre truth figure here")
     ap.add_argument("--no-diagnostics", action="store_true", help="only --time / --divergence")
     ap.add_argument("--json", help="write the results here")
@@ -155,7 +156,7 @@ def main() -> None:
                   f"peak RSS {v['peak_rss_gb']:.2f} GB  ({v['args']})")
     if a.no_diagnostics:
         if a.divergence:
-            res["divergence"] = divergence(a.divergence)
+            res["divergence"] = divergence(a.divergence, a.threads_days)
             print(json.dumps(res["divergence"], indent=1))
         if a.json:
             Path(a.json).write_text(json.dumps(res, indent=1, default=str))
@@ -214,7 +215,7 @@ def main() -> None:
     for k, (target, pub) in TARGETS.items():
         print(f"{k:48s} {target:>10s} {fmt(rg[k]):>22s} {fmt(rq[k]):>22s}   {pub}")
     if a.divergence:
-        res["divergence"] = divergence(a.divergence)
+        res["divergence"] = divergence(a.divergence, a.threads_days)
         print(json.dumps(res["divergence"], indent=1))
     res["loadavg_end"] = os.getloadavg()[0]
     if a.json:
