@@ -44,13 +44,13 @@ BOX = (-65.0, -55.0, 33.0, 43.0)
 #: issue 15's targets and published values for the real Gulf Stream / NATL60 (see README)
 TARGETS = {
     "mean step within 150 km [m]": (">= 0.8", "~1 m across the Stream (mean dynamic topography: Rio et al. 2014)"),
-    "jet axis range within 90 days [deg]": (">= 1", "meanders of 1-3 deg latitude east of 65W (Lee & Cornillon 1996)"),
+    "jet axis range within 90 days [deg]": (">= 1", "meanders grow east of the New England Seamounts (Cornillon 1986)"),
     "eddies north / south per day": ("> 0 both", "warm-core rings north, cold-core south (Richardson 1983)"),
     "propagation south of jet [km/day east, north]": ("west", "westward, near long Rossby wave speed (Chelton et al. 2011)"),
     "propagation along jet [km/day east, north]": ("east", "meanders propagate downstream (Watts & Johns 1982)"),
     "SSH anomaly std, box mean / max [m]": ("0.15-0.35", "> 0.3 m along the Stream (Ducet et al. 2000)"),
     "std near jet / elsewhere": ("> 1", "largest along the Stream"),
-    "spectral slope 70-250 km, zonal / meridional": ("-5..-3.5", "k^-4..k^-5 (Le Traon et al. 2008; Xu & Fu 2012)"),
+    "spectral slope 70-250 km, zonal / meridional": ("-5..-3.5", "k^-11/3..k^-5 (Le Traon et al. 2008; Xu & Fu 2011)"),
     "Laplacian kurtosis / surrogate's": (">= 2", ""),
     "|grad| p99/median / surrogate's": (">= 1.8", ""),
 }
