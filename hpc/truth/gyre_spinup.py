@@ -17,7 +17,7 @@ same command after an interruption and it continues from the last one):
 The state at the end of stage 3 is written with its reference date ``--date`` (float32 psi,
 compressed) and the box centre; the truth of any later date continues from it.
 
-    OMP_NUM_THREADS=1 nice -n 10 python hpc/truth/gyre_spinup.py --work /work/runs/i15/spinup
+    OMP_NUM_THREADS=1 nice -n 10 python hpc/truth/gyre_spinup.py --work runs/gyre_spinup   # the shipped state
 """
 
 from __future__ import annotations
@@ -83,14 +83,14 @@ def main() -> None:
     ap.add_argument("--L-km", type=float, default=2048.0)
     ap.add_argument("--tau0", type=float, default=0.08)
     ap.add_argument("--steps-per-day", type=int, default=24)
-    ap.add_argument("--coarse-years", type=float, default=10.0)
-    ap.add_argument("--fine-years", type=float, default=2.0)
-    ap.add_argument("--stats-days", type=int, default=180)
+    ap.add_argument("--coarse-years", type=float, default=5.0)
+    ap.add_argument("--fine-years", type=float, default=1.5)
+    ap.add_argument("--stats-days", type=int, default=120)
     ap.add_argument("--ckpt-days", type=int, default=30)
     ap.add_argument("--x0-km", type=float, default=700.0, help="box centre: distance from the western wall")
     ap.add_argument("--half-width-km", type=float, default=440.0,
                     help="half the box's zonal extent (the Gulf Stream box: 10 deg at 38N = 2 x 440 km)")
-    ap.add_argument("--date", default="2012-07-01", help="reference date of the written state")
+    ap.add_argument("--date", default="2012-09-01", help="reference date of the written state")
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
