@@ -93,7 +93,7 @@ def divergence(days: int, threads_days: int = 30) -> dict[str, object]:
     for name, threads, eps, n in (("threads1", 1, 0.0, days), ("threads2", 2, 0.0, min(days, threads_days)),
                                   ("rounding", 1, 1e-15, days)):
         torch.set_num_threads(threads)
-        model, q, psi, ref, meta = gyre.gyre_start(cfg, 0)
+        model, q, psi, _ref, _meta = gyre.gyre_start(cfg, 0)
         if eps:
             psi = psi * (1 + eps)
             q = model.q_from_psi(psi)

@@ -142,8 +142,9 @@ def test_truth_errors_name_the_bad_input(state_file, tmp_path):
 
 
 def test_generate_osse_with_the_gyre_truth(state_file, tmp_path):
-    from oceanda.data.osse import generate_osse
     import xarray as xr
+
+    from oceanda.data.osse import generate_osse
 
     dom = {"name": "tiny", "lon_min": -61.0, "lon_max": -59.0, "lat_min": 37.0, "lat_max": 39.0,
            "resolution": 0.1, "land": False}

@@ -123,7 +123,6 @@ def eddy_census(ssh: np.ndarray, lon: np.ndarray, lat: np.ndarray, radius_km: fl
     disk = rr <= radius_km
     ring = np.abs(rr - radius_km) <= 0.5 * max(dx, dy)
     ring_off = np.argwhere(ring) - [ry, rx]
-    ny, nx = ssh.shape[1:]
     counts = {"warm_north": 0, "cold_north": 0, "warm_south": 0, "cold_south": 0}
     for f in ssh:
         for kind, filt, sign in (("warm", maximum_filter, 1.0), ("cold", minimum_filter, -1.0)):
