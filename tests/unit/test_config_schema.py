@@ -49,6 +49,7 @@ def test_shipped_configs_validate(app, args, capsys):
     ("train", [*TRAIN, "model=spde_4dvarnet", "+train.theta_init=bad"], "train.theta_init must be"),
     ("train", [*TRAIN, "model=spde_4dvarnet", "train.mode=bogus"], "train.mode must be"),
     ("generate", ["+truth.foo=1"], "unknown key truth.foo"),
+    ("generate", ["truth=gyre", "+truth.foo=1"], "unknown key truth.foo; known: daily_mean"),
     ("generate", ["+period.middle=2012-10-10"], "unknown key period.middle"),
     ("generate", ["+domain.bogus=1"], "domain.bogus"),
     ("generate", ["chunk_days=0"], "chunk_days must be >= 1"),

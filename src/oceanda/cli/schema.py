@@ -433,6 +433,7 @@ class GenerateConfig:
         cfg = from_mapping(cls, data, "")
         kinds = {"qg": ("oceanda.dynamics.qg", "QGTruthConfig"),
                  "gaussian": ("oceanda.dynamics.gaussian", "GaussianFieldConfig"),
+                 "gyre": ("oceanda.dynamics.gyre", "GyreTruthConfig"),
                  "spde": ("oceanda.priors.spde_truth", "SPDETruthConfig")}
         params = {k: v for k, v in cfg.truth.items() if k not in ("kind", "name", "description")}
         if cfg.truth.get("kind") in kinds:  # other kinds: checked by their generator

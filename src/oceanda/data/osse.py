@@ -47,10 +47,12 @@ from oceanda.data.grid import Grid
 from oceanda.config_dataclass import from_mapping
 from oceanda.errors import ConfigError, InputError
 
-#: signature of a truth generator: (grid, days, seed, params, device, progress) -> daily fields
-TruthFn = Callable[[Grid, int, int, dict[str, Any], str, Callable[[str, int], None] | None], Iterator[np.ndarray]]
+#: signature of a truth generator: (grid, days, seed, params, device, progress) -> daily fields;
+#: kinds registered with ``dated=True`` also get the first date as keyword ``start``
+TruthFn = Callable[..., Iterator[np.ndarray]]
 
 TRUTH_KINDS: dict[str, TruthFn] = {}
+DATED_TRUTHS: set[str] = set()  #: kinds whose field depends on the calendar date (``start=`` keyword)
 
 #: time encoding of the along-track table (int64 microseconds: exact for 1 Hz samples)
 TRACK_TIME_UNITS = "microseconds since 2000-01-01"
@@ -62,9 +64,12 @@ DATA_CHALLENGE_PERIOD = ("2012-10-22", "2012-12-02")  #: 2020a evaluation window
 DEFAULT_PERIOD = {"start": "2012-10-07", "end": "2012-12-17"}
 
 
-def register_truth(kind: str, fn: TruthFn) -> None:
-    """Add a truth generator under ``truth.kind = kind``."""
+def register_truth(kind: str, fn: TruthFn, dated: bool = False) -> None:
+    """Add a truth generator under ``truth.kind = kind`` (``dated``: it takes ``start=`` the
+    first date, datetime64[D], so that the field of a date does not depend on the period)."""
     TRUTH_KINDS[kind] = fn
+    if dated:
+        DATED_TRUTHS.add(kind)
 
 
 def _qg_truth(grid: Grid, days: int, seed: int, params: dict[str, Any], device: str,
@@ -86,12 +91,29 @@ def _gaussian_truth(grid: Grid, days: int, seed: int, params: dict[str, Any], de
         yield field
 
 
+def _gyre_truth(grid: Grid, days: int, seed: int, params: dict[str, Any], device: str,
+                progress: Callable[[str, int], None] | None, *, start: np.datetime64) -> Iterator[np.ndarray]:
+    from oceanda.dynamics.gyre import GyreTruthConfig, gyre_truth
+
+    cfg = from_mapping(GyreTruthConfig, params, "truth")
+    return gyre_truth(grid.lon, grid.lat, start, days, seed=seed, cfg=cfg, device=device, progress=progress)
+
+
 register_truth("qg", _qg_truth)
 register_truth("gaussian", _gaussian_truth)
+register_truth("gyre", _gyre_truth, dated=True)
 
 
-def spinup_days(truth: Mapping[str, Any]) -> int:
+def spinup_days(truth: Mapping[str, Any], start: np.datetime64 | None = None) -> int:
     """Model days run before the first stored day (for progress bars)."""
+    if truth.get("kind") == "gyre" and start is not None:
+        from oceanda.dynamics.gyre import load_state
+
+        try:
+            ref = load_state(truth.get("state"))[2]
+        except Exception:  # reported by the generator itself
+            return 0
+        return max(int((np.datetime64(start, "D") - ref).astype(int)), 0)
     if truth.get("kind") == "qg":
         from oceanda.dynamics.qg import QGTruthConfig
 
@@ -390,7 +412,8 @@ def generate_osse(
                 b.set_description(f"generate: {stage}")
             b.update(n)
 
-    fields = TRUTH_KINDS[kind](grid, times.size, seed, truth, dev, tick)
+    dated = {"start": times[0].astype("datetime64[D]")} if kind in DATED_TRUTHS else {}
+    fields = TRUTH_KINDS[kind](grid, times.size, seed, truth, dev, tick, **dated)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -411,7 +434,7 @@ def generate_osse(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=spinup_days({"kind": kind, **truth}) + times.size, unit="day",
+        bar = tqdm(total=spinup_days({"kind": kind, **truth}, times[0]) + times.size, unit="day",
                    desc=f"generate {kind} truth", dynamic_ncols=True)
         holder["bar"] = bar
 
