@@ -184,13 +184,17 @@ class SeparableObsCov:
             return None
         top = np.argpartition(-flat, k - 1)[:k] if k < flat.size else np.arange(flat.size)
         b, a, c = np.unravel_index(top, self.lam.shape)
-        G = self.Uy[self.yi][:, b] * self.Ut[self.ti][:, a] * self.Ex[:, c] * np.sqrt(flat[top])
-        K = G.T @ G
+        # G^T (k, m), built from contiguous rows (gathering columns of (m, r) arrays is slow)
+        Gt = self.Uy.T[:, self.yi][b]
+        Gt *= self.Ut.T[:, self.ti][a]
+        Gt *= self.Ex.T[c]
+        Gt *= np.sqrt(flat[top])[:, None]
+        K = Gt @ Gt.T
         K[np.diag_indices_from(K)] += R
-        factor = scipy.linalg.cho_factor(K, lower=True, check_finite=False)
+        factor = scipy.linalg.cho_factor(K, lower=True, overwrite_a=True, check_finite=False)
 
         def apply(V: np.ndarray) -> np.ndarray:
-            return (V - G @ scipy.linalg.cho_solve(factor, G.T @ V, check_finite=False)) / R
+            return (V - Gt.T @ scipy.linalg.cho_solve(factor, Gt @ V, check_finite=False)) / R
 
         return apply
 
