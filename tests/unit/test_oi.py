@@ -235,3 +235,22 @@ def test_oi_solver_config_errors():
 
     with pytest.raises(ConfigError, match="oi_solver"):
         FourDVarNetMethod(oi_solver="dense")
+
+
+def test_oi_initialised_4dvarnet_fast_first_guess_matches_exact():
+    """The shipped (init="oi") 4DVarNet from the fast OI first guess == from the exact one,
+    to float32 rounding, on a 15 x 64 x 64 patch with ~3,000 observations (CG path)."""
+    from oceanda.assim.fourdvarnet import FourDVarNetMethod
+    from oceanda.weights import default_checkpoint
+
+    obs, lon, lat, time = _tracks(2, T=15, H=64, W=64, frac=0.05)
+    B, T, H, W = 1, *obs.shape
+    batch = PatchBatch(obs=torch.tensor(obs[None], dtype=torch.float32),
+                       ocean=torch.ones(B, H, W, dtype=torch.bool),
+                       lon=torch.tensor(lon[None]), lat=torch.tensor(lat[None]),
+                       time=torch.tensor(time[None]), dx_m=torch.full((B, H, W), 4.4e3),
+                       dy_m=torch.full((B, H, W), 5.5e3))
+    fast = FourDVarNetMethod(str(default_checkpoint()))(batch).mean.double()
+    exact = FourDVarNetMethod(str(default_checkpoint()), oi_solver="cholesky")(batch).mean.double()
+    assert np.isfinite(obs).sum() > 800
+    assert float((fast - exact).abs().max()) <= 1e-5 * float(exact.std())
