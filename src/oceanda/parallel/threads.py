@@ -109,4 +109,6 @@ def describe(limits: dict[str, int]) -> str:
         body = f"{n} thread{'s' if n != 1 else ''} of " + ", ".join(name for _, name in loaded)
     else:
         body = ", ".join(f"{vals[k]} {name}" for k, name in loaded) + " threads"
-    return f"{body} (share {limits.get('share')} of {limits.get('cores')} cores)"
+    if limits.get("share") is None:
+        return body
+    return f"{body} (share {limits['share']} of {limits['cores']} cores)"
