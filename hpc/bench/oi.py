@@ -8,7 +8,7 @@ Parts (each optional, all side by side in one run, one table + JSON):
 
 * ``patches`` (with ``--obs`` / ``--obs-swot``): ``--n-patches`` DAW patches (15 x 100 x 100,
   the ``gulfstream`` patch) drawn from each observation set, each solved by both solvers in
-  this process: seconds per patch, CG iterations, preconditioner rank, and the difference
+  this process (``--threads``, default 1, threads of every pool): seconds per patch, CG iterations, preconditioner rank, and the difference
   ``max |x_cg - x_cholesky| / max |x_cholesky - mu|`` (relative to the analysis increment).
 * ``year`` (``--obs``, ``--obs-swot``): ``mpiexec -n RANKS oceanda infer`` on the whole file
   (one year for ``period=year`` OSSEs) with ``method=oi`` (fast), the shipped
@@ -266,6 +266,8 @@ def main(argv=None) -> int:
     p.add_argument("--extra", nargs="*", default=[], help="overrides added to every year run")
     p.add_argument("--work", help="output folder of the runs (default: a temporary one)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", default="1",
+                   help="threads of every pool in this process (the per-patch part): an integer or auto")
     p.add_argument("--json", help="write the report here")
     a = p.parse_args(argv)
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="oi_bench_"))
@@ -273,6 +275,9 @@ def main(argv=None) -> int:
     sets = [(lbl, path) for lbl, path in (("4nadirs", a.obs), ("swot", a.obs_swot)) if path]
     report: dict = {"ranks": a.ranks, "cpu_count": os.cpu_count(), "work": str(work)}
     if a.n_patches:
+        from oceanda.parallel.threads import limit_threads
+
+        report["threads"] = limit_threads(None, a.threads)
         report["patches"] = [r for lbl, path in sets for r in bench_patches(lbl, path, a.n_patches, a.seed)]
     if sets and not a.no_year:
         report["year"] = {lbl: bench_year(lbl, path, a.ranks, work, not a.no_exact, a.extra) for lbl, path in sets}
