@@ -19,6 +19,10 @@ Parts (each optional, all side by side in one run, one table + JSON):
 * ``natl`` (``--natl OBS``, the North Atlantic 1/20 deg OSSE, first ``--natl-days`` days): OI
   and the shipped 4DVarNet on RANKS ranks: per-patch cost, shares, peak memory per rank and the
   year estimate ``wall x (patches of 365 days) / (patches of the run)`` (same tiles and ranks).
+* ``--make-osse OUT DOMAIN OBS START END`` writes an OSSE for timing first: the real
+  satellite tracks and noise of ``OBS`` over ``DOMAIN`` sampling an analytic smooth SSH (cheap,
+  where the QG truth of a basin takes hours on a CPU; OI's cost depends on the observations'
+  number and geometry, the 4DVarNet's on neither).
 * ``demo`` (``--demo``): ``/usr/bin/time -v python -m oceanda infer`` from an empty directory
   (OSSE generation included, as from a fresh checkout): wall and peak memory; then the demo's
   OI and 4DVarNet scores with the fast and with the exact OI (``--demo-exact``), whose
@@ -212,6 +216,31 @@ def bench_demo(work: Path, exact: bool) -> dict:
     return out
 
 
+# ------------------------------------------------------------------------------ OSSEs for timing
+def _analytic_truth(grid, days, seed, params, device, progress):
+    """A cheap smooth SSH (travelling waves of 100-300 km, 0.2 m): for timing runs only, where
+    the observations' number and geometry matter and the truth's physics does not."""
+    lon, lat = np.meshgrid(np.asarray(grid.lon, float), np.asarray(grid.lat, float))
+    rng = np.random.default_rng(seed)
+    waves = [(rng.uniform(1.5, 4.0), rng.uniform(1.5, 4.0), rng.uniform(0, 2 * np.pi),
+              rng.uniform(0.05, 0.2)) for _ in range(6)]
+    for d in range(days):
+        f = sum(0.07 * np.sin(lon / a + lat / b + ph + w * d) for a, b, ph, w in waves)
+        if progress:
+            progress("truth", 1)
+        yield f.astype(np.float32)
+
+
+def make_osse(out_dir: str, domain: str, obs: str, start: str, end: str) -> None:
+    """``truth.zarr`` + ``obs.zarr`` of ``domain`` with the satellites ``obs`` (real orbits and
+    noise, :func:`oceanda.data.osse.generate_osse`) sampling :func:`_analytic_truth`."""
+    from oceanda.data.osse import generate_osse, register_truth
+
+    register_truth("bench_analytic", _analytic_truth)
+    generate_osse(domain=domain, obs=obs, period={"start": start, "end": end}, out_dir=out_dir,
+                  truth={"kind": "bench_analytic"}, figures=False, progress=False)
+
+
 # ------------------------------------------------------------------------------ main
 def _table(report: dict) -> str:
     lines = []
@@ -269,7 +298,12 @@ def main(argv=None) -> int:
     p.add_argument("--threads", default="1",
                    help="threads of every pool in this process (the per-patch part): an integer or auto")
     p.add_argument("--json", help="write the report here")
+    p.add_argument("--make-osse", nargs=5, metavar=("OUT_DIR", "DOMAIN", "OBS", "START", "END"),
+                   help="first write a timing OSSE (analytic truth, real tracks), e.g. "
+                        "runs/natl natl 4nadirs 2013-01-01 2013-02-01")
     a = p.parse_args(argv)
+    if a.make_osse:
+        make_osse(*a.make_osse)
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="oi_bench_"))
     work.mkdir(parents=True, exist_ok=True)
     sets = [(lbl, path) for lbl, path in (("4nadirs", a.obs), ("swot", a.obs_swot)) if path]
