@@ -171,6 +171,9 @@ def run(cfg: DictConfig) -> int:
 
     mpi = cfg.system.get("mpi", "auto")
     comm = get_comm(None if mpi in ("auto", None) else bool(mpi))
+    from oceanda.parallel.threads import limit_threads
+
+    limit_threads(comm, cfg.system.get("threads", "auto"))  # before the demo's OSSE is generated too
     if cfg.obs_path is None:
         runs = [cfg]
         if not cfg.dry_run:
