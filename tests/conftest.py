@@ -34,9 +34,13 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
+    """One torch thread per test; BLAS/OpenMP pools restored after tests that set them
+    (``oceanda.parallel.threads.limit_threads`` in an in-process run)."""
     import torch
+    from threadpoolctl import threadpool_limits
 
     n = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
+    with threadpool_limits(limits=1):
+        yield
     torch.set_num_threads(n)

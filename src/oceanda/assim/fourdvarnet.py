@@ -516,21 +516,17 @@ INITS = ("obs", "oi")
 
 
 def oi_first_guess(obs: Tensor, lon: Tensor, lat: Tensor, time: Tensor, cfg: ModelConfig,
-                   max_obs: int | None = None) -> Tensor:
-    """The ``init="oi"`` first guess: the exact OI analysis of every patch of ``obs``
+                   max_obs: int | None = None, solver: str = "cg") -> Tensor:
+    """The ``init="oi"`` first guess: the OI analysis of every patch of ``obs``
     ``(B, T, H, W)`` [physical units, NaN where unobserved] with ``lon (B, W)``, ``lat (B, H)``
-    [deg], ``time (B, T)`` [days] (:func:`oceanda.assim.oi.oi_patch` with
-    :meth:`ModelConfig.oi_kwargs`; prior mean and variance from each patch's observations).
+    [deg], ``time (B, T)`` [days] (:func:`oceanda.assim.oi.oi_patches` with
+    :meth:`ModelConfig.oi_kwargs`; prior mean and variance from each patch's observations;
+    ``solver`` ``"cg"``, the fast solver, or ``"cholesky"``, the exact one).
     Returns ``(B, T, H, W)`` in ``obs``' dtype and device (float64 arithmetic on the CPU)."""
-    import numpy as np
+    from oceanda.assim.oi import oi_patches
 
-    from oceanda.assim.oi import oi_patch
-
-    o = obs.detach().cpu().double().numpy()
-    lo, la, ti = (v.detach().cpu().double().numpy() for v in (lon, lat, time))
-    out = np.stack([oi_patch(o[b], lo[b], la[b], ti[b], max_obs=max_obs, **cfg.oi_kwargs())
-                    for b in range(o.shape[0])])
-    return torch.from_numpy(out).to(device=obs.device, dtype=obs.dtype)
+    out = oi_patches(obs, lon, lat, time, max_obs=max_obs, solver=solver, **cfg.oi_kwargs())
+    return out.to(device=obs.device, dtype=obs.dtype)
 
 
 def build_model(cfg: ModelConfig) -> FourDVarNet:
@@ -569,8 +565,10 @@ class FourDVarNetMethod:
     the blender). The patch length must equal the model's ``n_time``; H and W must be
     divisible by the prior's downsampling. Deterministic and batch-independent (every
     normalisation in the solver is per patch). A checkpoint trained with ``init="oi"``
-    starts its solver from the exact OI analysis of the same patch (:func:`oi_first_guess`,
-    the checkpoint's ``oi_*`` settings), computed here: one method, nothing precomputed.
+    starts its solver from the OI analysis of the same patch (:func:`oi_first_guess`,
+    the checkpoint's ``oi_*`` settings), computed here: one method, nothing precomputed;
+    ``oi_solver`` picks the OI's solver (``"cg"``: the fast one, equal to the exact
+    ``"cholesky"`` to about 1e-8 of the OI increment).
 
     ``precision`` (``"float32"`` / ``"bf16"`` / ``"auto"``: bf16 where the device has native
     bfloat16 arithmetic — CUDA with bf16 support, a CPU with AVX512-BF16/AMX — else float32)
@@ -580,7 +578,12 @@ class FourDVarNetMethod:
     """
 
     def __init__(self, checkpoint: str, precision: str | None = None,
-                 fuse_cell: bool | None = None) -> None:
+                 fuse_cell: bool | None = None, oi_solver: str = "cg") -> None:
+        from oceanda.assim.oi import SOLVERS
+
+        if oi_solver not in SOLVERS:
+            raise ConfigError(f"method.oi_solver must be one of {list(SOLVERS)}, got {oi_solver!r}")
+        self.oi_solver = oi_solver
         # a path: the apps resolve null / "default" / "shipped:NAME" to the shipped weights
         # (oceanda.weights.resolve_checkpoint) before building the method
         ck = read_checkpoint(checkpoint)
@@ -617,7 +620,8 @@ class FourDVarNetMethod:
         x0 = None
         if self.cfg.init == "oi":  # the OI analysis of the same observations, normalised
             # memory guard of method=oi (the m x m matrix): a ConfigError naming max_obs
-            oi = oi_first_guess(batch.obs, batch.lon, batch.lat, batch.time, self.cfg, max_obs=20000)
+            oi = oi_first_guess(batch.obs, batch.lon, batch.lat, batch.time, self.cfg, max_obs=20000,
+                                solver=self.oi_solver)
             x0 = (oi.to(torch.float32) - self.mean) / self.std
         obs = (batch.obs.to(torch.float32) - self.mean) / self.std
         with torch.inference_mode():

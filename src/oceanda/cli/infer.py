@@ -160,6 +160,9 @@ def run(cfg: InferConfig) -> int:
     from oceanda.parallel.comm import get_comm
 
     comm = get_comm(cfg.system.use_mpi)
+    from oceanda.parallel.threads import limit_threads
+
+    limit_threads(comm, cfg.system.threads)  # before the demo's OSSE is generated too
     if cfg.obs_path is None:
         runs = [cfg]
         if not cfg.dry_run:

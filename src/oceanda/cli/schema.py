@@ -60,14 +60,16 @@ class SystemConfig:
     """``configs/system/*.yaml``: where a rank runs."""
 
     device: str = "auto"                   # auto | cpu | cuda
-    threads: int | None = 1                # torch intra-op threads per rank on CPU (null: torch's default)
+    #: threads of every pool (torch, BLAS/OpenMP, numba) per rank: an integer, or auto / null (the
+    #: rank's share of its node's cores, oceanda.parallel.threads)
+    threads: int | Literal["auto"] | None = 1
     mpi: bool | Literal["auto"] = "auto"   # auto: MPI when started by a launcher with > 1 rank
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"system.device must be auto, cpu or cuda, got {self.device!r}")
-        if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"system.threads must be >= 1 or null, got {self.threads}")
+        if isinstance(self.threads, int) and self.threads < 1:
+            raise ConfigError(f"system.threads must be >= 1, auto or null, got {self.threads}")
 
     @property
     def use_mpi(self) -> bool | None:

@@ -65,6 +65,9 @@ class SerialComm:
     def local_rank(self) -> int:
         return 0
 
+    def node_allgather(self, obj: Any) -> list[Any]:
+        return [obj]
+
     def abort(self, code: int = 1) -> None:
         os._exit(code)
 
@@ -131,6 +134,14 @@ class MPIComm:
             self._local_rank = node.Get_rank()
             node.Free()
         return self._local_rank
+
+    def node_allgather(self, obj: Any) -> list[Any]:
+        """``obj`` of every rank of this node (``MPI.COMM_TYPE_SHARED`` split), in their order."""
+        node = self.comm.Split_type(self._MPI.COMM_TYPE_SHARED, key=self.rank)
+        try:
+            return node.allgather(obj)
+        finally:
+            node.Free()
 
     def abort(self, code: int = 1) -> None:
         self.comm.Abort(code)

@@ -5,8 +5,10 @@ communicator (``MPI.COMM_TYPE_SHARED`` split) when MPI runs, else from the launc
 environment: ``SLURM_LOCALID`` (srun), ``OMPI_COMM_WORLD_LOCAL_RANK`` (Open MPI),
 ``MPI_LOCALRANKID`` / ``PMI_LOCAL_RANK`` (MPICH / Hydra), ``LOCAL_RANK`` (torchrun).
 ``CUDA_VISIBLE_DEVICES`` is honoured because torch only sees the listed devices: rank ``l``
-gets visible device ``l mod n_visible``. Without CUDA the rank runs on CPU with
-``threads`` torch threads (default 1, so that ranks on one node do not oversubscribe it).
+gets visible device ``l mod n_visible``. On any device, every CPU thread pool of the rank
+(torch, BLAS, OpenMP, numba) is limited to ``threads`` (default ``"auto"``: the rank's share
+of its node's cores, :mod:`oceanda.parallel.threads`), so that ranks on one node do not
+oversubscribe it whatever the environment.
 """
 
 from __future__ import annotations
@@ -31,13 +33,14 @@ def local_rank_from_env(default: int = 0) -> int:
     return default
 
 
-def bind_device(comm=None, device: str = "auto", threads: int | None = 1) -> torch.device:
+def bind_device(comm=None, device: str = "auto", threads: int | str | None = "auto") -> torch.device:
     """Pick and bind this rank's device.
 
     Args:
         comm: communicator (its ``local_rank`` is used when it runs MPI).
         device: ``"auto"`` (a GPU when available, else CPU), ``"cpu"`` or ``"cuda"``.
-        threads: torch intra-op threads on CPU (``None`` leaves torch's default).
+        threads: threads of every pool (torch, BLAS, OpenMP, numba): ``"auto"`` the rank's
+            share of the node's cores, an integer the user's choice, ``None`` leaves them.
 
     Returns:
         ``torch.device("cuda:k")`` (and made current) or ``torch.device("cpu")``.
@@ -50,6 +53,11 @@ def bind_device(comm=None, device: str = "auto", threads: int | None = 1) -> tor
         from oceanda.errors import ConfigError
 
         raise ConfigError(f"system.device must be auto, cpu or cuda, got {device!r}")
+    if threads is not None:
+        from oceanda.parallel.threads import describe, limit_threads
+
+        limits = limit_threads(comm, threads)
+        log.info("rank %d: %s", getattr(comm, "rank", 0), describe(limits))
     if device != "cpu" and torch.cuda.is_available():
         n = torch.cuda.device_count()
         if local >= n:
@@ -62,6 +70,4 @@ def bind_device(comm=None, device: str = "auto", threads: int | None = 1) -> tor
         from oceanda.errors import ConfigError
 
         raise ConfigError("system.device=cuda but no CUDA device is visible")
-    if threads is not None:
-        torch.set_num_threads(int(threads))
     return torch.device("cpu")

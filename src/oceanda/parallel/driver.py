@@ -317,6 +317,10 @@ def run_inference(*, obs, ocean: np.ndarray, patches: PatchSet, layout: Layout, 
     to_compute = [a for a in own if needed[a] and not state.has_partial(a)]
     my_work = sum(len(layout.tile_patches[a]) for a in to_compute)
     total = sum(comm.allgather(my_work))
+    from oceanda.parallel.threads import describe, thread_limits
+
+    threads = thread_limits()
+    log.info("threads: %s", describe(threads))
     log.info("tiles %s; %d to compute (%d patches), %d already written in total",
              own, len(to_compute), my_work, len(written))
     bar = _Progress(comm, total, progress)
@@ -446,7 +450,8 @@ def run_inference(*, obs, ocean: np.ndarray, patches: PatchSet, layout: Layout, 
             "tiles_computed": int(timers.counts["tiles_computed"]), "tiles_written": n_written,
             "read_s": timers.read, "method_s": timers.method, "blend_s": timers.blend,
             "halo_s": timers.halo, "wait_s": timers.wait, "write_s": timers.write, "checkpoint_s": timers.checkpoint,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+            "threads": threads}
     ranks = comm.allgather(mine)
     patches_done = sum(r["patches"] for r in ranks)
     nt = layout.shape[0]
