@@ -3,8 +3,8 @@ per patch, minimised by the unrolled ConvLSTM gradient solver, plus Matheron con
 ensembles with the trained solver.
 
 Beauchamp, Febvre, Fablet et al. (2024), "Bridging data assimilation and SPDE-based
-generative modelling with 4DVarNet schemes" (``shared/papers/001_*``, "Towards a stochastic
-4DVarNet", sections I-III and the posterior/UQ slides).
+generative modelling with 4DVarNet schemes" ("Towards a stochastic 4DVarNet", sections I-III
+and the posterior/UQ slides).
 
 Cost of patch ``b`` (normalised SSH ``x`` ``(T, H, W)``, observations ``y`` on the observed
 ocean cells ``Omega_b``, ``N_b = T n_ocean,b``)::

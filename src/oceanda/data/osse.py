@@ -59,7 +59,6 @@ TRACK_TIME_UNITS = "microseconds since 2000-01-01"
 #: rows per zarr chunk of the along-track table
 TRACK_CHUNK = 1 << 18
 
-DATA_CHALLENGE_PERIOD = ("2012-10-22", "2012-12-02")  #: 2020a evaluation window
 #: default OSSE period: the evaluation window plus 15 days on each side for DAW patches
 DEFAULT_PERIOD = {"start": "2012-10-07", "end": "2012-12-17"}
 

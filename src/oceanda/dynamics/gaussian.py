@@ -93,10 +93,6 @@ class GaussianFieldConfig:
         if self.dtype not in ("float32", "float64"):
             raise ConfigError(f"truth.dtype={self.dtype!r}: must be float32 or float64")
 
-    @property
-    def stationary(self) -> bool:
-        return self.std_ratio == 1.0 and self.length_ratio == 1.0
-
 
 # ----------------------------------------------------------------------------- closed forms
 def spatial_correlation(r_km: np.ndarray, length_km: float, kind: str = "matern", nu: float = 1.5) -> np.ndarray:

@@ -230,8 +230,6 @@ class GyreModel:
               (2 * (torch.cos(math.pi * kj / ny) - 1) / p.dy**2)[:, None]
         self.helm = (lap[None] - self.lambda_sq.double().cpu()[:, None, None]).to(**kw)  # (nl, ny-1, nx-1)
         self.yc = ((torch.arange(ny, dtype=torch.float64) + 0.5) * p.dy).to(**kw)
-        self.yv = (torch.arange(ny + 1, dtype=torch.float64) * p.dy).to(**kw)
-        self.xv = (torch.arange(nx + 1, dtype=torch.float64) * p.dx).to(**kw)
         self.beta_y = (p.beta * (self.yc - 0.5 * p.Ly))[:, None].expand(ny, nx)
         curl = -p.tau0 * 2 * math.pi / p.Ly * torch.sin(2 * math.pi * self.yc / p.Ly)
         self.wind = (curl / (p.rho0 * p.H[0]))[:, None].expand(ny, nx).contiguous()

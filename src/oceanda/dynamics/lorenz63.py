@@ -21,7 +21,6 @@ from oceanda.dynamics.integrate import integrate, rk4_step, rk4_step_and_jacobia
 SIGMA = 10.0
 RHO = 28.0
 BETA = 8.0 / 3.0
-PHI = 3  #: phase-space dimension
 
 #: a point near the attractor (DAPPER's ``x0``)
 x0 = (1.509, -1.531, 25.46)

@@ -16,7 +16,6 @@ import torch
 
 from oceanda.dynamics.integrate import integrate, rk4_step, rk4_step_and_jacobian
 
-PHI = 2  #: phase-space dimension
 W0_SQ = 2.0
 ALPHA = 0.1
 

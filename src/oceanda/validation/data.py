@@ -81,7 +81,6 @@ class ToyData:
     obs_std_norm: float  #: observation-noise std, normalised units (R_n = obs_std_norm^2)
     obs_std_raw: float  #: the same in physical units
     model_noise_var: float  #: model-noise variance per step and component (physical)
-    observed_component: int = 0
     ic_box: tuple[float, float] | None = None  #: pendulum: (q_max, p_max) of the uniform initial states
     spinup_steps: int | None = None  #: Lorenz-63: spin-up of the attractor sampler
     raw_train_x: torch.Tensor | None = field(default=None, repr=False)
