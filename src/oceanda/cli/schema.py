@@ -202,8 +202,6 @@ class InferConfig:
         _check_box(self.box, "box")
         if isinstance(self.obs_exclude, str):  # obs_exclude=c2
             object.__setattr__(self, "obs_exclude", (self.obs_exclude,))
-        if isinstance(self.obs_path, tuple):
-            object.__setattr__(self, "obs_path", list(self.obs_path))
         if min(self.tile) < 1:
             raise ConfigError(f"tile must be 3 positive integers (time, lat, lon), got {list(self.tile)}")
         if self.batch_size < 1:
@@ -476,8 +474,6 @@ class EvaluateConfig:
 
     def __post_init__(self) -> None:
         _check_box(self.box, "box")
-        if isinstance(self.alongtrack, tuple):
-            object.__setattr__(self, "alongtrack", list(self.alongtrack))
         if self.truth_path is None and self.alongtrack is None:
             raise ConfigError("give truth=PATH (gridded scores) and / or alongtrack=FILES (along-track scores)")
 
