@@ -15,7 +15,6 @@ renamed into place.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ import xarray as xr
 
 from oceanda import __version__
 from oceanda.data import names as N
+from oceanda.data.files import atomic_path
 
 TIME_UNITS = "days since 1950-01-01 00:00:00"
 _SSH_ENC = {"dtype": "int16", "scale_factor": 0.001, "_FillValue": np.int16(32767)}
@@ -67,18 +67,8 @@ def write_l3(path: str | os.PathLike, *, time: np.ndarray, lon: np.ndarray, lat:
     if packed:
         enc |= {v: dict(_DEG_ENC) for v in ("longitude", "latitude")}
         enc |= {v: dict(_SSH_ENC) for v in ("sla_filtered", "sla_unfiltered", "mdt", "lwe")}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # an ordinary file's mode, not mkstemp's 0600
-    try:
+    with atomic_path(path) as tmp:
         ds.to_netcdf(tmp, encoding=enc, unlimited_dims=["time"], engine="netcdf4")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

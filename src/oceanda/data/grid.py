@@ -78,11 +78,10 @@ def land_mask(lon: np.ndarray, lat: np.ndarray) -> np.ndarray:
     _MASKS[key] = mask
     if path is not None:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-            with open(tmp, "wb") as fh:
+            from oceanda.data.files import atomic_path
+
+            with atomic_path(path) as tmp, open(tmp, "wb") as fh:
                 np.save(fh, mask)
-            os.replace(tmp, path)
         except OSError:
             pass  # a read-only home: no cache
     return mask.copy()

@@ -25,8 +25,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -36,6 +34,7 @@ import numpy as np
 import xarray as xr
 
 from oceanda.data import names as N
+from oceanda.data.files import atomic_path, write_bytes_atomic
 from oceanda.errors import InputError
 
 #: alternative coordinate names renamed on reading
@@ -304,23 +303,6 @@ def _nan_to_none(obj: Any) -> Any:
     return obj
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary sibling file and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     """Write ``obj`` as indented JSON (NaN and infinities become ``null``), atomically."""
     text = json.dumps(_nan_to_none(obj), indent=2, default=_json_default, allow_nan=False)
@@ -346,24 +328,8 @@ def atomic_zarr_write(ds: xr.Dataset, path: str | os.PathLike, **to_zarr_kwargs:
     Meant for outputs small enough to write in one go; chunk-parallel writers use
     region writes instead.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    old = None
-    try:
+    with atomic_path(path, directory=True) as tmp:
         with warnings.catch_warnings():  # zarr 3 warns that consolidated metadata is not in its spec
             warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
             ds.to_zarr(tmp, mode="w", **to_zarr_kwargs)
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            old.rmdir()
-            os.rename(path, old)
-        os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and old.exists() and not path.exists():
-            os.rename(old, path)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return path
+    return Path(path)

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +30,7 @@ import zarr
 
 from oceanda.data import io
 from oceanda.data import names as N
+from oceanda.data.files import atomic_path
 from oceanda.data.patches import Box
 from oceanda.errors import InputError
 
@@ -166,13 +165,8 @@ class AnalysisStore:
             N.LAT: (N.LAT, np.asarray(lat), dict(N.LAT_ATTRS)),
             N.LON: (N.LON, np.asarray(lon), dict(N.LON_ATTRS)),
         }, attrs={"Conventions": "CF-1.8", **(attrs or {}), "status": "incomplete"})
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-        try:
+        with atomic_path(path, directory=True) as tmp:
             ds.to_zarr(tmp, mode="w", compute=False, encoding=encoding, consolidated=False)
-            os.rename(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return cls(path)
 
     @property

@@ -20,12 +20,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from oceanda import __version__
+from oceanda.data.files import atomic_path, write_bytes_atomic
 from oceanda.errors import InputError
 
 
@@ -62,8 +62,8 @@ class RunState:
         (self.root / "written").mkdir(parents=True, exist_ok=True)
         manifest = self.root / "manifest.json"
         if not manifest.exists():
-            _atomic_bytes(manifest, json.dumps({"run_id": self.run_id, "version": __version__},
-                                               indent=2).encode())
+            write_bytes_atomic(manifest, json.dumps({"run_id": self.run_id, "version": __version__},
+                                                    indent=2).encode(), fsync=False)
 
     # ------------------------------------------------------------------ tiles
     def _partial(self, tile: int) -> Path:
@@ -83,26 +83,17 @@ class RunState:
 
     def save_partial(self, tile: int, fields: dict[str, np.ndarray]) -> None:
         """Save a tile's weighted sums (``den``, ``mean``, optional ``var``, ``members``)."""
-        path = self._partial(tile)
-        fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as fh:  # no fsync: the rename is atomic for process crashes
-            np.savez(fh, **fields)
-        os.replace(tmp, path)
+        with atomic_path(self._partial(tile)) as tmp:  # no fsync: the rename is atomic for process crashes
+            with open(tmp, "wb") as fh:
+                np.savez(fh, **fields)
 
     def load_partial(self, tile: int) -> dict[str, np.ndarray]:
         with np.load(self._partial(tile)) as z:
             return {k: z[k] for k in z.files}
 
     def mark_written(self, tile: int) -> None:
-        _atomic_bytes(self._written(tile), b"")
+        write_bytes_atomic(self._written(tile), b"", fsync=False)
 
     def clear_partials(self) -> None:
         shutil.rmtree(self.root / "partials", ignore_errors=True)
 
-
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)

@@ -27,7 +27,6 @@ import logging
 import math
 import os
 import socket
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from oceanda.data.files import atomic_path
 from oceanda.errors import InputError
 from oceanda.train.data import Normalisation
 
@@ -153,17 +153,9 @@ def shutdown_distributed() -> None:
 def save_atomic(state: dict[str, Any], path: str | os.PathLike) -> Path:
     """``torch.save(state, path)`` through a temporary file in the same folder and a rename,
     so that ``path`` is never left half-written (an interrupted write removes the temporary)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 # ----------------------------------------------------------------------------- loop

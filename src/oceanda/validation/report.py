@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 
+from oceanda.data.files import write_bytes_atomic
 from oceanda.plots import validation as vplots
 from oceanda.validation.runner import EXTRA, METHODS, ExperimentResult
 
@@ -134,9 +134,7 @@ def _json_clean(obj):
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_bytes_atomic(path, text.encode())
 
 
 def markdown(system: str, preset: str, metrics: dict, checks: list[dict], meta: dict) -> str:

@@ -334,18 +334,18 @@ def new_prior(settings: ExperimentSettings, data: ToyData, conditional: bool) ->
 
 
 def save_checkpoint(path: Path, settings: ExperimentSettings, priors: dict, histories: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({
-        "version": CHECKPOINT_VERSION,
-        "system": settings.system,
-        "model": asdict(settings.model),
-        "n_levels": settings.n_levels,
-        "data": dict(settings.data),
-        "state_dicts": {k: v.state_dict() for k, v in priors.items()},
-        "histories": histories,
-    }, tmp)
-    tmp.replace(path)
+    from oceanda.data.files import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save({
+            "version": CHECKPOINT_VERSION,
+            "system": settings.system,
+            "model": asdict(settings.model),
+            "n_levels": settings.n_levels,
+            "data": dict(settings.data),
+            "state_dicts": {k: v.state_dict() for k, v in priors.items()},
+            "histories": histories,
+        }, tmp)
 
 
 def load_checkpoint(path: Path, settings: ExperimentSettings, data: ToyData):

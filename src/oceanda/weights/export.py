@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,7 @@ def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, note: str 
     import torch
 
     from oceanda.assim.fourdvarnet import read_checkpoint
+    from oceanda.data.files import atomic_path
 
     ck = read_checkpoint(src)  # validates src (format, version, norm, weights vs config)
     cfg = {k: v for k, v in dict(ck["model_config"]).items() if k not in RUNTIME_KEYS}
@@ -51,17 +51,10 @@ def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, note: str 
         "history": list(ck.get("history") or []), "extra": extra,
     }
     dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=dst.name + ".", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    try:
+    with atomic_path(dst) as tmp:
         torch.save(out, tmp)
         read_checkpoint(tmp)  # what we ship must load
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; package data must be world-readable
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        os.chmod(tmp, 0o644)  # package data must be world-readable, whatever the umask
     return dst
 
 
