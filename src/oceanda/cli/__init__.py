@@ -205,8 +205,49 @@ def main(argv: list[str] | None = None) -> int:
 
         return int(module.run(load(app, cfg)) or 0)
     except OceandaError as exc:
-        print(f"oceanda {app}: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(f"oceanda {app}: error: {exc}", 2)
     except KeyboardInterrupt:
-        print(f"oceanda {app}: interrupted", file=sys.stderr)
-        return 130
+        return _fail(f"oceanda {app}: interrupted", 130)
+    except Exception:
+        if "oceanda.parallel.comm" in sys.modules and _world() is not None:
+            import traceback
+
+            _close_bars()
+            traceback.print_exc()  # a bug on one rank: its traceback, then stop every rank
+            _fail(f"oceanda {app}: internal error (the traceback above)", 1)
+        raise
+
+
+def _world() -> tuple[int, int] | None:
+    from oceanda.parallel.comm import world_rank
+
+    return world_rank()
+
+
+def _close_bars() -> None:
+    """Close every live tqdm progress bar, so that nothing redraws one after the error."""
+    tq = sys.modules.get("tqdm.std")
+    for bar in list(getattr(getattr(tq, "tqdm", None), "_instances", ()) or ()):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 - a broken bar must not hide the error
+            pass
+
+
+def _fail(line: str, code: int) -> int:
+    """Print ``line`` as the last thing the user sees and return ``code``; under MPI (more
+    than one rank) name the rank and stop every rank with ``code`` (the failing rank's message
+    stays the last line; :func:`oceanda.parallel.comm.abort_world`)."""
+    _close_bars()
+    world = _world() if "oceanda.parallel.comm" in sys.modules else None
+    if world is not None:
+        line += f" [rank {world[0]} of {world[1]}: every rank stopped]"
+        if world[0] != 0:  # rank 0 may be drawing the progress bar: start a line of our own
+            line = "\n" + line
+    sys.stderr.write(line + "\n")  # one write: ranks' lines do not interleave
+    sys.stderr.flush()
+    if world is not None:
+        from oceanda.parallel.comm import abort_world
+
+        abort_world(code)
+    return code

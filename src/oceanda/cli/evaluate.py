@@ -144,6 +144,14 @@ def run(cfg: EvaluateConfig) -> int:
     scores_alongtrack.json with ``alongtrack=FILES``)."""
     from dataclasses import asdict
 
+    from oceanda.data.files import check_out_dir
+    from oceanda.parallel.threads import limit_and_log
+
+    if cfg.out_dir is not None:  # a file or a read-only folder: refused before any work
+        check_out_dir(cfg.out_dir)
+    elif Path(cfg.analysis).exists():
+        check_out_dir(Path(cfg.analysis).resolve().parent, "out_dir (default: the analysis' folder)")
+    limit_and_log(None, "auto", load=False)  # BLAS / OpenMP (torch and numba are not used)
     period = None if cfg.dates is None else list(cfg.dates)
     box = None if cfg.box is None else list(cfg.box)
     detrend = None if cfg.detrend in (None, "none") else cfg.detrend

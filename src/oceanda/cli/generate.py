@@ -62,8 +62,12 @@ def quicklook(draw: bool):
 
 def run(cfg: GenerateConfig) -> int:
     """``oceanda generate``: see the module docstring."""
+    from oceanda.data.files import check_out_dir
     from oceanda.data.osse import generate_osse
+    from oceanda.parallel.threads import limit_and_log
 
+    check_out_dir(cfg.out_dir)  # a file or a read-only folder: refused before any work
+    limit_and_log(None, "auto")
     register_truths()
     result = generate_osse(
         domain=cfg.domain,

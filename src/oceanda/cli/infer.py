@@ -42,7 +42,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from oceanda import __version__
-from oceanda.errors import ConfigError, InputError, OceandaError
+from oceanda.data.files import check_out_dir
+from oceanda.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
     from oceanda.cli.schema import InferConfig
@@ -164,6 +165,10 @@ def run(cfg: InferConfig) -> int:
 
     limit_threads(comm, cfg.system.threads)  # before the demo's OSSE is generated too
     if cfg.obs_path is None:
+        if not cfg.dry_run:
+            check_out_dir(cfg.demo.dir, "demo.dir")
+            if cfg.out_dir is not None:
+                check_out_dir(cfg.out_dir)
         runs = [cfg]
         if not cfg.dry_run:
             runs += cfg.compare_runs()
@@ -188,6 +193,8 @@ def run(cfg: InferConfig) -> int:
     obs_path, truth_path, out_dir = cfg.obs_path, cfg.truth_path, cfg.out_dir
     if out_dir is None and not cfg.dry_run:
         raise ConfigError("out_dir is required with obs_path=... (e.g. out_dir=runs/oi)")
+    if not cfg.dry_run:
+        check_out_dir(out_dir)  # a file or a read-only folder: refused before any work
     _run_one(cfg, comm, obs_path, truth_path, out_dir)
     return 0
 
@@ -270,16 +277,10 @@ def _run_one(cfg: InferConfig, comm, obs_path: str, truth_path: str | None,
     comm.barrier()
     store = AnalysisStore(analysis)
     device = bind_device(comm, cfg.system.device, cfg.system.threads)
-    try:
-        summary = run_inference(obs=obs, ocean=obs.ocean, patches=patches, layout=layout,
-                                method=method, store=store, state=state, comm=comm, device=device,
-                                batch_size=cfg.batch_size, progress=cfg.progress,
-                                log_dir=out / "logs", allow_mode_mismatch=allow_mm)
-    except OceandaError as exc:
-        if comm.size > 1:  # one rank failing mid-run: stop every rank, do not hang
-            print(f"oceanda infer: error on rank {comm.rank}: {exc}", flush=True)
-            comm.abort(2)
-        raise
+    summary = run_inference(obs=obs, ocean=obs.ocean, patches=patches, layout=layout,
+                            method=method, store=store, state=state, comm=comm, device=device,
+                            batch_size=cfg.batch_size, progress=cfg.progress,
+                            log_dir=out / "logs", allow_mode_mismatch=allow_mm)
     if comm.rank != 0:
         return None
     from oceanda.data.io import write_json_atomic

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from oceanda.errors import ConfigError
+from oceanda.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
     from oceanda.cli.schema import TrainAppConfig
@@ -51,27 +51,38 @@ def run(cfg: TrainAppConfig) -> int:
     """``oceanda train``: one app for both models (``model=4dvarnet*`` or ``model=spde_4dvarnet``);
     each model contributes its datasets, its weights' start and its training task
     (:data:`oceanda.train.fourdvarnet.TASK`, :data:`oceanda.train.spde_fourdvarnet.TASK`)."""
-    import torch
-
+    from oceanda.data.files import check_out_dir, made_dirs
     from oceanda.parallel.comm import get_comm
     from oceanda.parallel.device import bind_device
-    from oceanda.train.data import Normalisation, load_arrays, patch_starts, time_split, validation_window
-    from oceanda.train.loop import fit, init_distributed, write_history
 
     spde = cfg.kind == "spde_4dvarnet"
     if spde:
         from oceanda.train import spde_fourdvarnet as trainer
     else:
         from oceanda.train import fourdvarnet as trainer
-    geom, train_cfg = cfg.patch, cfg.train
     if spde and cfg.zero_update:
         raise ConfigError("zero_update=true: only for 4DVarNet models (the SPDE-prior solver has no "
                           "modulator output layer to zero)")
-    out_dir = Path(cfg.out_dir).expanduser()
+    out_dir = check_out_dir(cfg.out_dir)  # a file or a read-only folder: refused before any work
+    if cfg.resume and not (out_dir / "checkpoint.pt").is_file():
+        raise InputError(f"resume=true: no checkpoint to resume from in out_dir={out_dir} "
+                         f"({out_dir / 'checkpoint.pt'} is missing); drop resume=true to start a new training")
     comm = get_comm(cfg.system.use_mpi)
     device = bind_device(comm, cfg.system.device, cfg.system.threads)
-    dist = init_distributed(device, comm=comm)
+    with made_dirs(out_dir):  # a run that fails before its first checkpoint leaves no empty out_dir
+        _train(cfg, trainer, out_dir, comm, device)
+    return 0
 
+
+def _train(cfg: TrainAppConfig, trainer, out_dir: Path, comm, device) -> None:
+    """Load, split, build and fit (every rank); ``history.json`` on rank 0."""
+    import torch
+
+    from oceanda.train.data import Normalisation, load_arrays, patch_starts, time_split, validation_window
+    from oceanda.train.loop import fit, init_distributed, write_history
+
+    geom, train_cfg = cfg.patch, cfg.train
+    dist = init_distributed(device, comm=comm)
     truth, obs, ocean, times, grid = load_arrays(cfg.truth_path, cfg.obs_path, _list(cfg.box), _list(cfg.dates),
                                                  with_grid=True)
     v0, nv = validation_window(times, _list(cfg.val_period), cfg.val_fraction)
@@ -105,4 +116,3 @@ def run(cfg: TrainAppConfig) -> int:
     history = fit(trainer.TASK, model, cfg.model, train_ds, val_ds, norm, train_cfg, out_dir / "checkpoint.pt",
                   resume=cfg.resume, device=device, dist=dist, progress=cfg.progress, extra=extra)
     write_history(history, out_dir, dist)
-    return 0

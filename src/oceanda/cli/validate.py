@@ -41,17 +41,20 @@ log = logging.getLogger("oceanda.validate")
 
 
 def run(cfg: ValidateConfig) -> int:
-    import torch
-
+    from oceanda.data.files import check_out_dir
     from oceanda.validation.report import write_scan
+    from oceanda.validation.runner import read_checkpoint
 
     settings, raw, preset = cfg.experiment, cfg.experiment_raw, cfg.preset_name
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    out_dir = Path(cfg.out_dir).expanduser()
+    from oceanda.parallel.threads import limit_and_log
+
+    limit_and_log(None, "auto" if cfg.threads is None else cfg.threads)  # torch, BLAS, OpenMP, numba
+    out_dir = check_out_dir(cfg.out_dir)  # a file or a read-only folder: refused before any work
     checkpoint = cfg.checkpoint
-    if checkpoint is not None and not Path(checkpoint).is_file():
-        raise ConfigError(f"checkpoint={checkpoint}: no such file")
+    if checkpoint is not None:
+        if not Path(checkpoint).is_file():
+            raise ConfigError(f"checkpoint={checkpoint}: no such file")
+        read_checkpoint(checkpoint, settings.system)  # unreadable / another system: before any work
     if cfg.dt is None:
         return _run_one(settings, raw, preset, out_dir, checkpoint, cfg.progress)
     if not isinstance(cfg.dt, tuple):  # dt=0.05: that setting, one run
@@ -81,9 +84,12 @@ def _run_one(settings, raw, preset, out_dir: Path, checkpoint, progress: bool) -
     from oceanda.validation.report import NAMES, write_report
     from oceanda.validation.runner import EXTRA, METHODS, run_experiment
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    from oceanda.data.files import made_dirs
+
     t0, c0 = time.perf_counter(), time.process_time()
-    result = run_experiment(settings, out_dir=out_dir, checkpoint=checkpoint, progress=progress)
+    with made_dirs(out_dir):  # a run that fails early leaves no empty out_dir
+        out_dir.mkdir(parents=True, exist_ok=True)
+        result = run_experiment(settings, out_dir=out_dir, checkpoint=checkpoint, progress=progress)
     result.extra["run_wall_s"] = time.perf_counter() - t0
     result.extra["run_cpu_s"] = time.process_time() - c0
     report = write_report(out_dir, result, preset, raw)

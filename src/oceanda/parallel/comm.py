@@ -144,7 +144,47 @@ class MPIComm:
             node.Free()
 
     def abort(self, code: int = 1) -> None:
+        """Stop every rank of the world now, the job exiting with ``code`` where the launcher
+        passes it on (MPICH's ``mpiexec`` does). The library's own "application called
+        MPI_Abort" line is not shown: the caller has printed the error, which stays the last
+        line a user sees."""
+        _quiet_stderr()
         self.comm.Abort(code)
+
+
+#: the multi-rank communicator of this process, once :func:`get_comm` has made one
+_WORLD: MPIComm | None = None
+
+
+def _quiet_stderr() -> None:
+    """Flush Python's streams, then point file descriptor 2 at ``/dev/null``."""
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 2)
+        os.close(null)
+    except OSError:
+        pass
+
+
+def world_rank() -> tuple[int, int] | None:
+    """``(rank, size)`` of this process when it runs as one rank of several, else None."""
+    return None if _WORLD is None else (_WORLD.rank, _WORLD.size)
+
+
+def abort_world(code: int) -> None:
+    """If this process runs as one rank of several (:func:`get_comm` returned an
+    :class:`MPIComm`), stop every rank now with exit ``code`` (``MPI_Abort``): a failing
+    rank must not leave the others waiting in a collective forever. Does nothing in a serial
+    run (the caller returns its exit status as usual)."""
+    if _WORLD is not None:
+        _WORLD.abort(code)
 
 
 def get_comm(use_mpi: bool | None = None) -> SerialComm | MPIComm:
@@ -165,4 +205,7 @@ def get_comm(use_mpi: bool | None = None) -> SerialComm | MPIComm:
         return SerialComm()
     if comm.size == 1 and use_mpi is None:
         return SerialComm()
+    if comm.size > 1:
+        global _WORLD
+        _WORLD = comm
     return comm

@@ -54,10 +54,9 @@ def bind_device(comm=None, device: str = "auto", threads: int | str | None = "au
 
         raise ConfigError(f"system.device must be auto, cpu or cuda, got {device!r}")
     if threads is not None:
-        from oceanda.parallel.threads import describe, limit_threads
+        from oceanda.parallel.threads import limit_and_log
 
-        limits = limit_threads(comm, threads)
-        log.info("rank %d: %s", getattr(comm, "rank", 0), describe(limits))
+        limit_and_log(comm, threads)
     if device != "cpu" and torch.cuda.is_available():
         n = torch.cuda.device_count()
         if local >= n:

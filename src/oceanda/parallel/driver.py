@@ -56,16 +56,19 @@ from oceanda.data import names as N
 from oceanda.data.grid import Grid
 from oceanda.data.patches import Box, PatchGeometry, PatchSet, check_trained_mode, mode_record_from_patch
 from oceanda.data.store import extend_coord
-from oceanda.errors import InputError, NumericalError
+from oceanda.errors import ConfigError, InputError, NumericalError
 from oceanda.parallel.layout import Layout, box_size
 
 TAG_PROGRESS = 11
 TAG_HALO = 12
 
 #: test hook: ``OCEANDA_FAIL_AFTER_TILES=N`` makes rank ``OCEANDA_FAIL_RANK`` (default 0)
-#: die (``os._exit(17)``) right after saving its N-th computed tile (simulated crash)
+#: die (``os._exit(17)``) right after saving its N-th computed tile (simulated crash); with
+#: ``OCEANDA_FAIL_AS=error`` it raises a :class:`NumericalError` there instead (a user-level
+#: failure of one rank while the others go on)
 FAIL_AFTER_ENV = "OCEANDA_FAIL_AFTER_TILES"
 FAIL_RANK_ENV = "OCEANDA_FAIL_RANK"
+FAIL_AS_ENV = "OCEANDA_FAIL_AS"
 
 
 @dataclass
@@ -303,6 +306,8 @@ def run_inference(*, obs, ocean: np.ndarray, patches: PatchSet, layout: Layout, 
     Returns:
         The run summary (same dict on every rank; rank 0 also finalises the store).
     """
+    if int(batch_size) < 1:  # range(0, n, batch_size) would skip every patch and save empty partials
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     rank = comm.rank
     log = _rank_logger(log_dir, rank)
     check_method(method, patches.geometry, allow_mode_mismatch, log)
@@ -353,6 +358,9 @@ def run_inference(*, obs, ocean: np.ndarray, patches: PatchSet, layout: Layout, 
         log.info("computed tile %d: %d patches in %.2f s", a, len(layout.tile_patches[a]), t1 - t0)
         computed += 1
         if fail_after and rank == fail_rank and computed >= fail_after:
+            if os.environ.get(FAIL_AS_ENV) == "error":
+                raise NumericalError(f"{FAIL_AFTER_ENV}={fail_after}: simulated failure of rank {rank} "
+                                     f"after tile {a}")
             log.info("%s=%d: simulated crash", FAIL_AFTER_ENV, fail_after)
             logging.shutdown()
             os._exit(17)

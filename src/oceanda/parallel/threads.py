@@ -44,34 +44,39 @@ def cpu_share(mine: Iterable[int], node: Iterable[Iterable[int]]) -> int:
 
 def thread_limits() -> dict[str, int]:
     """The current sizes of this process's pools: ``torch``, ``blas`` and ``openmp`` (largest
-    of the loaded libraries; 0 when none is loaded), ``numba``."""
-    import numba
-    import torch
+    of the loaded libraries; 0 when none is loaded), ``numba`` (0 for torch / numba when they
+    are not imported)."""
+    import sys
+
     from threadpoolctl import threadpool_info
 
-    out = {"torch": torch.get_num_threads(), "blas": 0, "openmp": 0}
+    torch, numba = sys.modules.get("torch"), sys.modules.get("numba")
+    out = {"torch": torch.get_num_threads() if torch is not None else 0, "blas": 0, "openmp": 0}
     for lib in threadpool_info():
         api = lib.get("user_api")
         if api in ("blas", "openmp"):
             out[api] = max(out[api], int(lib.get("num_threads", 0)))
-    out["numba"] = numba.get_num_threads()
+    out["numba"] = numba.get_num_threads() if numba is not None else 0
     return out
 
 
-def limit_threads(comm=None, threads: int | str | None = "auto") -> dict[str, int]:
+def limit_threads(comm=None, threads: int | str | None = "auto", load: bool = True) -> dict[str, int]:
     """Limit torch, BLAS, OpenMP and numba to ``threads`` threads each in this process.
 
     Args:
         comm: the communicator (its node's ranks share the cores); ``None``: a single rank.
         threads: ``"auto"`` / ``None`` (the rank's share, :func:`cpu_share`) or an integer
             >= 1 (the user's override, ``system.threads``).
+        load: import torch and numba to limit them (default); ``False`` limits them only if
+            already imported (an app that never uses them, e.g. ``evaluate``, run as one process).
 
     Returns:
         :func:`thread_limits` read back after setting, plus ``share`` (the automatic share)
         and ``cores`` (CPUs in this rank's affinity).
     """
-    import numba
-    import torch
+    import importlib
+    import sys
+
     from threadpoolctl import threadpool_limits
 
     from oceanda.errors import ConfigError
@@ -89,10 +94,13 @@ def limit_threads(comm=None, threads: int | str | None = "auto") -> dict[str, in
             n = 0
         if n < 1 or str(n) != str(threads).strip():
             raise ConfigError(f"system.threads must be 'auto' or an integer >= 1, got {threads!r}")
-    torch.set_num_threads(n)
+    torch, numba = (importlib.import_module(m) if load else sys.modules.get(m) for m in ("torch", "numba"))
+    if torch is not None:
+        torch.set_num_threads(n)
     # numba first: setting its pool loads its threading layer (an OpenMP runtime, maybe
     # another libgomp), which threadpoolctl then limits with the others
-    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    if numba is not None:
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
     threadpool_limits(limits=n)
     got = thread_limits()
     return {**got, "share": share, "cores": len(mine)}
@@ -103,6 +111,8 @@ def describe(limits: dict[str, int]) -> str:
     pools = [("torch", "torch"), ("blas", "BLAS"), ("openmp", "OpenMP"), ("numba", "numba")]
     vals = {k: limits.get(k, 0) for k, _ in pools}
     loaded = [(k, name) for k, name in pools if vals[k]]
+    if not loaded:
+        return "no thread pool loaded"
     same = len({vals[k] for k, _ in loaded}) == 1
     if same:
         n = vals[loaded[0][0]]
@@ -112,3 +122,12 @@ def describe(limits: dict[str, int]) -> str:
     if limits.get("share") is None:
         return body
     return f"{body} (share {limits['share']} of {limits['cores']} cores)"
+
+
+def limit_and_log(comm=None, threads: int | str | None = "auto", load: bool = True) -> dict[str, int]:
+    """:func:`limit_threads`, then one INFO line of the limits in the log of ``oceanda.parallel``
+    (``rank R: 1 thread of torch, BLAS, OpenMP, numba (share 1 of 2 cores)``): every app says
+    how many threads each of its pools runs."""
+    limits = limit_threads(comm, threads, load)
+    log.info("rank %d: %s", getattr(comm, "rank", 0), describe(limits))
+    return limits

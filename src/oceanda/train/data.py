@@ -278,6 +278,9 @@ def load_arrays(truth_path: str | None, obs_path: str, box=None, period=None, *,
     else:
         ocean = np.ones(obs_ds[N.SSH_OBS].shape[1:], bool) if truth is None else np.isfinite(truth).all(0)
     obs = np.asarray(obs_ds[N.SSH_OBS].values, np.float32)
+    if not np.isfinite(obs[:, ocean]).any():  # nothing to learn from (semi-supervised) or to feed the solver
+        raise InputError(f"observations {obs_path}: variable '{N.SSH_OBS}' holds no observation on the ocean "
+                         f"(all NaN) in the window (period {period}, box {box})")
     if truth is not None:
         bad = ocean & ~np.isfinite(truth).all(0)
         if bad.any():

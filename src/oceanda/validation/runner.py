@@ -131,7 +131,37 @@ class ExperimentSettings:
                               f"got {self.particle_smoother.n_particles}")
         if self.var4d.strong_factor is not None and not self.var4d.strong_factor > 0:
             raise ConfigError(f"experiment.var4d.strong_factor must be > 0 or null, got {self.var4d.strong_factor}")
+        v = self.var4d
+        for key, value, ok, want in (
+                ("max_iter", v.max_iter, v.max_iter >= 1, ">= 1"),
+                ("ftol", v.ftol, v.ftol >= 0, ">= 0"),
+                ("cost_tol", v.cost_tol, v.cost_tol is None or v.cost_tol >= 0, ">= 0 or null"),
+                ("decrement_tol", v.decrement_tol, v.decrement_tol is None or v.decrement_tol >= 0, ">= 0 or null"),
+                ("lm_init", v.lm_init, v.lm_init > 0, "> 0")):
+            if not ok:
+                raise ConfigError(f"experiment.var4d.{key} must be {want}, got {value}")
+        if self.n_plot < 0:
+            raise ConfigError(f"experiment.n_plot must be >= 0, got {self.n_plot}")
+        for key, want in DATA_RANGES.items():
+            value = self.data.get(key)
+            if value is not None and isinstance(value, (int, float)) and not want[0](value):
+                raise ConfigError(f"experiment.data.{key} must be {want[1]}, got {value}")
         self.training.check()
+
+
+#: ranges of the numeric keys of ``experiment.data`` (the toy data makers' arguments)
+DATA_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "n_train": (lambda v: v >= 2, ">= 2"),
+    "n_test": (lambda v: v >= 1, ">= 1"),
+    "T": (lambda v: v >= 2, ">= 2"),
+    "dt": (lambda v: v > 0, "> 0"),
+    "spinup_steps": (lambda v: v >= 0, ">= 0"),
+    "obs_every": (lambda v: v >= 1, ">= 1"),
+    "obs_noise": (lambda v: v > 0, "> 0 (an observation-noise standard deviation)"),
+    "n_test_processes": (lambda v: v >= 1, ">= 1"),
+    "model_noise_var": (lambda v: v >= 0, ">= 0"),
+    "q_max": (lambda v: v > 0, "> 0"),
+}
 
 
 # --------------------------------------------------------------------------- pieces
@@ -348,19 +378,29 @@ def save_checkpoint(path: Path, settings: ExperimentSettings, priors: dict, hist
         }, tmp)
 
 
-def load_checkpoint(path: Path, settings: ExperimentSettings, data: ToyData):
-    """Networks saved by :func:`save_checkpoint`; checks they fit this experiment."""
+def read_checkpoint(path: str | Path, system: str) -> dict:
+    """The content of a checkpoint written by :func:`save_checkpoint` for ``system``;
+    :class:`InputError` naming the file when it is missing, unreadable (truncated, not a torch
+    file), of another version or of another system."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"checkpoint {path}: no such file")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input error
-        raise InputError(f"checkpoint {path}: cannot read it ({exc})") from None
+        raise InputError(f"checkpoint {path}: not a readable oceanda validate checkpoint (truncated, corrupt or "
+                         f"another kind of file; torch.load: {type(exc).__name__})") from None
     if not isinstance(ck, dict) or ck.get("version") != CHECKPOINT_VERSION:
         raise InputError(f"checkpoint {path}: not an oceanda validate checkpoint (version {CHECKPOINT_VERSION})")
-    if ck["system"] != settings.system:
-        raise InputError(f"checkpoint {path} was trained on {ck['system']!r}, not {settings.system!r}")
+    if ck.get("system") != system:
+        raise InputError(f"checkpoint {path} was trained on {ck.get('system')!r}, not {system!r}")
+    return ck
+
+
+def load_checkpoint(path: Path, settings: ExperimentSettings, data: ToyData):
+    """Networks saved by :func:`save_checkpoint`; checks they fit this experiment."""
+    path = Path(path)
+    ck = read_checkpoint(path, settings.system)
     if ck["data"] != dict(settings.data):
         log.warning("checkpoint %s was trained with data settings %s (now %s)", path, ck["data"], settings.data)
     settings.model = ModelSettings(**ck["model"])
