@@ -23,7 +23,9 @@ import importlib
 import importlib.util
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -187,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"oceanda: unknown app {app!r}; one of: {', '.join(apps)}", file=sys.stderr)
         return 2
     setup_logging()
+    _raise_on_sigterm()
     try:
         module = importlib.import_module(f"oceanda.cli.{app}")
         if app == "config":  # the config app composes other apps' configs itself
@@ -206,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.run(load(app, cfg)) or 0)
     except OceandaError as exc:
         return _fail(f"oceanda {app}: error: {exc}", 2)
+    except Terminated:
+        return _fail(f"oceanda {app}: terminated (SIGTERM); temporary files removed", 143)
     except KeyboardInterrupt:
         return _fail(f"oceanda {app}: interrupted", 130)
     except Exception:
@@ -216,6 +221,24 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()  # a bug on one rank: its traceback, then stop every rank
             _fail(f"oceanda {app}: internal error (the traceback above)", 1)
         raise
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a job's time limit, ``kill``), raised in the main thread like Ctrl-C's
+    KeyboardInterrupt: every ``with`` block unwinds, so that atomic writes remove their
+    temporaries (:func:`oceanda.data.files.atomic_path`, ``generate``'s ``*.tmp-PID``)."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process outright
+    raise Terminated()
+
+
+def _raise_on_sigterm() -> None:
+    """Turn SIGTERM into :class:`Terminated` (only if nobody set a handler: an embedding
+    program keeps its own; not on other threads, where Python cannot set one)."""
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 def _world() -> tuple[int, int] | None:
@@ -244,10 +267,9 @@ def _fail(line: str, code: int) -> int:
         line += f" [rank {world[0]} of {world[1]}: every rank stopped]"
         if world[0] != 0:  # rank 0 may be drawing the progress bar: start a line of our own
             line = "\n" + line
-    sys.stderr.write(line + "\n")  # one write: ranks' lines do not interleave
-    sys.stderr.flush()
-    if world is not None:
         from oceanda.parallel.comm import abort_world
 
-        abort_world(code)
+        abort_world(code, line)  # does not return
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
     return code

@@ -62,28 +62,29 @@ def quicklook(draw: bool):
 
 def run(cfg: GenerateConfig) -> int:
     """``oceanda generate``: see the module docstring."""
-    from oceanda.data.files import check_out_dir
+    from oceanda.data.files import check_out_dir, made_dirs
     from oceanda.data.osse import generate_osse
     from oceanda.parallel.threads import limit_and_log
 
     check_out_dir(cfg.out_dir)  # a file or a read-only folder: refused before any work
     limit_and_log(None, "auto")
     register_truths()
-    result = generate_osse(
-        domain=cfg.domain,
-        obs=cfg.obs,
-        period=cfg.period,
-        out_dir=cfg.out_dir,
-        truth=cfg.truth,
-        seed=cfg.seed,
-        figures=quicklook(cfg.figures),
-        progress=cfg.progress,
-        obs_noise=cfg.obs_noise,
-        chunk_days=cfg.chunk_days,
-        device=cfg.device,
-        overwrite=cfg.overwrite,
-        config_yaml=cfg.source_yaml,
-    )
+    with made_dirs(cfg.out_dir):  # a run that fails leaves no empty out_dir behind
+        result = generate_osse(
+            domain=cfg.domain,
+            obs=cfg.obs,
+            period=cfg.period,
+            out_dir=cfg.out_dir,
+            truth=cfg.truth,
+            seed=cfg.seed,
+            figures=quicklook(cfg.figures),
+            progress=cfg.progress,
+            obs_noise=cfg.obs_noise,
+            chunk_days=cfg.chunk_days,
+            device=cfg.device,
+            overwrite=cfg.overwrite,
+            config_yaml=cfg.source_yaml,
+        )
     stats = result["stats"]
     lines = [f"oceanda generate: wrote {result['truth']}"]
     if "obs" in result:

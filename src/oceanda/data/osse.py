@@ -18,7 +18,10 @@ is therefore bounded by one chunk, whatever the number of days.
 
 Atomicity: both stores and the figure folder are written under ``<name>.tmp-<pid>`` in
 ``out_dir`` and renamed into place only when everything succeeded; on any error the
-temporary paths are removed and an existing output is left untouched.
+temporary paths are removed and an existing output is left untouched (SIGINT, and SIGTERM
+under ``oceanda generate``, included). The ``*.tmp-<pid>`` paths of a run that was killed
+outright (SIGKILL, a node failure) are removed by the next run into the same ``out_dir``
+once no process ``<pid>`` runs on this host (:func:`oceanda.data.files.clean_stale`).
 
 Dataset layout: see :mod:`oceanda.data.names` (``ssh``, ``ocean``; ``ssh_obs``,
 ``track_*``). CF attributes (units, standard names, axis), global ``Conventions``,
@@ -29,6 +32,7 @@ measured diagnostics (SSH std, spectral slope, observed fraction).
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import math
 import os
 import shutil
@@ -46,6 +50,8 @@ from oceanda.data.domains import domain_spec, get_domain
 from oceanda.data.grid import Grid
 from oceanda.config_dataclass import from_mapping
 from oceanda.errors import ConfigError, InputError
+
+log = logging.getLogger("oceanda.generate")
 
 #: signature of a truth generator: (grid, days, seed, params, device, progress) -> daily fields;
 #: kinds registered with ``dated=True`` also get the first date as keyword ``start``
@@ -423,6 +429,10 @@ def generate_osse(
         "domain": spec, "obs": obs, "period": {"start": str(times[0])[:10], "end": str(times[-1])[:10]},
         "truth": {"kind": kind, **truth}, "seed": seed, "obs_noise": obs_noise, "chunk_days": chunk_days,
     })
+    from oceanda.data.files import clean_stale
+
+    for stale in clean_stale(out):  # *.tmp-PID left by a killed run (its process is gone)
+        log.info("removed %s, left by a run that was killed", stale)
     pid = os.getpid()
     tmps = {name: p.with_name(f"{p.name}.tmp-{pid}") for name, p in finals.items()}
     for p in tmps.values():

@@ -19,6 +19,9 @@ from typing import Any
 
 import numpy as np
 
+#: tag of the message by which a failing rank announces that it is about to abort the job
+TAG_FAILED = 31001
+
 #: environment variables set by common launchers (presence = started by a launcher)
 _LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS",
                   "HYDI_CONTROL_FD", "MPICH_INTERFACE_HOSTNAME")
@@ -68,8 +71,17 @@ class SerialComm:
     def node_allgather(self, obj: Any) -> list[Any]:
         return [obj]
 
-    def abort(self, code: int = 1) -> None:
+    def abort(self, code: int = 1, message: str | None = None) -> None:
+        if message is not None:
+            import sys
+
+            sys.stderr.write(message if message.endswith("\n") else message + "\n")
+            sys.stderr.flush()
         os._exit(code)
+
+    def failed(self) -> bool:
+        """Whether another rank announced its failure (never, with one rank)."""
+        return False
 
 
 class MPIComm:
@@ -143,13 +155,33 @@ class MPIComm:
         finally:
             node.Free()
 
-    def abort(self, code: int = 1) -> None:
+    def abort(self, code: int = 1, message: str | None = None) -> None:
         """Stop every rank of the world now, the job exiting with ``code`` where the launcher
-        passes it on (MPICH's ``mpiexec`` does). The library's own "application called
-        MPI_Abort" line is not shown: the caller has printed the error, which stays the last
-        line a user sees."""
-        _quiet_stderr()
-        self.comm.Abort(code)
+        passes it on (MPICH's ``mpiexec`` does).
+
+        The other ranks are told first (:meth:`failed`: rank 0 stops drawing its progress
+        bar), then ``message`` (a line) is written to stderr, then the job is aborted. The
+        library's own "application called MPI_Abort" line is not shown: ``message`` stays the
+        last line a user sees."""
+        import sys
+
+        try:
+            for r in range(self.size):
+                if r != self.rank:
+                    self.comm.isend(self.rank, dest=r, tag=TAG_FAILED)
+            if message is not None:
+                time.sleep(0.1)  # the others see failed() before the line appears
+                sys.stderr.write(message if message.endswith("\n") else message + "\n")  # one write
+            _quiet_stderr()
+            time.sleep(0.3)  # let the launcher forward the line before it tears the job down
+        finally:  # whatever happened above (a closed stream...), the job must not hang
+            self.comm.Abort(code)
+
+
+    def failed(self) -> bool:
+        """Whether another rank announced its failure (:meth:`abort`): the job is being torn
+        down, so this rank should print nothing more (its progress bar)."""
+        return bool(self.comm.Iprobe(source=self._MPI.ANY_SOURCE, tag=TAG_FAILED))
 
 
 #: the multi-rank communicator of this process, once :func:`get_comm` has made one
@@ -178,13 +210,13 @@ def world_rank() -> tuple[int, int] | None:
     return None if _WORLD is None else (_WORLD.rank, _WORLD.size)
 
 
-def abort_world(code: int) -> None:
+def abort_world(code: int, message: str | None = None) -> None:
     """If this process runs as one rank of several (:func:`get_comm` returned an
-    :class:`MPIComm`), stop every rank now with exit ``code`` (``MPI_Abort``): a failing
-    rank must not leave the others waiting in a collective forever. Does nothing in a serial
-    run (the caller returns its exit status as usual)."""
+    :class:`MPIComm`), print ``message`` and stop every rank now with exit ``code``
+    (:meth:`MPIComm.abort`): a failing rank must not leave the others waiting in a collective
+    forever. Does nothing in a serial run (the caller prints and returns its exit status)."""
     if _WORLD is not None:
-        _WORLD.abort(code)
+        _WORLD.abort(code, message)
 
 
 def get_comm(use_mpi: bool | None = None) -> SerialComm | MPIComm:

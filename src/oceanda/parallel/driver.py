@@ -124,6 +124,9 @@ class _Progress:
 
     def _add(self, n: int) -> None:
         self.done += n
+        if self.bar is not None and getattr(self.comm, "failed", bool)():
+            self.bar.disable = True  # another rank failed and prints its error: draw nothing after it
+            self.bar = None
         if self.bar is not None:
             self.bar.update(n)
 
@@ -135,6 +138,8 @@ class _Progress:
         if self.comm.rank == 0:
             while self.done < self.total:
                 self.poll()
+                if self.bar is not None and getattr(self.comm, "failed", bool)():
+                    self.bar.disable, self.bar = True, None
                 time.sleep(0.02)
             if self.bar is not None:
                 self.bar.close()
