@@ -80,9 +80,9 @@ def atomic_path(path: str | os.PathLike, *, directory: bool = False, fsync: bool
             old.rmdir()
             os.rename(path, old)
         os.replace(tmp, path)
-    except BaseException:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as exc:
+        if directory:
+            remove_trees([tmp], settle=isinstance(exc, KeyboardInterrupt))
         else:
             tmp.unlink(missing_ok=True)
         if old is not None and old.exists() and not path.exists():
@@ -90,6 +90,20 @@ def atomic_path(path: str | os.PathLike, *, directory: bool = False, fsync: bool
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_trees(paths, settle: bool = False) -> None:
+    """Remove the folders ``paths``; with ``settle`` (after an interrupt: SIGINT, SIGTERM),
+    remove them again over the next half second, since a library's writer thread (zarr's
+    asynchronous I/O) may still finish a write that was under way when the main thread was
+    interrupted and re-create them."""
+    import time
+
+    for attempt in range(6 if settle else 1):
+        if attempt:
+            time.sleep(0.1)
+        for p in paths:
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes, fsync: bool = True) -> Path:

@@ -429,7 +429,7 @@ def generate_osse(
         "domain": spec, "obs": obs, "period": {"start": str(times[0])[:10], "end": str(times[-1])[:10]},
         "truth": {"kind": kind, **truth}, "seed": seed, "obs_noise": obs_noise, "chunk_days": chunk_days,
     })
-    from oceanda.data.files import clean_stale
+    from oceanda.data.files import clean_stale, remove_trees
 
     for stale in clean_stale(out):  # *.tmp-PID left by a killed run (its process is gone)
         log.info("removed %s, left by a run that was killed", stale)
@@ -542,11 +542,10 @@ def generate_osse(
             bar = None
         for name, tmp in tmps.items():
             _move_into_place(tmp, finals[name], overwrite)
-    except BaseException:
+    except BaseException as exc:
         if bar is not None:
             bar.close()
-        for tmp in tmps.values():
-            shutil.rmtree(tmp, ignore_errors=True)
+        remove_trees(tmps.values(), settle=isinstance(exc, KeyboardInterrupt))
         raise
     stats["seconds"] = _time.perf_counter() - t_start
     return {**finals, "stats": stats}
