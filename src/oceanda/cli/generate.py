@@ -60,6 +60,11 @@ def quicklook(draw: bool):
     return draw_quicklook
 
 
+#: the keys of the typed config passed to :func:`oceanda.data.osse.generate_osse` as they are
+_PASSED = ("domain", "obs", "period", "out_dir", "truth", "seed", "progress", "obs_noise", "chunk_days",
+           "device", "overwrite")
+
+
 def run(cfg: GenerateConfig) -> int:
     """``oceanda generate``: see the module docstring."""
     from oceanda.data.files import check_out_dir, made_dirs
@@ -70,21 +75,8 @@ def run(cfg: GenerateConfig) -> int:
     limit_and_log(None, "auto")
     register_truths()
     with made_dirs(cfg.out_dir):  # a run that fails leaves no empty out_dir behind
-        result = generate_osse(
-            domain=cfg.domain,
-            obs=cfg.obs,
-            period=cfg.period,
-            out_dir=cfg.out_dir,
-            truth=cfg.truth,
-            seed=cfg.seed,
-            figures=quicklook(cfg.figures),
-            progress=cfg.progress,
-            obs_noise=cfg.obs_noise,
-            chunk_days=cfg.chunk_days,
-            device=cfg.device,
-            overwrite=cfg.overwrite,
-            config_yaml=cfg.source_yaml,
-        )
+        result = generate_osse(figures=quicklook(cfg.figures), config_yaml=cfg.source_yaml,
+                               **{k: getattr(cfg, k) for k in _PASSED})
     stats = result["stats"]
     lines = [f"oceanda generate: wrote {result['truth']}"]
     if "obs" in result:
