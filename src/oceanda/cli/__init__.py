@@ -19,6 +19,7 @@ process exits with status 2.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import logging
@@ -251,10 +252,8 @@ def _close_bars() -> None:
     """Close every live tqdm progress bar, so that nothing redraws one after the error."""
     tq = sys.modules.get("tqdm.std")
     for bar in list(getattr(getattr(tq, "tqdm", None), "_instances", ()) or ()):
-        try:
+        with contextlib.suppress(Exception):  # a broken bar must not hide the error
             bar.close()
-        except Exception:  # noqa: BLE001 - a broken bar must not hide the error
-            pass
 
 
 def _fail(line: str, code: int) -> int:

@@ -81,10 +81,9 @@ def _with_dt(settings, raw: dict, dt: float):
 
 
 def _run_one(settings, raw, preset, out_dir: Path, checkpoint, progress: bool) -> int:
+    from oceanda.data.files import made_dirs
     from oceanda.validation.report import NAMES, write_report
     from oceanda.validation.runner import EXTRA, METHODS, run_experiment
-
-    from oceanda.data.files import made_dirs
 
     t0, c0 = time.perf_counter(), time.process_time()
     with made_dirs(out_dir):  # a run that fails early leaves no empty out_dir

@@ -328,8 +328,8 @@ def atomic_zarr_write(ds: xr.Dataset, path: str | os.PathLike, **to_zarr_kwargs:
     Meant for outputs small enough to write in one go; chunk-parallel writers use
     region writes instead.
     """
-    with atomic_path(path, directory=True) as tmp:
-        with warnings.catch_warnings():  # zarr 3 warns that consolidated metadata is not in its spec
-            warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
-            ds.to_zarr(tmp, mode="w", **to_zarr_kwargs)
+    # (zarr 3 warns that consolidated metadata is not in its spec)
+    with atomic_path(path, directory=True) as tmp, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+        ds.to_zarr(tmp, mode="w", **to_zarr_kwargs)
     return Path(path)

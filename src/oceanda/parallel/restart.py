@@ -83,9 +83,9 @@ class RunState:
 
     def save_partial(self, tile: int, fields: dict[str, np.ndarray]) -> None:
         """Save a tile's weighted sums (``den``, ``mean``, optional ``var``, ``members``)."""
-        with atomic_path(self._partial(tile)) as tmp:  # no fsync: the rename is atomic for process crashes
-            with open(tmp, "wb") as fh:
-                np.savez(fh, **fields)
+        # no fsync: the rename is atomic for process crashes
+        with atomic_path(self._partial(tile)) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, **fields)
 
     def load_partial(self, tile: int) -> dict[str, np.ndarray]:
         with np.load(self._partial(tile)) as z:
