@@ -39,11 +39,7 @@ def main_refuses(capsys, app: str, args: list[str], *names: str, outputs=()) -> 
 
     before = {p: snapshot(p) for p in outputs}
     capsys.readouterr()
-    handler = signal.getsignal(signal.SIGTERM)
-    try:
-        code = main([app, *map(str, args)])
-    finally:
-        signal.signal(signal.SIGTERM, handler)
+    code = main([app, *map(str, args)])
     cap = capsys.readouterr()
     res = Result(app, 1, code, cap.out, cap.err, ["oceanda", app, *map(str, args)])
     assert_refused(res, *names, before=before)
@@ -188,13 +184,11 @@ def test_files_follow_the_umask(capsys, tmp_path, good_obs, mask):
 
     out = tmp_path / "run"
     old = os.umask(mask)
-    handler = signal.getsignal(signal.SIGTERM)
     try:
         code = main(["infer", f"obs_path={good_obs['obs']}", f"truth_path={good_obs['truth']}", f"out_dir={out}",
                      *SMALL, *OI])
     finally:
         os.umask(old)
-        signal.signal(signal.SIGTERM, handler)
     assert code == 0, capsys.readouterr().err
     made = [out, *out.rglob("*")]
     names = {p.name for p in made}

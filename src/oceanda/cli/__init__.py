@@ -190,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"oceanda: unknown app {app!r}; one of: {', '.join(apps)}", file=sys.stderr)
         return 2
     setup_logging()
-    _raise_on_sigterm()
+    if argv is None:  # the process's own command line (not a call from Python code)
+        _raise_on_sigterm()
     try:
         module = importlib.import_module(f"oceanda.cli.{app}")
         if app == "config":  # the config app composes other apps' configs itself
