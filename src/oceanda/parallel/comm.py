@@ -8,6 +8,11 @@ interface: ``rank``, ``size``, ``barrier``, ``bcast``, ``allgather``, the buffer
 object messages (``isend_obj``/``poll_obj``) for progress reports, and ``local_rank`` (the
 rank among the processes of one node, from ``MPI.COMM_TYPE_SHARED``).
 
+Failure: a rank that cannot go on calls :func:`abort_world` (the apps do, from
+:func:`oceanda.cli.main`): it tells the other ranks (``failed()``: rank 0 then stops drawing
+its progress bar), prints its error line and aborts the job with the exit code (2 for a user
+error), so that no rank waits forever in a collective.
+
 This module is the only place (with :mod:`oceanda.parallel.device`) that imports mpi4py.
 """
 
