@@ -124,6 +124,9 @@ def test_out_dir_that_cannot_be_written_is_refused(capsys, good_obs, app):
     ("infer", ["batch_size=-4"], ["batch_size", "-4"]),
     ("infer", ["batch_size=0"], ["batch_size", "0"]),
     ("train", ["train.epochs=-1"], ["train.epochs", "-1"]),
+    ("train", ["train.max_batches=-1"], ["train.max_batches", "-1"]),
+    ("train", ["train.grad_clip=-1"], ["train.grad_clip", "-1"]),
+    ("evaluate", ["alongtrack_options.segment_km=-5"], ["alongtrack_options.segment_km", "-5"]),
     ("validate", ["experiment.data.obs_noise=-1"], ["experiment.data.obs_noise", "-1"]),
     ("validate", ["experiment.data.dt=0"], ["experiment.data.dt"]),
     ("validate", ["experiment.var4d.max_iter=-1"], ["experiment.var4d.max_iter", "-1"]),
@@ -135,6 +138,13 @@ def test_out_of_range_values_are_refused_by_the_schema(capsys, tmp_path, good_ob
     # `oceanda config validate` runs the same schema
     res = main_refuses(capsys, "config", ["validate", app, *_app_args(app, good_obs, out), *args], *names)
     assert res.returncode == 2
+
+
+def test_spde_training_epochs_out_of_range_is_refused(capsys, tmp_path, good_obs):
+    out = tmp_path / "run"
+    args = [f"obs_path={good_obs['obs']}", f"truth_path={good_obs['truth']}", f"out_dir={out}", "model=spde_4dvarnet",
+            "patch.size=[5,16,16]", "train.epochs=-1"]
+    main_refuses(capsys, "train", args, "train.epochs", "-1", outputs=[out])
 
 
 def test_train_resume_without_checkpoint_is_refused(capsys, tmp_path, good_obs):

@@ -54,6 +54,22 @@ class AlongTrackOptions:
     edge_margin_deg: float = 0.25
     bin_deg: float = 1.0
 
+    def __post_init__(self) -> None:
+        from oceanda.errors import ConfigError
+
+        checks = (("segment_km", self.segment_km > 0, "> 0"),
+                  ("segment_overlap", 0 <= self.segment_overlap < 1, "in [0, 1)"),
+                  ("max_gap_dt", self.max_gap_dt > 0, "> 0"),
+                  ("dx_km", self.dx_km is None or self.dx_km > 0, "> 0 or null"),
+                  ("dt_s", self.dt_s is None or self.dt_s > 0, "> 0 or null"),
+                  ("time_bin_days", self.time_bin_days > 0, "> 0"),
+                  ("min_obs", self.min_obs >= 1, ">= 1"),
+                  ("edge_margin_deg", self.edge_margin_deg >= 0, ">= 0"),
+                  ("bin_deg", self.bin_deg > 0, "> 0"))
+        for key, ok, want in checks:
+            if not ok:
+                raise ConfigError(f"alongtrack_options.{key} must be {want}, got {getattr(self, key)}")
+
 
 def _as_ns(t: np.ndarray) -> np.ndarray:
     return np.asarray(t).astype("datetime64[ns]").astype(np.int64)

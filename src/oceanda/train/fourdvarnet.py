@@ -44,7 +44,7 @@ from oceanda.assim.fourdvarnet import (
 from oceanda.config_dataclass import dataclass_from_dict
 from oceanda.errors import ConfigError, InputError
 from oceanda.train.data import Normalisation, PatchDataset
-from oceanda.train.loop import TrainingTask, save_atomic
+from oceanda.train.loop import TrainingTask, check_ranges, save_atomic
 
 log = logging.getLogger("oceanda.train")
 
@@ -77,11 +77,7 @@ class TrainConfig:
         cfg = dataclass_from_dict(cls, d, "train")
         if cfg.mode not in ("supervised", "semi"):
             raise ConfigError(f"train.mode must be 'supervised' or 'semi', got {cfg.mode!r}")
-        for key in ("epochs", "batch_size"):
-            if getattr(cfg, key) < 1:
-                raise ConfigError(f"train.{key} must be >= 1, got {getattr(cfg, key)}")
-        if not cfg.lr >= 0:
-            raise ConfigError(f"train.lr must be >= 0, got {cfg.lr}")
+        check_ranges(cfg, "train")
         return cfg
 
 

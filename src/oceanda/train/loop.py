@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from oceanda.data.files import atomic_path
-from oceanda.errors import InputError
+from oceanda.errors import ConfigError, InputError
 from oceanda.train.data import Normalisation
 
 log = logging.getLogger("oceanda.train")
@@ -148,6 +148,22 @@ def shutdown_distributed() -> None:
         from oceanda.parallel.comm import get_comm
 
         get_comm().barrier()
+
+
+def check_ranges(cfg: Any, where: str = "train") -> None:
+    """Refuse out-of-range numbers of a training config (:class:`ConfigError` naming the key):
+    ``epochs``, ``batch_size``, ``max_batches`` (or null), ``mle_items``, ``nll_crop`` >= 1;
+    ``lr``, ``weight_decay``, ``grad_clip`` (0: no clipping), ``lr_theta`` and every loss weight
+    ``w_*`` >= 0 (finite). Fields a config does not have are skipped."""
+    for key in ("epochs", "batch_size", "max_batches", "mle_items", "nll_crop"):
+        value = getattr(cfg, key, None)
+        if value is not None and value < 1:
+            raise ConfigError(f"{where}.{key} must be >= 1{' or null' if key == 'max_batches' else ''}, got {value}")
+    keys = ["lr", "weight_decay", "grad_clip", "lr_theta", *sorted(k for k in vars(cfg) if k.startswith("w_"))]
+    for key in keys:
+        value = getattr(cfg, key, None)
+        if value is not None and not (0 <= value < math.inf):
+            raise ConfigError(f"{where}.{key} must be a finite number >= 0, got {value}")
 
 
 def save_atomic(state: dict[str, Any], path: str | os.PathLike) -> Path:

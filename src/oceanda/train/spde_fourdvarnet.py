@@ -55,7 +55,7 @@ from oceanda.config_dataclass import from_mapping
 from oceanda.errors import ConfigError, InputError
 from oceanda.train.data import PatchDataset
 from oceanda.train.fourdvarnet import sobel_magnitude, weighted_mse
-from oceanda.train.loop import TrainingTask, _collate, _to, save_atomic
+from oceanda.train.loop import TrainingTask, _collate, _to, check_ranges, save_atomic
 
 log = logging.getLogger("oceanda.train")
 
@@ -109,6 +109,7 @@ class SPDETrainConfig:
             raise ConfigError(f"train.theta_grad must be 'all' or 'nll', got {cfg.theta_grad!r}")
         if cfg.mode == "supervised" and not any((cfg.w_mse, cfg.w_grad, cfg.w_nll, cfg.w_nll_obs)):
             raise ConfigError("train.w_mse, w_grad, w_nll and w_nll_obs are all 0: nothing to train")
+        check_ranges(cfg, "train")
         if cfg.nll_crop < 2:
             raise ConfigError(f"train.nll_crop must be >= 2, got {cfg.nll_crop}")
         return cfg
