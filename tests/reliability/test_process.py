@@ -167,6 +167,19 @@ def test_train_on_all_nan_observations_is_refused(capsys, tmp_path, good_obs):
                  str(path), N.SSH_OBS, "all NaN", outputs=[out])
 
 
+@pytest.mark.mpi
+def test_train_on_two_ranks_refuses_and_stops_every_rank(tmp_path, good_obs):
+    """train under MPI (torch.distributed over gloo): a refusal on the ranks ends the job, exit 2."""
+    obs = xr.open_zarr(good_obs["obs"]).load()
+    obs[N.SSH_OBS][:] = np.nan
+    path = tmp_path / "nan_obs.zarr"
+    obs.to_zarr(path)
+    out = tmp_path / "run"
+    res = refuse("train", [f"obs_path={path}", f"truth_path={good_obs['truth']}", f"out_dir={out}", *TRAIN],
+                 str(path), N.SSH_OBS, outputs=[out], ranks=2, timeout=120)
+    assert "of 2: every rank stopped]" in res.stderr
+
+
 @pytest.mark.parametrize("content", [b"not a checkpoint at all\n", "truncated"])
 def test_validate_refuses_a_corrupt_checkpoint_before_any_work(capsys, tmp_path, content):
     ck = tmp_path / "model.pt"
