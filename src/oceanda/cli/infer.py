@@ -44,6 +44,9 @@ from typing import TYPE_CHECKING, Any
 from oceanda import __version__
 from oceanda.errors import ConfigError, InputError, OceandaError
 
+#: suffix of analysis.zarr while its run is not finished (renamed to analysis.zarr when complete)
+INCOMPLETE_SUFFIX = ".incomplete"
+
 if TYPE_CHECKING:
     from oceanda.cli.schema import InferConfig
 
@@ -54,11 +57,9 @@ def _list(value: tuple | None) -> list | None:
     return None if value is None else list(value)
 
 
-def run_id(cfg: InferConfig, obs_path: str, checkpoint: str | None = None) -> str:
-    """Hash of everything that determines the output (not ranks, devices or progress); with
-    ``checkpoint``, also the content of the weights file (so new weights are a new run)."""
+def config_ident(cfg: InferConfig, obs_path: str) -> dict[str, Any]:
+    """The config keys that determine the output."""
     ident = {
-        "obs": _obs_ident(obs_path),
         "box": _list(cfg.box),
         "period": [str(p) for p in (cfg.dates or [])],
         "method": cfg.method.as_dict(),
@@ -66,17 +67,41 @@ def run_id(cfg: InferConfig, obs_path: str, checkpoint: str | None = None) -> st
         "tile": list(cfg.tile),
         "dtype": str(cfg.dtype),
     }
-    if checkpoint is not None and Path(checkpoint).is_file():
-        ident["checkpoint_sha256"] = _file_digest(checkpoint)
     from oceanda.data.alongtrack import is_alongtrack
 
     if is_alongtrack(obs_path):  # along-track input: how it is read and gridded is part of the run
         ident |= {"grid": cfg.grid, "obs_exclude": list(cfg.obs_exclude), "alongtrack": asdict(cfg.alongtrack)}
-    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+    return ident
+
+
+def input_digests(obs_path: str, checkpoint: str | None = None, obs: str | None = None) -> dict[str, str]:
+    """Content digests of the run's inputs: ``obs`` and, for a weights file, ``checkpoint``."""
+    out = {"obs": obs or obs_digest(obs_path)}
+    if checkpoint is not None and Path(checkpoint).is_file():
+        from oceanda.data.integrity import file_digest
+
+        out["checkpoint"] = file_digest(checkpoint)
+    return out
+
+
+def _digest_of(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def obs_digest(obs_path: Any) -> str:
+    """The observations' identity by content (:func:`oceanda.data.integrity.content_digest`):
+    every chunk of a gridded store (checked against its recorded digests), or the bytes of
+    the sorted along-track files."""
+    from oceanda.data.alongtrack import is_alongtrack, resolve_paths
+    from oceanda.data.integrity import content_digest
+
+    if is_alongtrack(obs_path):
+        return content_digest([str(p) for p in resolve_paths(obs_path)])
+    return content_digest(obs_path)
 
 
 def _obs_ident(obs_path: Any) -> str:
-    """The observations' identity: the resolved path, or the sorted along-track files."""
+    """The observations' path (provenance): the resolved path, or the sorted along-track files."""
     from oceanda.data.alongtrack import is_alongtrack, resolve_paths
 
     if is_alongtrack(obs_path):
@@ -129,12 +154,13 @@ def _check_truth_grid(truth_path: str, obs) -> None:
     import numpy as np
 
     from oceanda.data import names as N
-    from oceanda.data.io import open_dataset, select_window
+    from oceanda.data.io import check_values, open_dataset, select_window
 
     truth = open_dataset(truth_path, [N.SSH])
     pad = 1e-6
     box = [obs.lon[0] - pad, obs.lon[-1] + pad, obs.lat[0] - pad, obs.lat[-1] + pad]
     sub = select_window(truth, None, box, what=f"truth {truth_path}")
+    check_values(sub[N.SSH], f"truth {truth_path}")  # +-inf or absurd values: before any work
     for dim, ref in ((N.LON, obs.lon), (N.LAT, obs.lat)):
         got = sub[dim].values
         if got.shape != ref.shape or not np.allclose(got, ref, atol=1e-6, rtol=0):
@@ -147,12 +173,18 @@ def _method_kwargs(cfg: InferConfig) -> tuple[str, dict[str, Any]]:
     return cfg.method.name, cfg.method.kwargs()
 
 
-def _file_digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+def _bcast_checked(comm, fn):
+    """``fn()`` on rank 0, its result broadcast; its :class:`OceandaError` raised on every rank."""
+    result: tuple[str, Any] = ("", None)
+    if comm.rank == 0:
+        try:
+            result = ("ok", fn())
+        except OceandaError as exc:
+            result = ("error", str(exc))
+    kind, value = comm.bcast(result)
+    if kind == "error":
+        raise InputError(value)
+    return value
 
 
 def run(cfg: InferConfig) -> int:
@@ -232,8 +264,8 @@ def _run_one(cfg: InferConfig, comm, obs_path: str, truth_path: str | None,
         raise InputError(f"observations {obs_path}: the observation window (period "
                          f"{_list(cfg.dates)}, box {_list(cfg.box)}) holds no "
                          "observation (all NaN)")
-    if truth_path:
-        _check_truth_grid(truth_path, obs)
+    if truth_path:  # read once, on rank 0; its refusal raised on every rank
+        _bcast_checked(comm, lambda: _check_truth_grid(truth_path, obs))
     patches = make_patches(geometry, obs.shape, obs.ocean)
     planned = comm.size
     if cfg.dry_run and cfg.ranks is not None:
@@ -248,27 +280,33 @@ def _run_one(cfg: InferConfig, comm, obs_path: str, truth_path: str | None,
 
     out = Path(out_dir)
     analysis = out / "analysis.zarr"
-    rid = run_id(cfg, obs_path, method_cfg.get("checkpoint") if name == "4dvarnet" else None)
-    state = RunState(out, rid)
-    state.check(analysis)  # every rank, before anything is written
+    working = out / f"analysis.zarr{INCOMPLETE_SUFFIX}"  # renamed analysis.zarr once complete
+    checkpoint = method_cfg.get("checkpoint") if name == "4dvarnet" else None
+    inputs = _bcast_checked(comm, lambda: input_digests(obs_path, checkpoint))
+    ident = config_ident(cfg, obs_path)
+    rid = _digest_of({"inputs": inputs, "config": ident})
+    state = RunState(out, rid, inputs=inputs, config=_digest_of(ident))
+    state.check(analysis, working)  # every rank, before anything is written
+    complete = analysis.exists()  # a finished run, rerun: nothing to compute
     comm.barrier()
     if comm.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         state.init()
-        if not analysis.exists():
+        if not complete and not working.exists():
             AnalysisStore.create(
-                analysis, time=obs.time, lat=obs.lat, lon=obs.lon, ocean=obs.ocean,
+                working, time=obs.time, lat=obs.lat, lon=obs.lon, ocean=obs.ocean,
                 chunks=layout.tile_shape, dtype=str(cfg.dtype),
                 attrs={"title": f"oceanda {name} analysis of sea surface height",
                        "method": name, "source": f"oceanda {__version__}",
                        "history": f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} oceanda infer",
-                       "observations": _obs_ident(obs_path), "run_id": rid,
+                       "observations": _obs_ident(obs_path), "observations_digest": inputs["obs"],
+                       "run_id": rid,
                        "oceanda_version": __version__,
                        "oceanda_config": cfg.source_yaml,
                        "patch": to_json_attr(asdict(cfg.patch)),
                        "method_config": to_json_attr({"name": name, **method_cfg})})
     comm.barrier()
-    store = AnalysisStore(analysis)
+    store = AnalysisStore(analysis) if complete else AnalysisStore(working, final=analysis)
     device = bind_device(comm, cfg.system.device, cfg.system.threads)
     try:
         summary = run_inference(obs=obs, ocean=obs.ocean, patches=patches, layout=layout,

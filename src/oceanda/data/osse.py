@@ -44,6 +44,7 @@ from oceanda import __version__
 from oceanda.data import names as N
 from oceanda.data.domains import domain_spec, get_domain
 from oceanda.data.grid import Grid
+from oceanda.data.integrity import write_digests
 from oceanda.config_dataclass import from_mapping
 from oceanda.errors import ConfigError, InputError
 
@@ -515,6 +516,9 @@ def generate_osse(
             # (appending the track table in mode "a" resets the global attributes: set them all)
             _finalise_attrs(tmps["obs"], {**obs_attrs, "observed_fraction_daily_mean": stats["observed_fraction"],
                                           "n_track_points": n_obs})
+        for name in ("truth", "obs"):  # both stores complete: record their chunk digests
+            if name in tmps:
+                write_digests(tmps[name])
         if sats is not None:
             from oceanda.data.alongtrack_write import write_osse_alongtrack
 
