@@ -13,8 +13,11 @@ provenance). With truth_path=..., also DIR/scores.json (the keys of `oceanda eva
 
 Each rank owns tiles (configs: tile) balanced by ocean work, computes the patches centred in
 them and exchanges halo contributions with its neighbours. The output is bitwise the same
-for any number of ranks. A killed run resumes when rerun with the same command (completed
-tiles are not recomputed); an out_dir holding a different run is refused. Per-rank logs in
+for any number of ranks. DIR/analysis.zarr appears only complete: the run writes
+DIR/analysis.zarr.incomplete and renames it at the end. A killed run resumes when rerun with
+the same command (completed tiles are not recomputed); an out_dir holding a different run is
+refused, the run being identified by its config and the *content* of its inputs (replacing
+obs.zarr in place and rerunning is refused, never answered with the old analysis). Per-rank logs in
 DIR/logs, a summary in DIR/summary.json.
 
 With no obs_path, runs the Gulf Stream demo: generates the OSSE in demo.dir/osse if missing,
@@ -33,8 +36,6 @@ method=4dvarnet with method.checkpoint=null uses the shipped Gulf Stream weights
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from dataclasses import asdict, replace
@@ -42,6 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from oceanda import __version__
+from oceanda.cli._identity import bcast_checked, digest_of, path_digest
 from oceanda.errors import ConfigError, InputError, OceandaError
 
 #: suffix of analysis.zarr while its run is not finished (renamed to analysis.zarr when complete)
@@ -76,28 +78,12 @@ def config_ident(cfg: InferConfig, obs_path: str) -> dict[str, Any]:
 
 def input_digests(obs_path: str, checkpoint: str | None = None, obs: str | None = None) -> dict[str, str]:
     """Content digests of the run's inputs: ``obs`` and, for a weights file, ``checkpoint``."""
-    out = {"obs": obs or obs_digest(obs_path)}
+    out = {"obs": obs or path_digest(obs_path)}
     if checkpoint is not None and Path(checkpoint).is_file():
         from oceanda.data.integrity import file_digest
 
         out["checkpoint"] = file_digest(checkpoint)
     return out
-
-
-def _digest_of(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def obs_digest(obs_path: Any) -> str:
-    """The observations' identity by content (:func:`oceanda.data.integrity.content_digest`):
-    every chunk of a gridded store (checked against its recorded digests), or the bytes of
-    the sorted along-track files."""
-    from oceanda.data.alongtrack import is_alongtrack, resolve_paths
-    from oceanda.data.integrity import content_digest
-
-    if is_alongtrack(obs_path):
-        return content_digest([str(p) for p in resolve_paths(obs_path)])
-    return content_digest(obs_path)
 
 
 def _obs_ident(obs_path: Any) -> str:
@@ -171,20 +157,6 @@ def _check_truth_grid(truth_path: str, obs) -> None:
 def _method_kwargs(cfg: InferConfig) -> tuple[str, dict[str, Any]]:
     """``(name, kwargs)`` of ``cfg.method`` (:meth:`~oceanda.cli.schema.MethodConfig.kwargs`)."""
     return cfg.method.name, cfg.method.kwargs()
-
-
-def _bcast_checked(comm, fn):
-    """``fn()`` on rank 0, its result broadcast; its :class:`OceandaError` raised on every rank."""
-    result: tuple[str, Any] = ("", None)
-    if comm.rank == 0:
-        try:
-            result = ("ok", fn())
-        except OceandaError as exc:
-            result = ("error", str(exc))
-    kind, value = comm.bcast(result)
-    if kind == "error":
-        raise InputError(value)
-    return value
 
 
 def run(cfg: InferConfig) -> int:
@@ -265,7 +237,7 @@ def _run_one(cfg: InferConfig, comm, obs_path: str, truth_path: str | None,
                          f"{_list(cfg.dates)}, box {_list(cfg.box)}) holds no "
                          "observation (all NaN)")
     if truth_path:  # read once, on rank 0; its refusal raised on every rank
-        _bcast_checked(comm, lambda: _check_truth_grid(truth_path, obs))
+        bcast_checked(comm, lambda: _check_truth_grid(truth_path, obs))
     patches = make_patches(geometry, obs.shape, obs.ocean)
     planned = comm.size
     if cfg.dry_run and cfg.ranks is not None:
@@ -282,10 +254,10 @@ def _run_one(cfg: InferConfig, comm, obs_path: str, truth_path: str | None,
     analysis = out / "analysis.zarr"
     working = out / f"analysis.zarr{INCOMPLETE_SUFFIX}"  # renamed analysis.zarr once complete
     checkpoint = method_cfg.get("checkpoint") if name == "4dvarnet" else None
-    inputs = _bcast_checked(comm, lambda: input_digests(obs_path, checkpoint))
+    inputs = bcast_checked(comm, lambda: input_digests(obs_path, checkpoint))
     ident = config_ident(cfg, obs_path)
-    rid = _digest_of({"inputs": inputs, "config": ident})
-    state = RunState(out, rid, inputs=inputs, config=_digest_of(ident))
+    rid = digest_of({"inputs": inputs, "config": ident})
+    state = RunState(out, rid, inputs=inputs, config=digest_of(ident))
     state.check(analysis, working)  # every rank, before anything is written
     complete = analysis.exists()  # a finished run, rerun: nothing to compute
     comm.barrier()

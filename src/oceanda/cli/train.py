@@ -17,7 +17,9 @@ normalises with the training-period statistics, cuts patches (configs/patch: siz
 its crop and triangle weight the loss), keeps the validation period and gap_days on each
 side out of training, and trains with Adam + cosine schedule + gradient clipping. Writes
 DIR/checkpoint.pt after every epoch (model + normalisation + config + optimizer state),
-DIR/best_checkpoint.pt (best validation RMSE [m]) and DIR/history.json. A checkpoint is
+DIR/best_checkpoint.pt (best validation RMSE [m]), DIR/history.json and DIR/train_run.json
+(the run's identity: its inputs' content digests and model / patch / split config digest; an
+out_dir holding another training run, or an inference run, is refused). A checkpoint is
 used by `oceanda infer method=4dvarnet method.checkpoint=DIR/best_checkpoint.pt`.
 
 Modes follow the patch (configs/patch): mapping (patch=anchor: the loss on the whole window,
@@ -71,6 +73,14 @@ def run(cfg: TrainAppConfig) -> int:
     comm = get_comm(cfg.system.use_mpi)
     device = bind_device(comm, cfg.system.device, cfg.system.threads)
     dist = init_distributed(device, comm=comm)
+    from oceanda.cli._identity import bcast_checked, check_train_out_dir, record_train_run, train_identity
+
+    def claim() -> dict:  # rank 0: the inputs by content, this out_dir not another run's
+        ident = train_identity(cfg)
+        check_train_out_dir(out_dir, ident, resume=cfg.resume)
+        return ident
+
+    ident = bcast_checked(comm, claim)
 
     truth, obs, ocean, times, grid = load_arrays(cfg.truth_path, cfg.obs_path, _list(cfg.box), _list(cfg.dates),
                                                  with_grid=True)
@@ -102,6 +112,9 @@ def run(cfg: TrainAppConfig) -> int:
              "val_days": [int(val_days[0]), int(val_days[-1])], "gap_days": cfg.gap_days,
              "patch": geom.as_config(), "mode": geom.mode_record(),
              "init_checkpoint": None if cfg.init_checkpoint is None else str(cfg.init_checkpoint)}
+    if dist.rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        record_train_run(out_dir, ident)
     history = fit(trainer.TASK, model, cfg.model, train_ds, val_ds, norm, train_cfg, out_dir / "checkpoint.pt",
                   resume=cfg.resume, device=device, dist=dist, progress=cfg.progress, extra=extra)
     write_history(history, out_dir, dist)
