@@ -36,6 +36,7 @@ def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, note: str 
     """
     import torch
 
+    from oceanda.assim.checkpoint import DIGEST_KEY, state_digest
     from oceanda.assim.fourdvarnet import read_checkpoint
 
     ck = read_checkpoint(src)  # validates src (format, version, norm, weights vs config)
@@ -50,6 +51,7 @@ def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, note: str 
         "optimizer": None, "scheduler": None, "epoch": int(ck.get("epoch", -1)),
         "history": list(ck.get("history") or []), "extra": extra,
     }
+    out[DIGEST_KEY] = state_digest(out["state_dict"])
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=dst.name + ".", suffix=".tmp", dir=dst.parent)
