@@ -76,9 +76,9 @@ def config_ident(cfg: InferConfig, obs_path: str) -> dict[str, Any]:
     return ident
 
 
-def input_digests(obs_path: str, checkpoint: str | None = None, obs: str | None = None) -> dict[str, str]:
+def input_digests(obs_path: str, checkpoint: str | None = None) -> dict[str, str]:
     """Content digests of the run's inputs: ``obs`` and, for a weights file, ``checkpoint``."""
-    out = {"obs": obs or path_digest(obs_path)}
+    out = {"obs": path_digest(obs_path)}
     if checkpoint is not None and Path(checkpoint).is_file():
         from oceanda.data.integrity import file_digest
 
@@ -253,7 +253,7 @@ def _run_one(cfg: InferConfig, comm, obs_path: str, truth_path: str | None,
     out = Path(out_dir)
     analysis = out / "analysis.zarr"
     working = out / f"analysis.zarr{INCOMPLETE_SUFFIX}"  # renamed analysis.zarr once complete
-    checkpoint = method_cfg.get("checkpoint") if name == "4dvarnet" else None
+    checkpoint = method_cfg.get("checkpoint")  # trained methods: new weights are a new run
     inputs = bcast_checked(comm, lambda: input_digests(obs_path, checkpoint))
     ident = config_ident(cfg, obs_path)
     rid = digest_of({"inputs": inputs, "config": ident})

@@ -8,7 +8,12 @@ naming the file and the problem, before any computation:
 * the path does not exist or is neither a zarr store nor a netCDF file;
 * a required variable is missing (the message lists the variables that are there);
 * a dimension is not one of ``(time, lat, lon)`` (``member`` for ensembles), or a
-  coordinate is missing, not 1-D, holds NaN, is duplicated or is not monotonic.
+  coordinate is missing, not 1-D, holds NaN, is duplicated or is not monotonic;
+* a chunk of a store oceanda wrote is missing, truncated or overwritten (checked against its
+  recorded digests as it is read, :mod:`oceanda.data.integrity`), or a chunk of another
+  store is missing where it would read as a number (a fill value not declared missing);
+* on reading the values (:func:`compute`, :func:`check_values`): a chunk that cannot be
+  decoded, +-inf or a magnitude above :data:`SSH_LIMIT_M`.
 
 Conventions applied on reading (see :mod:`oceanda.data.names`): ``latitude`` and
 ``longitude`` are renamed ``lat`` and ``lon``; a strictly *decreasing* coordinate (common
