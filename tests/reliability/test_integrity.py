@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from oceanda.data import integrity
+from oceanda.data import integrity, io
 from oceanda.data import names as N
 from tests.reliability.conftest import SMALL
 from tests.reliability.harness import assert_refused, refuse, run_app, snapshot
@@ -34,7 +34,7 @@ def _rewrite(src: Path, dst: Path, var: str, fn=None, chunks=(4, 40, 48), digest
         v.encoding.clear()
     ds.to_zarr(dst, encoding={var: {"chunks": chunks}})
     if digests:
-        integrity.write_digests(dst)
+        io.write_digests(dst)
     return dst
 
 

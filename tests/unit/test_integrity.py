@@ -28,7 +28,7 @@ def _store(path: Path, values: np.ndarray | None = None, digests: bool = True, *
                     coords={N.TIME: np.arange(6.0), N.LAT: np.arange(4.0), N.LON: np.arange(5.0)})
     ds.to_zarr(path, encoding={N.SSH_OBS: {"chunks": (2, 4, 5), **enc}})
     if digests:
-        integrity.write_digests(path)
+        io.write_digests(path)
     return path
 
 
@@ -167,3 +167,20 @@ def test_state_digest_detects_a_changed_weight():
     sd["b"][2] = 7.0
     with pytest.raises(InputError, match="ck.pt: its weights do not match"):
         check_state_digest(ck, "ck.pt")
+
+
+def test_alongtrack_files_are_checked_against_their_recorded_digests(tmp_path):
+    from oceanda.data.alongtrack import resolve_paths
+
+    files = []
+    for name in ("j3", "s3a"):
+        f = tmp_path / f"{name}.nc"
+        f.write_bytes(name.encode() * 1000)
+        files.append(f)
+    rec = io.write_file_digests(tmp_path, files)
+    assert rec["j3.nc"] == hashlib.blake2b(b"j3" * 1000, digest_size=16).hexdigest()
+    (tmp_path / "mine.nc").write_bytes(b"not recorded")  # a file of the user's: not checked
+    assert [p.name for p in resolve_paths(tmp_path)] == ["j3.nc", "mine.nc", "s3a.nc"]
+    files[1].write_bytes(b"s3a" * 999)  # truncated
+    with pytest.raises(InputError, match="s3a.nc: its bytes differ"):
+        resolve_paths(str(tmp_path / "*.nc"))

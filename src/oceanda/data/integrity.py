@@ -21,6 +21,9 @@ is a number that is not declared missing (``_FillValue`` / ``missing_value``) wo
 that constant, so it is refused; when the fill value is NaN or a declared missing value, an
 absent chunk cannot be told from a chunk with no data (see the README).
 
+Along-track files an OSSE writes (``alongtrack/<mission>.nc``) get the same digest file, keyed
+by file name (:func:`files_record`); :func:`verify_files` checks them when they are used.
+
 The *identity* of an input (:func:`content_digest`) is a digest of its content, never of its
 path: all chunk bytes and array metadata of a zarr store (checked against its digest file when
 it has one), or all bytes of a file.
@@ -85,14 +88,10 @@ def compute_chunk_digests(root: str | os.PathLike) -> dict[str, str]:
     return {k: file_digest(root / k) for k in _files(root) if is_chunk_key(k)}
 
 
-def write_digests(root: str | os.PathLike) -> dict[str, Any]:
-    """Hash every chunk of the finished store ``root`` and write :data:`DIGEST_FILE` into it
-    (atomically); returns the record. Call it once nothing more is written to the store."""
-    from oceanda.data.io import write_json_atomic
-
-    record = {"format": FORMAT, "algorithm": ALGORITHM, "chunks": compute_chunk_digests(root)}
-    write_json_atomic(Path(root) / DIGEST_FILE, record)
-    return record
+def store_record(root: str | os.PathLike) -> dict[str, Any]:
+    """The content of :data:`DIGEST_FILE` for the finished store ``root`` (every chunk
+    hashed); :func:`oceanda.data.io.write_digests` writes it into the store."""
+    return {"format": FORMAT, "algorithm": ALGORITHM, "chunks": compute_chunk_digests(root)}
 
 
 def read_digests(root: str | os.PathLike) -> dict[str, str] | None:
@@ -219,6 +218,35 @@ def content_digest(path: str | os.PathLike | Sequence[str | os.PathLike]) -> str
         elif "/" in key and key.rsplit("/", 1)[-1] in METADATA_NAMES:  # an array's metadata
             h.update(f"{key}={file_digest(root / key)}\n".encode())
     return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- plain files
+
+
+def files_record(files: Iterable[str | os.PathLike]) -> dict[str, Any]:
+    """The content of :data:`DIGEST_FILE` for plain files of one folder, keyed by file name
+    (``{"files": {name: digest}}``); :func:`oceanda.data.io.write_file_digests` writes it."""
+    return {"format": FORMAT, "algorithm": ALGORITHM, "files": {Path(f).name: file_digest(f) for f in files}}
+
+
+def verify_files(paths: Iterable[str | os.PathLike]) -> None:
+    """Check each file whose folder holds a :data:`DIGEST_FILE` recording it (along-track files
+    oceanda wrote) against that digest; :class:`InputError` naming the first that differs.
+    Files without a recorded digest pass."""
+    records: dict[Path, dict[str, str]] = {}
+    for p in map(Path, paths):
+        folder = p.parent
+        if folder not in records:
+            path = folder / DIGEST_FILE
+            try:
+                rec = json.loads(path.read_text()).get("files") if path.is_file() else None
+            except (ValueError, AttributeError):
+                raise InputError(f"{path}: unreadable integrity digests") from None
+            records[folder] = rec if isinstance(rec, dict) else {}
+        expected = records[folder].get(p.name)
+        if expected is not None and p.is_file() and file_digest(p) != expected:
+            raise InputError(f"{p}: its bytes differ from the digest recorded in {folder / DIGEST_FILE} "
+                             "when oceanda wrote it (truncated or overwritten)")
 
 
 # --------------------------------------------------------------------------- foreign stores

@@ -413,6 +413,23 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     return write_bytes_atomic(path, (text + "\n").encode())
 
 
+def write_digests(root: str | os.PathLike) -> dict[str, Any]:
+    """Hash every chunk of the finished zarr store ``root`` and write
+    :data:`oceanda.data.integrity.DIGEST_FILE` into it (atomically); returns the record.
+    Call it once nothing more is written to the store."""
+    record = integrity.store_record(root)
+    write_json_atomic(Path(root) / integrity.DIGEST_FILE, record)
+    return record
+
+
+def write_file_digests(folder: str | os.PathLike, files: Iterable[str | os.PathLike]) -> dict[str, str]:
+    """Record the digests of ``files`` (plain files in ``folder``) in its
+    :data:`oceanda.data.integrity.DIGEST_FILE`; returns ``{name: digest}``."""
+    record = integrity.files_record(files)
+    write_json_atomic(Path(folder) / integrity.DIGEST_FILE, record)
+    return record["files"]
+
+
 def write_outputs(out: Path, pngs: dict[str, bytes], json_name: str, result: dict[str, Any], what: str) -> None:
     """Write the rendered figures, then the JSON ``result`` (each atomically) into ``out``;
     :class:`InputError` naming ``what`` and ``out`` when it cannot be written."""

@@ -44,7 +44,7 @@ from oceanda import __version__
 from oceanda.data import names as N
 from oceanda.data.domains import domain_spec, get_domain
 from oceanda.data.grid import Grid
-from oceanda.data.integrity import write_digests
+from oceanda.data.io import write_digests
 from oceanda.config_dataclass import from_mapping
 from oceanda.errors import ConfigError, InputError
 

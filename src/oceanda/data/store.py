@@ -226,7 +226,7 @@ class AnalysisStore:
     def finalize(self, attrs: dict[str, Any] | None = None) -> None:
         """Mark the store complete (attribute ``status``), consolidate its metadata (as
         xarray's ``to_zarr`` does by default, so that ``xr.open_zarr`` opens it quickly),
-        record its chunk digests (:func:`oceanda.data.integrity.write_digests`) and rename
+        record its chunk digests (:func:`oceanda.data.io.write_digests`) and rename
         it to its final name (when created with ``final``). A store already complete is
         left as it is."""
         if self.group.attrs.get("status") == "complete" and (self.path / integrity.DIGEST_FILE).is_file():
@@ -235,7 +235,7 @@ class AnalysisStore:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             zarr.consolidate_metadata(str(self.path))
-        integrity.write_digests(self.path)
+        io.write_digests(self.path)
         self._group = None
         if self.final is not None and self.final != self.path:
             os.rename(self.path, self.final)
