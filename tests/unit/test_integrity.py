@@ -184,3 +184,26 @@ def test_alongtrack_files_are_checked_against_their_recorded_digests(tmp_path):
     files[1].write_bytes(b"s3a" * 999)  # truncated
     with pytest.raises(InputError, match="s3a.nc: its bytes differ"):
         resolve_paths(str(tmp_path / "*.nc"))
+
+
+def test_train_out_dir_identity(tmp_path):
+    from oceanda.cli._identity import TRAIN_MANIFEST, check_train_out_dir, record_train_run
+
+    ident = {"inputs": {"obs": "a1", "truth": "b2"}, "config": "c3"}
+    out = tmp_path / "train"
+    check_train_out_dir(out, ident)  # absent: fine
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"x")
+    with pytest.raises(InputError, match=f"holds checkpoint.pt of another run \\(no {TRAIN_MANIFEST}\\)"):
+        check_train_out_dir(out, ident)
+    record_train_run(out, ident)
+    check_train_out_dir(out, ident)  # the same run: resume or retrain
+    with pytest.raises(InputError, match=r"training run on other inputs \(obs changed"):
+        check_train_out_dir(out, {**ident, "inputs": {"obs": "zz", "truth": "b2"}})
+    with pytest.raises(InputError, match="another training run"):
+        check_train_out_dir(out, {**ident, "config": "c4"})
+    check_train_out_dir(out, {**ident, "config": "c4"}, resume=True)  # the checkpoint reader decides
+    (out / "restart").mkdir()
+    (out / "restart" / "manifest.json").write_text("{}")
+    with pytest.raises(InputError, match="holds an oceanda infer run"):
+        check_train_out_dir(out, ident)
