@@ -17,7 +17,8 @@ from oceanda.data import integrity, io
 from oceanda.data import names as N
 from oceanda.errors import InputError
 
-pytestmark = pytest.mark.filterwarnings("ignore:Consolidated metadata:UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:Consolidated metadata:UserWarning"),
+              pytest.mark.filterwarnings("ignore:Failed to open Zarr store with consolidated metadata")]
 
 
 def _store(path: Path, values: np.ndarray | None = None, digests: bool = True, **enc) -> Path:
@@ -207,3 +208,27 @@ def test_train_out_dir_identity(tmp_path):
     (out / "restart" / "manifest.json").write_text("{}")
     with pytest.raises(InputError, match="holds an oceanda infer run"):
         check_train_out_dir(out, ident)
+
+
+def test_analysis_store_is_renamed_only_complete_and_with_digests(tmp_path):
+    from oceanda.data.store import AnalysisStore
+
+    work, final = tmp_path / "analysis.zarr.incomplete", tmp_path / "analysis.zarr"
+    kw = dict(time=np.arange(4.0), lat=np.arange(3.0), lon=np.arange(5.0), ocean=np.ones((3, 5)),
+              chunks=(2, 3, 5))
+    store = AnalysisStore.create(work, **kw)
+    store = AnalysisStore(work, final=final)
+    store.write_region(N.SSH, ((0, 2), (0, 3), (0, 5)), np.ones((2, 3, 5)))
+    assert xr.open_zarr(work).attrs["status"] == "incomplete" and not final.exists()
+    with pytest.raises(InputError, match="status 'incomplete'"):
+        io.require_complete(xr.open_zarr(work), "analysis")
+    store.finalize()
+    assert not work.exists() and xr.open_zarr(final).attrs["status"] == "complete"
+    assert set(integrity.read_digests(final)) >= {f"{N.SSH}/c/0/0/0"}
+    assert f"{N.SSH}/c/1/0/0" not in integrity.read_digests(final)  # never written: all NaN
+    np.testing.assert_array_equal(io.open_dataset(final, [N.SSH])[N.SSH][:2].values, 1.0)
+    # killed after its digests, before its rename: the rerun's finalize only renames it
+    final.rename(work)
+    before = (work / integrity.DIGEST_FILE).read_bytes()
+    AnalysisStore(work, final=final).finalize()
+    assert final.is_dir() and not work.exists() and (final / integrity.DIGEST_FILE).read_bytes() == before

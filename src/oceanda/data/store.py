@@ -228,14 +228,13 @@ class AnalysisStore:
         xarray's ``to_zarr`` does by default, so that ``xr.open_zarr`` opens it quickly),
         record its chunk digests (:func:`oceanda.data.io.write_digests`) and rename
         it to its final name (when created with ``final``). A store already complete is
-        left as it is."""
-        if self.group.attrs.get("status") == "complete" and (self.path / integrity.DIGEST_FILE).is_file():
-            return
-        self.group.attrs.update({**(attrs or {}), "status": "complete"})
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            zarr.consolidate_metadata(str(self.path))
-        io.write_digests(self.path)
+        only renamed (a run killed between its digests and its rename)."""
+        if not (self.group.attrs.get("status") == "complete" and (self.path / integrity.DIGEST_FILE).is_file()):
+            self.group.attrs.update({**(attrs or {}), "status": "complete"})
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                zarr.consolidate_metadata(str(self.path))
+            io.write_digests(self.path)
         self._group = None
         if self.final is not None and self.final != self.path:
             os.rename(self.path, self.final)
