@@ -254,6 +254,10 @@ def test_generate_writes_one_l3_file_per_mission_that_reads_back_as_its_obs(tmp_
     np.testing.assert_array_equal(np.isfinite(got), np.isfinite(ref))
     np.testing.assert_allclose(got[np.isfinite(got)], ref[np.isfinite(ref)], atol=1.1e-3, rtol=0)
     assert not any(".tmp-" in p.name for p in (tmp_path / "o").iterdir())
+    from oceanda.data.integrity import DIGEST_FILE, file_digest
+
+    recorded = json.loads((res["alongtrack"] / DIGEST_FILE).read_text())["files"]
+    assert recorded == {p.name: file_digest(p) for p in files}
 
 
 def test_train_loads_l3_files_binned_on_the_truth_grid(l3):

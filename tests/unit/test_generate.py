@@ -108,15 +108,17 @@ def test_failure_midway_leaves_nothing_and_keeps_old_outputs(tmp_path):
     try:
         with pytest.raises(RuntimeError, match="crashed"):
             osse.generate_osse(BOX, "4nadirs", ("2012-10-22", "2012-10-31"), out, truth={"kind": "broken_test"},
-                               figures=quicklook, progress=False, chunk_days=2)
+                               figures=quicklook, progress=False, chunk_days=2, overwrite=True)
     finally:
         osse.TRUTH_KINDS.pop("broken_test")
     assert _leftovers(out) == []
     assert not (out / "obs.zarr").exists() and not (out / "figures").exists()
     np.testing.assert_array_equal(xr.open_zarr(out / "truth.zarr")[N.SSH].values, before)
-    with pytest.raises(InputError, match="exists"):
-        osse.generate_osse(BOX, None, ("2012-10-22", "2012-10-23"), out, truth=GAUSS, progress=False,
-                           overwrite=False)
+    with pytest.raises(InputError, match="holds another OSSE"):  # another seed: refused by default
+        osse.generate_osse(BOX, None, ("2012-10-22", "2012-10-23"), out, truth=GAUSS, progress=False, seed=5)
+    # the same config again (overwrite=false by default): the same stores, rewritten
+    osse.generate_osse(BOX, None, ("2012-10-22", "2012-10-23"), out, truth=GAUSS, figures=False, progress=False)
+    np.testing.assert_array_equal(xr.open_zarr(out / "truth.zarr")[N.SSH].values, before)
 
 
 @pytest.mark.parametrize(

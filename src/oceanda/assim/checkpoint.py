@@ -15,7 +15,33 @@ import torch
 
 from oceanda.errors import ConfigError, InputError
 
-__all__ = ["read_model_checkpoint"]
+__all__ = ["read_model_checkpoint", "state_digest", "check_state_digest"]
+
+#: checkpoint key holding :func:`state_digest` of its ``state_dict`` (written by oceanda.train)
+DIGEST_KEY = "state_digest"
+
+
+def state_digest(state_dict: dict[str, torch.Tensor]) -> str:
+    """BLAKE2b-128 digest of a ``state_dict``: every tensor's name, dtype, shape and bytes,
+    in name order (independent of the device and of how the file is serialised)."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_state_digest(ck: dict[str, Any], where: str) -> None:
+    """Raise :class:`InputError` when checkpoint ``ck`` records a :data:`DIGEST_KEY` that its
+    weights do not match (a damaged file); checkpoints without one pass."""
+    recorded = ck.get(DIGEST_KEY)
+    if recorded is not None and isinstance(ck.get("state_dict"), dict):
+        if state_digest(ck["state_dict"]) != recorded:
+            raise InputError(f"checkpoint {where}: its weights do not match the digest recorded when it "
+                             "was written (the file is damaged): train again or restore it")
 
 
 def read_model_checkpoint(path: str | os.PathLike, *, fmt: str, version: int, config_cls, build,
@@ -44,6 +70,7 @@ def read_model_checkpoint(path: str | os.PathLike, *, fmt: str, version: int, co
     for key in ("model_config", "state_dict", "norm"):
         if key not in ck:
             raise InputError(f"checkpoint {p}: missing '{key}'")
+    check_state_digest(ck, str(p))
     try:
         cfg = config_cls.from_dict(ck["model_config"])
     except (ConfigError, TypeError) as exc:

@@ -13,7 +13,7 @@ import numpy as np
 
 from oceanda import __version__
 from oceanda.data import names as N
-from oceanda.data.io import open_dataset, select_window
+from oceanda.data.io import open_dataset, require_complete, select_window
 from oceanda.errors import InputError
 
 log = logging.getLogger("oceanda.evaluate")
@@ -55,6 +55,7 @@ def evaluate_alongtrack_paths(analysis_path: str | Path, alongtrack: Any, *, l3:
     except TypeError as exc:
         raise ConfigError(f"alongtrack options: {exc}") from None
     ads = open_dataset(analysis_path, [N.SSH])
+    require_complete(ads, f"analysis {analysis_path}")
     ssh = select_window(ads[N.SSH], period, box, what=f"analysis {analysis_path}")
     lon, lat, time = ssh[N.LON].values, ssh[N.LAT].values, ssh[N.TIME].values
     if ssh.sizes[N.TIME] < 2:

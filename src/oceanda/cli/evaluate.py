@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from oceanda import __version__
 from oceanda.data import names as N
-from oceanda.data.io import open_dataset, require_finite, write_outputs
+from oceanda.data.io import check_values, compute, open_dataset, require_complete, require_finite, write_outputs
 
 if TYPE_CHECKING:
     from oceanda.cli.schema import EvaluateConfig
@@ -86,11 +86,15 @@ def evaluate_paths(truth_path: str | Path, analysis_path: str | Path, period: Se
     truth_path, analysis_path = Path(truth_path), Path(analysis_path)
     tds = open_dataset(truth_path, [N.SSH], optional=[N.OCEAN])
     ads = open_dataset(analysis_path, [N.SSH], optional=[N.SSH_STD, N.SSH_MEMBERS])
+    require_complete(ads, f"analysis {analysis_path}")
     names = (f"truth {truth_path}", f"analysis {analysis_path}")
     period, box, notes = default_window(tds[N.SSH], ads[N.SSH], period, box)
     truth, analysis = select_pair(tds[N.SSH], ads[N.SSH], period, box, names=names)
     # the evaluated block is loaded once (the spectra need it in memory anyway)
-    truth, analysis = truth.astype("float64").load(), analysis.astype("float64").load()
+    truth = compute(truth.astype("float64"), names[0], f"variable '{N.SSH}'")
+    analysis = compute(analysis.astype("float64"), names[1], f"variable '{N.SSH}'")
+    for what, field in zip(names, (truth, analysis)):  # +-inf or absurd values: not scored as missing
+        check_values(field, f"{what} (evaluation window)")
     require_finite(analysis, f"{names[1]}: variable '{N.SSH}' in the evaluation window")
     require_finite(truth, f"{names[0]}: variable '{N.SSH}' in the evaluation window")
     ocean = None

@@ -13,8 +13,11 @@ provenance). With truth_path=..., also DIR/scores.json (the keys of `oceanda eva
 
 Each rank owns tiles (configs: tile) balanced by ocean work, computes the patches centred in
 them and exchanges halo contributions with its neighbours. The output is bitwise the same
-for any number of ranks. A killed run resumes when rerun with the same command (completed
-tiles are not recomputed); an out_dir holding a different run is refused. Per-rank logs in
+for any number of ranks. DIR/analysis.zarr appears only complete: the run writes
+DIR/analysis.zarr.incomplete and renames it at the end. A killed run resumes when rerun with
+the same command (completed tiles are not recomputed); an out_dir holding a different run is
+refused, the run being identified by its config and the *content* of its inputs (replacing
+obs.zarr in place and rerunning is refused, never answered with the old analysis). Per-rank logs in
 DIR/logs, a summary in DIR/summary.json.
 
 With no obs_path, runs the Gulf Stream demo: generates the OSSE in demo.dir/osse if missing,
@@ -33,8 +36,6 @@ method=4dvarnet with method.checkpoint=null uses the shipped Gulf Stream weights
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from dataclasses import asdict, replace
@@ -42,8 +43,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from oceanda import __version__
+from oceanda.cli._identity import bcast_checked, digest_of, path_digest
 from oceanda.data.files import check_out_dir
 from oceanda.errors import ConfigError, InputError
+
+#: suffix of analysis.zarr while its run is not finished (renamed to analysis.zarr when complete)
+INCOMPLETE_SUFFIX = ".incomplete"
 
 if TYPE_CHECKING:
     from oceanda.cli.schema import InferConfig
@@ -55,11 +60,9 @@ def _list(value: tuple | None) -> list | None:
     return None if value is None else list(value)
 
 
-def run_id(cfg: InferConfig, obs_path: str, checkpoint: str | None = None) -> str:
-    """Hash of everything that determines the output (not ranks, devices or progress); with
-    ``checkpoint``, also the content of the weights file (so new weights are a new run)."""
+def config_ident(cfg: InferConfig, obs_path: str) -> dict[str, Any]:
+    """The config keys that determine the output."""
     ident = {
-        "obs": _obs_ident(obs_path),
         "box": _list(cfg.box),
         "period": [str(p) for p in (cfg.dates or [])],
         "method": cfg.method.as_dict(),
@@ -67,17 +70,25 @@ def run_id(cfg: InferConfig, obs_path: str, checkpoint: str | None = None) -> st
         "tile": list(cfg.tile),
         "dtype": str(cfg.dtype),
     }
-    if checkpoint is not None and Path(checkpoint).is_file():
-        ident["checkpoint_sha256"] = _file_digest(checkpoint)
     from oceanda.data.alongtrack import is_alongtrack
 
     if is_alongtrack(obs_path):  # along-track input: how it is read and gridded is part of the run
         ident |= {"grid": cfg.grid, "obs_exclude": list(cfg.obs_exclude), "alongtrack": asdict(cfg.alongtrack)}
-    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+    return ident
+
+
+def input_digests(obs_path: str, checkpoint: str | None = None) -> dict[str, str]:
+    """Content digests of the run's inputs: ``obs`` and, for a weights file, ``checkpoint``."""
+    out = {"obs": path_digest(obs_path)}
+    if checkpoint is not None and Path(checkpoint).is_file():
+        from oceanda.data.integrity import file_digest
+
+        out["checkpoint"] = file_digest(checkpoint)
+    return out
 
 
 def _obs_ident(obs_path: Any) -> str:
-    """The observations' identity: the resolved path, or the sorted along-track files."""
+    """The observations' path (provenance): the resolved path, or the sorted along-track files."""
     from oceanda.data.alongtrack import is_alongtrack, resolve_paths
 
     if is_alongtrack(obs_path):
@@ -130,12 +141,13 @@ def _check_truth_grid(truth_path: str, obs) -> None:
     import numpy as np
 
     from oceanda.data import names as N
-    from oceanda.data.io import open_dataset, select_window
+    from oceanda.data.io import check_values, open_dataset, select_window
 
     truth = open_dataset(truth_path, [N.SSH])
     pad = 1e-6
     box = [obs.lon[0] - pad, obs.lon[-1] + pad, obs.lat[0] - pad, obs.lat[-1] + pad]
     sub = select_window(truth, None, box, what=f"truth {truth_path}")
+    check_values(sub[N.SSH], f"truth {truth_path}")  # +-inf or absurd values: before any work
     for dim, ref in ((N.LON, obs.lon), (N.LAT, obs.lat)):
         got = sub[dim].values
         if got.shape != ref.shape or not np.allclose(got, ref, atol=1e-6, rtol=0):
@@ -146,14 +158,6 @@ def _check_truth_grid(truth_path: str, obs) -> None:
 def _method_kwargs(cfg: InferConfig) -> tuple[str, dict[str, Any]]:
     """``(name, kwargs)`` of ``cfg.method`` (:meth:`~oceanda.cli.schema.MethodConfig.kwargs`)."""
     return cfg.method.name, cfg.method.kwargs()
-
-
-def _file_digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
 
 
 def run(cfg: InferConfig) -> int:
@@ -239,8 +243,8 @@ def _run_one(cfg: InferConfig, comm, obs_path: str, truth_path: str | None,
         raise InputError(f"observations {obs_path}: the observation window (period "
                          f"{_list(cfg.dates)}, box {_list(cfg.box)}) holds no "
                          "observation (all NaN)")
-    if truth_path:
-        _check_truth_grid(truth_path, obs)
+    if truth_path:  # read once, on rank 0; its refusal raised on every rank
+        bcast_checked(comm, lambda: _check_truth_grid(truth_path, obs))
     patches = make_patches(geometry, obs.shape, obs.ocean)
     planned = comm.size
     if cfg.dry_run and cfg.ranks is not None:
@@ -255,27 +259,33 @@ def _run_one(cfg: InferConfig, comm, obs_path: str, truth_path: str | None,
 
     out = Path(out_dir)
     analysis = out / "analysis.zarr"
-    rid = run_id(cfg, obs_path, method_cfg.get("checkpoint") if name == "4dvarnet" else None)
-    state = RunState(out, rid)
-    state.check(analysis)  # every rank, before anything is written
+    working = out / f"analysis.zarr{INCOMPLETE_SUFFIX}"  # renamed analysis.zarr once complete
+    checkpoint = method_cfg.get("checkpoint")  # trained methods: new weights are a new run
+    inputs = bcast_checked(comm, lambda: input_digests(obs_path, checkpoint))
+    ident = config_ident(cfg, obs_path)
+    rid = digest_of({"inputs": inputs, "config": ident})
+    state = RunState(out, rid, inputs=inputs, config=digest_of(ident))
+    state.check(analysis, working)  # every rank, before anything is written
+    complete = analysis.exists()  # a finished run, rerun: nothing to compute
     comm.barrier()
     if comm.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         state.init()
-        if not analysis.exists():
+        if not complete and not working.exists():
             AnalysisStore.create(
-                analysis, time=obs.time, lat=obs.lat, lon=obs.lon, ocean=obs.ocean,
+                working, time=obs.time, lat=obs.lat, lon=obs.lon, ocean=obs.ocean,
                 chunks=layout.tile_shape, dtype=str(cfg.dtype),
                 attrs={"title": f"oceanda {name} analysis of sea surface height",
                        "method": name, "source": f"oceanda {__version__}",
                        "history": f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} oceanda infer",
-                       "observations": _obs_ident(obs_path), "run_id": rid,
+                       "observations": _obs_ident(obs_path), "observations_digest": inputs["obs"],
+                       "run_id": rid,
                        "oceanda_version": __version__,
                        "oceanda_config": cfg.source_yaml,
                        "patch": to_json_attr(asdict(cfg.patch)),
                        "method_config": to_json_attr({"name": name, **method_cfg})})
     comm.barrier()
-    store = AnalysisStore(analysis)
+    store = AnalysisStore(analysis) if complete else AnalysisStore(working, final=analysis)
     device = bind_device(comm, cfg.system.device, cfg.system.threads)
     summary = run_inference(obs=obs, ocean=obs.ocean, patches=patches, layout=layout,
                             method=method, store=store, state=state, comm=comm, device=device,

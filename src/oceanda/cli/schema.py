@@ -404,7 +404,7 @@ class GenerateConfig:
     progress: bool = True
     chunk_days: int = 10
     device: str = "auto"
-    overwrite: bool = True
+    overwrite: bool = False
     source_yaml: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:

@@ -17,7 +17,9 @@ normalises with the training-period statistics, cuts patches (configs/patch: siz
 its crop and triangle weight the loss), keeps the validation period and gap_days on each
 side out of training, and trains with Adam + cosine schedule + gradient clipping. Writes
 DIR/checkpoint.pt after every epoch (model + normalisation + config + optimizer state),
-DIR/best_checkpoint.pt (best validation RMSE [m]) and DIR/history.json. A checkpoint is
+DIR/best_checkpoint.pt (best validation RMSE [m]), DIR/history.json and DIR/train_run.json
+(the run's identity: its inputs' content digests and model / patch / split config digest; an
+out_dir holding another training run, or an inference run, is refused). A checkpoint is
 used by `oceanda infer method=4dvarnet method.checkpoint=DIR/best_checkpoint.pt`.
 
 Modes follow the patch (configs/patch): mapping (patch=anchor: the loss on the whole window,
@@ -69,14 +71,25 @@ def run(cfg: TrainAppConfig) -> int:
                          f"({out_dir / 'checkpoint.pt'} is missing); drop resume=true to start a new training")
     comm = get_comm(cfg.system.use_mpi)
     device = bind_device(comm, cfg.system.device, cfg.system.threads)
+    from oceanda.cli._identity import bcast_checked, check_train_out_dir, train_identity
+
+    def claim() -> dict:  # rank 0: the inputs by content, this out_dir not another run's
+        ident = train_identity(cfg)
+        check_train_out_dir(out_dir, ident, resume=cfg.resume)
+        return ident
+
+    ident = bcast_checked(comm, claim)
     with made_dirs(out_dir):  # a run that fails before its first checkpoint leaves no empty out_dir
-        _train(cfg, trainer, out_dir, comm, device)
+        _train(cfg, trainer, out_dir, comm, device, ident)
     return 0
 
 
-def _train(cfg: TrainAppConfig, trainer, out_dir: Path, comm, device) -> None:
-    """Load, split, build and fit (every rank); ``history.json`` on rank 0."""
+def _train(cfg: TrainAppConfig, trainer, out_dir: Path, comm, device, ident: dict) -> None:
+    """Load, split, build and fit (every rank); ``train_run.json`` (the run's identity,
+    :mod:`oceanda.cli._identity`) and ``history.json`` on rank 0."""
     import torch
+
+    from oceanda.cli._identity import record_train_run
 
     from oceanda.train.data import Normalisation, load_arrays, patch_starts, time_split, validation_window
     from oceanda.train.loop import fit, init_distributed, write_history
@@ -113,6 +126,9 @@ def _train(cfg: TrainAppConfig, trainer, out_dir: Path, comm, device) -> None:
              "val_days": [int(val_days[0]), int(val_days[-1])], "gap_days": cfg.gap_days,
              "patch": geom.as_config(), "mode": geom.mode_record(),
              "init_checkpoint": None if cfg.init_checkpoint is None else str(cfg.init_checkpoint)}
+    if dist.rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        record_train_run(out_dir, ident)
     history = fit(trainer.TASK, model, cfg.model, train_ds, val_ds, norm, train_cfg, out_dir / "checkpoint.pt",
                   resume=cfg.resume, device=device, dist=dist, progress=cfg.progress, extra=extra)
     write_history(history, out_dir, dist)

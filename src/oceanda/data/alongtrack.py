@@ -51,6 +51,7 @@ import numpy as np
 import xarray as xr
 
 from oceanda.data import names as N
+from oceanda.data.integrity import verify_files
 from oceanda.errors import ConfigError, InputError
 
 log = logging.getLogger("oceanda.alongtrack")
@@ -103,7 +104,9 @@ class L3Options:
 # ------------------------------------------------------------------------------ paths
 def resolve_paths(spec: str | os.PathLike | Sequence[Any]) -> list[Path]:
     """Files of ``spec``: a path, a glob pattern (``*``, ``?``, ``[``), or a list of either;
-    sorted and deduplicated. Raises InputError naming a path or pattern that matches nothing."""
+    sorted and deduplicated. Raises InputError naming a path or pattern that matches nothing,
+    or a file whose bytes differ from the digest oceanda recorded beside it
+    (:func:`oceanda.data.integrity.verify_files`)."""
     items = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec or [])
     if not items:
         raise InputError("along-track input: no file given")
@@ -129,7 +132,9 @@ def resolve_paths(spec: str | os.PathLike | Sequence[Any]) -> list[Path]:
     seen: dict[str, Path] = {}
     for p in out:
         seen.setdefault(str(p.resolve()), p)
-    return [seen[k] for k in sorted(seen)]
+    files = [seen[k] for k in sorted(seen)]
+    verify_files(files)  # files oceanda wrote: their recorded digests
+    return files
 
 
 def is_alongtrack(spec: Any) -> bool:

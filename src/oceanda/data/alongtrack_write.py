@@ -24,6 +24,7 @@ import xarray as xr
 from oceanda import __version__
 from oceanda.data import names as N
 from oceanda.data.files import atomic_path
+from oceanda.data.io import write_file_digests
 
 TIME_UNITS = "days since 1950-01-01 00:00:00"
 _SSH_ENC = {"dtype": "int16", "scale_factor": 0.001, "_FillValue": np.int16(32767)}
@@ -115,4 +116,5 @@ def write_osse_alongtrack(obs_path: str | os.PathLike, truth_path: str | os.Path
                               "truth over the OSSE period at the point's cell; sla_filtered = "
                               "sla_unfiltered (no along-track filter); lwe = 0",
                    "platform": name})
+    write_file_digests(out_dir, written.values())
     return written

@@ -8,7 +8,12 @@ naming the file and the problem, before any computation:
 * the path does not exist or is neither a zarr store nor a netCDF file;
 * a required variable is missing (the message lists the variables that are there);
 * a dimension is not one of ``(time, lat, lon)`` (``member`` for ensembles), or a
-  coordinate is missing, not 1-D, holds NaN, is duplicated or is not monotonic.
+  coordinate is missing, not 1-D, holds NaN, is duplicated or is not monotonic;
+* a chunk of a store oceanda wrote is missing, truncated or overwritten (checked against its
+  recorded digests as it is read, :mod:`oceanda.data.integrity`), or a chunk of another
+  store is missing where it would read as a number (a fill value not declared missing);
+* on reading the values (:func:`compute`, :func:`check_values`): a chunk that cannot be
+  decoded, +-inf or a magnitude above :data:`SSH_LIMIT_M`.
 
 Conventions applied on reading (see :mod:`oceanda.data.names`): ``latitude`` and
 ``longitude`` are renamed ``lat`` and ``lon``; a strictly *decreasing* coordinate (common
@@ -33,6 +38,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from oceanda.data import integrity
 from oceanda.data import names as N
 from oceanda.data.files import atomic_path, write_bytes_atomic
 from oceanda.errors import InputError
@@ -75,8 +81,9 @@ def _open_raw(path: str | os.PathLike) -> xr.Dataset:
             # zarr v3 stores written without consolidated metadata: xarray falls back
             # to reading the plain metadata and warns; that is fine for us.
             warnings.filterwarnings("ignore", message=".*consolidated metadata.*")
-            if fmt == "zarr":
-                return xr.open_dataset(p, engine="zarr", chunks={})
+            if fmt == "zarr":  # a store oceanda wrote: every chunk checked as it is read
+                verified = integrity.open_verified(p)
+                return xr.open_dataset(p if verified is None else verified, engine="zarr", chunks={})
             return xr.open_dataset(p, engine="netcdf4", chunks={})
     except InputError:
         raise
@@ -175,7 +182,28 @@ def open_dataset(path: str | os.PathLike, variables: Sequence[str], optional: Se
             missing / duplicated / non-monotonic coordinates).
     """
     ds = _open_raw(path)
-    return _validate(ds, list(variables), str(Path(path).expanduser()), optional=optional)
+    where = str(Path(path).expanduser())
+    ds = _validate(ds, list(variables), where, optional=optional)
+    _check_absent_chunks(ds, Path(where))
+    return ds
+
+
+def _check_absent_chunks(ds: xr.Dataset, root: Path) -> None:
+    """A zarr store without digests: refuse a field whose absent chunks would read as a
+    constant number (:func:`oceanda.data.integrity.absent_field_chunks`)."""
+    if not root.is_dir() or (root / integrity.DIGEST_FILE).is_file():
+        return
+    for name in ds.data_vars:
+        if name == N.OCEAN or not np.issubdtype(ds[name].dtype, np.floating):
+            continue
+        absent = integrity.absent_field_chunks(root, str(name), ds[name].encoding)
+        if absent:
+            var, idx = integrity.describe_key(absent[0])
+            fill = ds[name].encoding.get("fill_value")
+            raise InputError(f"{root}: variable '{var}', chunk {idx} (file {absent[0]}) is missing"
+                             f"{f' ({len(absent)} chunks missing)' if len(absent) > 1 else ''}: it "
+                             f"would read as the fill value {fill}, which is not declared missing "
+                             "(_FillValue / missing_value)")
 
 
 def open_field(path: str | os.PathLike, var: str, required: bool = True) -> xr.DataArray | None:
@@ -188,8 +216,57 @@ def open_field(path: str | os.PathLike, var: str, required: bool = True) -> xr.D
 
 # --------------------------------------------------------------------------- checks
 
+#: the largest |SSH| [m] accepted in observations, truths and analyses: sea-surface height
+#: anomalies and absolute dynamic topography stay within a few metres; beyond this bound a
+#: value is a fill value or a unit error (mm, cm), not a measurement
+SSH_LIMIT_M = 100.0
 
-def _as_days(values: np.ndarray) -> np.ndarray:
+
+def compute(obj: Any, where: str, what: str = "data") -> Any:
+    """``obj.load()`` (a lazy DataArray or Dataset) or ``dask.compute(obj)`` (dask
+    collections), a reader's failure (a chunk that cannot be decompressed or decoded)
+    turned into :class:`InputError` naming ``where`` and ``what``."""
+    try:
+        if isinstance(obj, (xr.DataArray, xr.Dataset)):
+            return obj.load()
+        import dask
+
+        return dask.compute(obj)[0]
+    except InputError:
+        raise
+    except Exception as exc:  # zstd / blosc / HDF5 errors of a damaged file
+        raise InputError(f"{where}: {what} cannot be read ({type(exc).__name__}: {exc}); "
+                         "the file is damaged") from None
+
+
+def check_values(da: xr.DataArray, where: str, limit: float = SSH_LIMIT_M) -> int:
+    """The number of finite values of ``da`` (one pass over the data); :class:`InputError`
+    naming ``where``, the variable and the first location when it holds +-inf or a value
+    larger than ``limit`` (:data:`SSH_LIMIT_M`) in magnitude."""
+    import dask.array
+
+    data = da.data if isinstance(da.data, dask.array.Array) else dask.array.from_array(da.values)
+    bad = ~(np.isnan(data) | (abs(data) <= limit))  # +-inf or huge
+    n_ok, n_bad = compute((np.isfinite(data).sum(), bad.sum()), where, f"variable '{da.name}'")
+    if n_bad:
+        idx = []
+        for axis in range(bad.ndim):  # the first bad index, one axis at a time
+            sub = bad[tuple(idx)]
+            rest = tuple(range(1, sub.ndim))
+            first = np.flatnonzero(compute(sub.any(axis=rest) if rest else sub, where))[0]
+            idx.append(int(first))
+        value = float(compute(data[tuple(idx)], where))
+        at = ", ".join(f"{d} {np.asarray(da[d].values)[i]}" if d in da.coords else f"{d} index {i}"
+                       for d, i in zip(da.dims, idx))
+        raise InputError(f"{where}: variable '{da.name}' holds {int(n_bad)} value(s) that are infinite or "
+                         f"larger than {limit:g} m in magnitude (first {value:g} at {at}): not a sea "
+                         "surface height; mark missing values as NaN")
+    return int(n_ok)
+
+
+
+
+def as_days(values: np.ndarray) -> np.ndarray:
     """Coordinate values as float64: datetimes in days since the epoch, numbers as is."""
     values = np.asarray(values)
     if np.issubdtype(values.dtype, np.datetime64):
@@ -209,7 +286,7 @@ def check_aligned(a: xr.DataArray | xr.Dataset, b: xr.DataArray | xr.Dataset, na
     for dim in dims:
         if dim not in a.dims or dim not in b.dims:
             continue
-        ca, cb = _as_days(a[dim].values), _as_days(b[dim].values)
+        ca, cb = as_days(a[dim].values), as_days(b[dim].values)
         if ca.size != cb.size:
             raise InputError(f"coordinates of {names[0]} and {names[1]} do not match: '{dim}' has "
                              f"{ca.size} values in {names[0]} and {cb.size} in {names[1]} "
@@ -225,6 +302,15 @@ def check_aligned(a: xr.DataArray | xr.Dataset, b: xr.DataArray | xr.Dataset, na
 def _span(coord: xr.DataArray) -> str:
     v = coord.values
     return f"{v[0]}..{v[-1]}" if v.size else "empty"
+
+
+def require_complete(ds: xr.Dataset, where: str) -> None:
+    """Refuse a dataset whose ``status`` attribute says its writer did not finish (an
+    ``analysis.zarr`` of a killed or failed run); datasets without ``status`` pass."""
+    status = ds.attrs.get("status")
+    if status is not None and status != "complete":
+        raise InputError(f"{where}: status '{status}': the run writing it did not finish (killed or "
+                         "failed); rerun the same command to complete it before using it")
 
 
 def require_finite(da: xr.DataArray, what: str) -> None:
@@ -307,6 +393,23 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     """Write ``obj`` as indented JSON (NaN and infinities become ``null``), atomically."""
     text = json.dumps(_nan_to_none(obj), indent=2, default=_json_default, allow_nan=False)
     return write_bytes_atomic(path, (text + "\n").encode())
+
+
+def write_digests(root: str | os.PathLike) -> dict[str, Any]:
+    """Hash every chunk of the finished zarr store ``root`` and write
+    :data:`oceanda.data.integrity.DIGEST_FILE` into it (atomically); returns the record.
+    Call it once nothing more is written to the store."""
+    record = integrity.store_record(root)
+    write_json_atomic(Path(root) / integrity.DIGEST_FILE, record)
+    return record
+
+
+def write_file_digests(folder: str | os.PathLike, files: Iterable[str | os.PathLike]) -> dict[str, str]:
+    """Record the digests of ``files`` (plain files in ``folder``) in its
+    :data:`oceanda.data.integrity.DIGEST_FILE`; returns ``{name: digest}``."""
+    record = integrity.files_record(files)
+    write_json_atomic(Path(folder) / integrity.DIGEST_FILE, record)
+    return record["files"]
 
 
 def write_outputs(out: Path, pngs: dict[str, bytes], json_name: str, result: dict[str, Any], what: str) -> None:

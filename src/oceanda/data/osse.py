@@ -48,6 +48,7 @@ from oceanda import __version__
 from oceanda.data import names as N
 from oceanda.data.domains import domain_spec, get_domain
 from oceanda.data.grid import Grid
+from oceanda.data.io import write_digests
 from oceanda.config_dataclass import from_mapping
 from oceanda.errors import ConfigError, InputError
 
@@ -302,10 +303,48 @@ def _resolve_device(device: str | None) -> str:
     return str(device)
 
 
-def _move_into_place(tmp: Path, final: Path, overwrite: bool) -> None:
+#: global attribute of an OSSE's stores: the digest of the config that determines their content
+OSSE_ID_ATTR = "oceanda_osse_id"
+
+
+def _osse_id(spec: Mapping[str, Any], obs: Any, times: np.ndarray, kind: str, truth: Mapping[str, Any],
+             seed: int, obs_noise: bool, chunk_days: int) -> str:
+    """Digest of everything that determines an OSSE's stores (not out_dir, figures, device)."""
+    import hashlib
+    import json
+
+    ident = {"domain": spec, "obs": obs, "period": [str(times[0])[:10], str(times[-1])[:10]],
+             "truth": {"kind": kind, **truth}, "seed": seed, "obs_noise": bool(obs_noise),
+             "chunk_days": chunk_days}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _check_same_osse(out: Path, finals: Mapping[str, Path], osse_id: str) -> None:
+    """Refuse (``overwrite=false``) an ``out_dir`` whose outputs belong to another OSSE: every
+    existing store must carry this config's :data:`OSSE_ID_ATTR`, and figures or along-track
+    files need such a store beside them."""
+    existing = [p for p in finals.values() if p.exists()]
+    if not existing:
+        return
+    stores = [p for p in existing if p.suffix == ".zarr"]
+    for p in stores:
+        try:
+            import zarr
+
+            other = zarr.open_group(str(p), mode="r").attrs.get(OSSE_ID_ATTR)
+        except Exception:
+            other = None
+        if other != osse_id:
+            what = "another config" if other else "something other than oceanda generate"
+            raise InputError(f"out_dir {out} holds another OSSE ({p.name} was written by {what}): set "
+                             "overwrite=true to replace it, or use another out_dir")
+    if not stores:
+        raise InputError(f"out_dir {out} holds {existing[0].name} of another OSSE (no store beside it): "
+                         "set overwrite=true to replace it, or use another out_dir")
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
     if final.exists():
-        if not overwrite:
-            raise InputError(f"{final} exists (pass overwrite=True / overwrite=true to replace it)")
         old = final.with_name(f"{final.name}.old-{os.getpid()}")
         os.rename(final, old)
         os.rename(tmp, final)
@@ -328,7 +367,7 @@ def generate_osse(
     obs_noise: bool = True,
     chunk_days: int = 10,
     device: str | None = "auto",
-    overwrite: bool = True,
+    overwrite: bool = False,
     config_yaml: str | None = None,
 ) -> dict[str, Any]:
     """Write ``truth.zarr``, ``obs.zarr`` and ``figures/`` of an OSSE into ``out_dir``.
@@ -349,7 +388,9 @@ def generate_osse(
         obs_noise: add each satellite's noise model to the observations.
         chunk_days: time chunk of the stores and of the streaming loop.
         device: torch device of the truth model (``auto``: CUDA when available).
-        overwrite: replace existing outputs (else InputError when one exists).
+        overwrite: replace the outputs of another OSSE in ``out_dir`` (else
+            :class:`InputError` when one exists; the outputs of this same config are
+            replaced in any case: rerunning it gives the same stores).
         config_yaml: provenance string stored in the attributes (default: these args).
 
     Returns:
@@ -403,10 +444,9 @@ def generate_osse(
         finals["alongtrack"] = out / "alongtrack"  # one L3 file per mission (oceanda.data.alongtrack_write)
     if figures:
         finals["figures"] = out / "figures"
+    osse_id = _osse_id(spec, obs, times, kind, truth, seed, obs_noise, chunk_days)
     if not overwrite:
-        for p in finals.values():
-            if p.exists():
-                raise InputError(f"{p} exists (set overwrite=true to replace it)")
+        _check_same_osse(out, finals, osse_id)
     # build the generator now: config errors of the truth surface before any write
     holder: dict[str, Any] = {"bar": None}
 
@@ -449,7 +489,7 @@ def generate_osse(
 
     stats: dict[str, Any] = {}
     try:
-        common = {"domain": spec["name"], "truth_kind": kind, "seed": seed}
+        common = {"domain": spec["name"], "truth_kind": kind, "seed": seed, OSSE_ID_ATTR: osse_id}
         _create_store(tmps["truth"], grid, times, N.SSH,
                       dict(N.SSH_ATTRS, coordinates="time lat lon",
                            comment=f"daily synthetic SSH ({kind} truth); NaN on land"),
@@ -525,6 +565,9 @@ def generate_osse(
             # (appending the track table in mode "a" resets the global attributes: set them all)
             _finalise_attrs(tmps["obs"], {**obs_attrs, "observed_fraction_daily_mean": stats["observed_fraction"],
                                           "n_track_points": n_obs})
+        for name in ("truth", "obs"):  # both stores complete: record their chunk digests
+            if name in tmps:
+                write_digests(tmps[name])
         if sats is not None:
             from oceanda.data.alongtrack_write import write_osse_alongtrack
 
@@ -541,7 +584,7 @@ def generate_osse(
             bar.close()
             bar = None
         for name, tmp in tmps.items():
-            _move_into_place(tmp, finals[name], overwrite)
+            _move_into_place(tmp, finals[name])
     except BaseException as exc:
         if bar is not None:
             bar.close()

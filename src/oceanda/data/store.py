@@ -6,10 +6,12 @@ Reading (:class:`ObsSource`): the observation dataset is opened lazily (xarray +
 indices, so a rank reads only the tiles (and halos) it works on. Boxes may pass the
 domain's edges: the outside is padding (NaN).
 
-Writing (:class:`AnalysisStore`): rank 0 creates ``analysis.zarr`` (coordinates, CF
-attributes, provenance, every data variable filled with NaN, chunks = the tile shape)
-in a temporary directory renamed into place; then each rank writes the tiles it owns with
-:meth:`AnalysisStore.write_region`. The region must cover whole chunks (and whole shards
+Writing (:class:`AnalysisStore`): rank 0 creates the store (coordinates, CF attributes,
+provenance, every data variable filled with NaN, chunks = the tile shape) under a working
+name (``analysis.zarr.incomplete`` in ``oceanda infer``); then each rank writes the tiles it
+owns with :meth:`AnalysisStore.write_region`; once all are written, :meth:`AnalysisStore.finalize`
+records the chunk digests (:mod:`oceanda.data.integrity`) and renames the store to its final
+name, so ``analysis.zarr`` exists only complete. The region must cover whole chunks (and whole shards
 when the array is sharded): :func:`check_region_aligned` raises otherwise. This is enforced,
 not assumed: xarray and zarr accept misaligned region writes silently, and two ranks
 writing parts of one chunk (or shard) lose each other's updates.
@@ -28,7 +30,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from oceanda.data import io
+from oceanda.data import integrity, io
 from oceanda.data import names as N
 from oceanda.data.files import atomic_path
 from oceanda.data.patches import Box
@@ -86,8 +88,9 @@ class ObsSource:
         return np.asarray(t, np.float64) - float(t[0])
 
     def count_observed(self) -> int:
-        """Number of finite observations in the window (reads the window chunk by chunk)."""
-        return int(np.isfinite(self.var.data).sum().compute())
+        """Number of finite observations in the window (reads the window chunk by chunk);
+        :class:`InputError` when one is infinite or absurd (:func:`oceanda.data.io.check_values`)."""
+        return io.check_values(self.var, f"observations {self.path}")
 
     def read(self, box: Box) -> np.ndarray:
         """The observations on the global index ``box`` as float64 (T, H, W); NaN outside
@@ -96,7 +99,10 @@ class ObsSource:
         inner = tuple(slice(max(lo, 0), min(hi, n)) for (lo, hi), n in zip(box, self.shape))
         if any(s.stop <= s.start for s in inner):
             return out
-        vals = self.var.isel({N.TIME: inner[0], N.LAT: inner[1], N.LON: inner[2]}).values
+        vals = io.compute(self.var.isel({N.TIME: inner[0], N.LAT: inner[1], N.LON: inner[2]}),
+                          f"observations {self.path}",
+                          f"variable '{N.SSH_OBS}' in the box {[tuple(b) for b in box]} (time, lat, lon indices)"
+                          ).values
         dst = tuple(slice(s.start - lo, s.stop - lo) for s, (lo, _) in zip(inner, box))
         out[dst] = vals
         return out
@@ -131,8 +137,9 @@ def check_region_aligned(region: Box, chunks: Sequence[int], shape: Sequence[int
 class AnalysisStore:
     """The ``analysis.zarr`` output of distributed inference (see the module docstring)."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, final: str | os.PathLike | None = None) -> None:
         self.path = Path(path)
+        self.final = None if final is None else Path(final)
         self._group = None
 
     @classmethod
@@ -211,12 +218,21 @@ class AnalysisStore:
         arr[tuple(slice(lo, hi) for lo, hi in region)] = data.astype(arr.dtype, copy=False)
 
     def finalize(self, attrs: dict[str, Any] | None = None) -> None:
-        """Mark the store complete (attribute ``status``) and consolidate its metadata (as
-        xarray's ``to_zarr`` does by default, so that ``xr.open_zarr`` opens it quickly)."""
-        self.group.attrs.update({**(attrs or {}), "status": "complete"})
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            zarr.consolidate_metadata(str(self.path))
+        """Mark the store complete (attribute ``status``), consolidate its metadata (as
+        xarray's ``to_zarr`` does by default, so that ``xr.open_zarr`` opens it quickly),
+        record its chunk digests (:func:`oceanda.data.io.write_digests`) and rename
+        it to its final name (when created with ``final``). A store already complete is
+        only renamed (a run killed between its digests and its rename)."""
+        if not (self.group.attrs.get("status") == "complete" and (self.path / integrity.DIGEST_FILE).is_file()):
+            self.group.attrs.update({**(attrs or {}), "status": "complete"})
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                zarr.consolidate_metadata(str(self.path))
+            io.write_digests(self.path)
+        self._group = None
+        if self.final is not None and self.final != self.path:
+            os.rename(self.path, self.final)
+            self.path = self.final
 
 
 def to_json_attr(obj: Any) -> str:

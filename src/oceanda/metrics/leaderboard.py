@@ -28,7 +28,7 @@ import numpy as np
 import xarray as xr
 
 from oceanda.data import names as N
-from oceanda.data.io import check_aligned, select_window
+from oceanda.data.io import as_days, check_aligned, select_window
 from oceanda.errors import InputError
 from oceanda.metrics.ensemble import crps, spread_skill
 from oceanda.metrics.rmse import RmseScores, rmse_scores
@@ -200,7 +200,24 @@ def select_pair(truth: xr.DataArray, analysis: xr.DataArray, period: Sequence[An
     """
     t = select_window(truth, period, box, what=names[0])
     select_window(analysis, period, box, what=names[1])  # names an empty window in the analysis
-    return t, match_grid(analysis, t, names=names)
+    matched = match_grid(analysis, t, names=names)  # names a misaligned coordinate
+    _check_same_cells(t, analysis, names)
+    return t, matched
+
+
+def _check_same_cells(t: xr.DataArray, analysis: xr.DataArray, names: tuple[str, str],
+                      rtol: float = 1e-3) -> None:
+    """Refuse an analysis with more cells than the truth over the truth's window (a finer
+    or shifted grid, which nearest matching would silently subsample): each ``dim`` must
+    hold as many values within the window's extent (+- ``rtol`` of a cell) in both."""
+    for dim in N.FIELD_DIMS:
+        tv, av = as_days(t[dim].values), as_days(analysis[dim].values)
+        tol = rtol * (float(np.median(np.diff(tv))) if tv.size > 1 else 1.0)
+        n_a = int(((av >= tv[0] - tol) & (av <= tv[-1] + tol)).sum())
+        if n_a != tv.size:
+            raise InputError(f"{names[0]} and {names[1]} are on different grids: over the evaluation window "
+                             f"'{dim}' has {tv.size} values in {names[0]} and {n_a} in {names[1]}; "
+                             "evaluate on the same grid (regrid one of them first)")
 
 
 def leaderboard(truth: xr.DataArray, analysis: xr.DataArray, period: Sequence[Any] | None = None,

@@ -2,9 +2,10 @@
 
 ``OUT_DIR/restart/`` holds
 
-* ``manifest.json``: the run's id (hash of the config that determines the output) and
-  version. A rerun with another id in the same ``OUT_DIR`` is refused (:class:`InputError`),
-  before anything is written.
+* ``manifest.json``: the run's id (hash of the config that determines the output and of
+  the content digests of its inputs), those digests and the version. A rerun with another
+  id in the same ``OUT_DIR`` is refused (:class:`InputError`), before anything is written,
+  saying which input changed when one did.
 * ``partials/tile_NNNNNN.npz``: the blended partial sums of one tile's patches over its
   support box (``den = sum_p w_p``, ``mean = sum_p w_p out_p``, optional ``var`` and
   ``members``, float64), saved atomically
@@ -32,28 +33,41 @@ from oceanda.errors import InputError
 class RunState:
     """Restart files of the run in ``out_dir`` (see the module docstring)."""
 
-    def __init__(self, out_dir: str | os.PathLike, run_id: str) -> None:
+    def __init__(self, out_dir: str | os.PathLike, run_id: str, inputs: dict[str, str] | None = None,
+                 config: str | None = None) -> None:
         self.out_dir = Path(out_dir)
         self.root = self.out_dir / "restart"
         self.run_id = run_id
+        self.inputs = dict(inputs or {})
+        self.config = config
 
     # ------------------------------------------------------------------ manifest
-    def check(self, output: str | os.PathLike) -> bool:
-        """Refuse an out_dir holding another run; True if this run was started before."""
+    def check(self, *outputs: str | os.PathLike) -> bool:
+        """Refuse an out_dir holding another run (other config, or other inputs by content:
+        ``inputs`` maps each input to its content digest); True if this run was started before."""
         manifest = self.root / "manifest.json"
         if manifest.exists():
             try:
-                other = json.loads(manifest.read_text())["run_id"]
-            except (ValueError, KeyError):
+                record = json.loads(manifest.read_text())
+                other = record["run_id"]
+            except (ValueError, KeyError, TypeError):
                 raise InputError(f"{manifest}: unreadable restart manifest; use a new out_dir") from None
             if other != self.run_id:
+                theirs = record.get("inputs") or {}
+                changed = [k for k in self.inputs if k in theirs and theirs[k] != self.inputs[k]]
+                if changed:
+                    raise InputError(
+                        f"out_dir {self.out_dir} holds a run on other inputs ({', '.join(changed)} changed "
+                        f"since: content digest {theirs[changed[0]][:16]} != {self.inputs[changed[0]][:16]}): "
+                        "use a new out_dir, or delete it to start over")
                 raise InputError(
                     f"out_dir {self.out_dir} holds a different run (config hash {other} != "
                     f"{self.run_id}): use a new out_dir, or delete it to start over")
             return True
-        if Path(output).exists():
-            raise InputError(f"{output} exists but was not written by this run (no restart "
-                             f"manifest in {self.root}): use a new out_dir")
+        for output in outputs:
+            if Path(output).exists():
+                raise InputError(f"{output} exists but was not written by this run (no restart "
+                                 f"manifest in {self.root}): use a new out_dir")
         return False
 
     def init(self) -> None:
@@ -62,7 +76,8 @@ class RunState:
         (self.root / "written").mkdir(parents=True, exist_ok=True)
         manifest = self.root / "manifest.json"
         if not manifest.exists():
-            write_bytes_atomic(manifest, json.dumps({"run_id": self.run_id, "version": __version__},
+            write_bytes_atomic(manifest, json.dumps({"run_id": self.run_id, "version": __version__,
+                                                     "inputs": self.inputs, "config": self.config},
                                                     indent=2).encode(), fsync=False)
 
     # ------------------------------------------------------------------ tiles

@@ -270,14 +270,17 @@ def load_arrays(truth_path: str | None, obs_path: str, box=None, period=None, *,
         tr = io.open_dataset(truth_path, [N.SSH], optional=[N.OCEAN])
         tr = io.select_window(tr, period=period, box=box, what=str(truth_path))
         io.check_aligned(tr, obs_ds, names=("truth", "obs"))
-        truth = np.asarray(tr[N.SSH].values, np.float32)
+        io.check_values(tr[N.SSH], f"truth {truth_path}")
+        truth = np.asarray(io.compute(tr[N.SSH], f"truth {truth_path}", f"variable '{N.SSH}'"), np.float32)
     if N.OCEAN in obs_ds:
         ocean = np.asarray(obs_ds[N.OCEAN].values) > 0
     elif truth_path is not None and N.OCEAN in tr:
         ocean = np.asarray(tr[N.OCEAN].values) > 0
     else:
         ocean = np.ones(obs_ds[N.SSH_OBS].shape[1:], bool) if truth is None else np.isfinite(truth).all(0)
-    obs = np.asarray(obs_ds[N.SSH_OBS].values, np.float32)
+    io.check_values(obs_ds[N.SSH_OBS], f"observations {obs_path}")
+    obs = np.asarray(io.compute(obs_ds[N.SSH_OBS], f"observations {obs_path}", f"variable '{N.SSH_OBS}'"),
+                     np.float32)
     if not np.isfinite(obs[:, ocean]).any():  # nothing to learn from (semi-supervised) or to feed the solver
         raise InputError(f"observations {obs_path}: variable '{N.SSH_OBS}' holds no observation on the ocean "
                          f"(all NaN) in the window (period {period}, box {box})")

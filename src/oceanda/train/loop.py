@@ -168,7 +168,13 @@ def check_ranges(cfg: Any, where: str = "train") -> None:
 
 def save_atomic(state: dict[str, Any], path: str | os.PathLike) -> Path:
     """``torch.save(state, path)`` through a temporary file in the same folder and a rename,
-    so that ``path`` is never left half-written (an interrupted write removes the temporary)."""
+    so that ``path`` is never left half-written (an interrupted write removes the temporary).
+    A ``state_dict`` entry gets its digest recorded (:func:`oceanda.assim.checkpoint.state_digest`),
+    verified when the checkpoint is read."""
+    from oceanda.assim.checkpoint import DIGEST_KEY, state_digest
+
+    if isinstance(state.get("state_dict"), dict):
+        state = {**state, DIGEST_KEY: state_digest(state["state_dict"])}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
     return Path(path)

@@ -22,6 +22,9 @@ __all__ = ["SHIPPED", "DEFAULT", "shipped_checkpoint", "default_checkpoint", "re
 
 #: name -> file of every shipped checkpoint (in this package)
 SHIPPED: dict[str, str] = {"gulfstream_4nadirs": "gulfstream_4nadirs.pt"}
+#: name -> BLAKE2b-128 digest of the file's bytes (:func:`oceanda.data.integrity.file_digest`),
+#: checked whenever a shipped checkpoint is used; update it with the file
+SHIPPED_DIGESTS: dict[str, str] = {"gulfstream_4nadirs": "7a02b65a7dca2264d2ad9f35d7dfae90"}
 #: the checkpoint ``method=4dvarnet`` uses when none is given
 DEFAULT = "gulfstream_4nadirs"
 
@@ -30,7 +33,8 @@ def shipped_checkpoint(name: str = DEFAULT) -> Path:
     """Path of the shipped checkpoint ``name`` (a key of :data:`SHIPPED`).
 
     Raises ConfigError for an unknown name, InputError when the file is missing from the
-    installation (a broken install: reinstall oceanda).
+    installation or its bytes differ from :data:`SHIPPED_DIGESTS` (a broken install:
+    reinstall oceanda).
     """
     if name not in SHIPPED:
         raise ConfigError(f"shipped weights {name!r}: unknown; one of {', '.join(sorted(SHIPPED))}")
@@ -38,6 +42,11 @@ def shipped_checkpoint(name: str = DEFAULT) -> Path:
     if not path.is_file():
         raise InputError(f"shipped weights {name!r}: {path} is missing from the installation "
                          "(reinstall oceanda)")
+    from oceanda.data.integrity import file_digest
+
+    if file_digest(path) != SHIPPED_DIGESTS[name]:
+        raise InputError(f"shipped weights {name!r}: {path} is damaged (its digest differs from the "
+                         "one it was shipped with): reinstall oceanda")
     return path
 
 

@@ -35,6 +35,7 @@ def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, note: str 
     """
     import torch
 
+    from oceanda.assim.checkpoint import DIGEST_KEY, state_digest
     from oceanda.assim.fourdvarnet import read_checkpoint
     from oceanda.data.files import atomic_path
 
@@ -50,6 +51,7 @@ def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, note: str 
         "optimizer": None, "scheduler": None, "epoch": int(ck.get("epoch", -1)),
         "history": list(ck.get("history") or []), "extra": extra,
     }
+    out[DIGEST_KEY] = state_digest(out["state_dict"])
     dst = Path(dst)
     with atomic_path(dst) as tmp:
         torch.save(out, tmp)
