@@ -269,7 +269,7 @@ def load_arrays(truth_path: str | None, obs_path: str, box=None, period=None, *,
     if truth_path is not None:
         tr = io.open_dataset(truth_path, [N.SSH], optional=[N.OCEAN])
         tr = io.select_window(tr, period=period, box=box, what=str(truth_path))
-        io.check_aligned(tr, obs_ds, names=("truth", "obs"))
+        io.check_aligned(tr, obs_ds, names=(f"truth {truth_path}", f"observations {obs_path}"))
         truth = np.asarray(tr[N.SSH].values, np.float32)
     if N.OCEAN in obs_ds:
         ocean = np.asarray(obs_ds[N.OCEAN].values) > 0
@@ -278,10 +278,13 @@ def load_arrays(truth_path: str | None, obs_path: str, box=None, period=None, *,
     else:
         ocean = np.ones(obs_ds[N.SSH_OBS].shape[1:], bool) if truth is None else np.isfinite(truth).all(0)
     obs = np.asarray(obs_ds[N.SSH_OBS].values, np.float32)
+    if not np.isfinite(obs).any():
+        raise InputError(f"observations {obs_path}: variable '{N.SSH_OBS}' holds no observation in the "
+                         f"training window (all NaN; period {period}, box {box})")
     if truth is not None:
         bad = ocean & ~np.isfinite(truth).all(0)
         if bad.any():
-            raise InputError(f"truth {truth_path}: {int(bad.sum())} ocean cells hold NaN")
+            raise InputError(f"truth {truth_path}: variable '{N.SSH}' holds NaN in {int(bad.sum())} ocean cells")
     if with_grid:
         from oceanda.data.grid import Grid
 

@@ -22,12 +22,12 @@ at the best validation RMSE. ``extra["mode"]`` is the patch mode the model is tr
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
 import os
 import socket
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from oceanda.data.io import write_bytes_atomic
 from oceanda.errors import InputError
 from oceanda.train.data import Normalisation
 
@@ -152,18 +153,12 @@ def shutdown_distributed() -> None:
 
 def save_atomic(state: dict[str, Any], path: str | os.PathLike) -> Path:
     """``torch.save(state, path)`` through a temporary file in the same folder and a rename,
-    so that ``path`` is never left half-written (an interrupted write removes the temporary)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    so that ``path`` is never left half-written (an interrupted write removes the temporary).
+    The state is serialised in memory first: a full device is then Python's ``OSError``
+    (ENOSPC, reported as a user error), not torch's opaque ``RuntimeError``."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return write_bytes_atomic(path, buf.getvalue())
 
 
 # ----------------------------------------------------------------------------- loop
