@@ -52,6 +52,10 @@ def run(cfg: ValidateConfig) -> int:
     checkpoint = cfg.checkpoint
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise ConfigError(f"checkpoint={checkpoint}: no such file")
+    if checkpoint is not None:  # a damaged file is refused before the data are made
+        from oceanda.assim.checkpoint import read_torch_file
+
+        read_torch_file(Path(checkpoint))
     if cfg.dt is None:
         return _run_one(settings, raw, preset, out_dir, checkpoint, cfg.progress)
     if not isinstance(cfg.dt, tuple):  # dt=0.05: that setting, one run

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from oceanda.assim.checkpoint import read_torch_file
 from oceanda.assim.incremental import UPDATES, incremental_assimilation, temperature_levels
 from oceanda.assim.particle import particle_smoother
 from oceanda.assim.var4d import Var4DResult, WeakConstraint4DVar
@@ -351,12 +352,7 @@ def save_checkpoint(path: Path, settings: ExperimentSettings, priors: dict, hist
 def load_checkpoint(path: Path, settings: ExperimentSettings, data: ToyData):
     """Networks saved by :func:`save_checkpoint`; checks they fit this experiment."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"checkpoint {path}: no such file")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input error
-        raise InputError(f"checkpoint {path}: cannot read it ({exc})") from None
+    ck = read_torch_file(path)
     if not isinstance(ck, dict) or ck.get("version") != CHECKPOINT_VERSION:
         raise InputError(f"checkpoint {path}: not an oceanda validate checkpoint (version {CHECKPOINT_VERSION})")
     if ck["system"] != settings.system:
