@@ -11,7 +11,7 @@ from oceanda.cli import APPS, compose
 for _app in APPS:
     importlib.import_module(f"oceanda.cli.{_app}")
 for _module in ("oceanda.cli.schema", "oceanda.data.store", "oceanda.data.alongtrack", "oceanda.parallel.driver",
-                "oceanda.train.fourdvarnet", "oceanda.metrics", "oceanda.assim.registry", "xarray", "zarr", "dask.array",
+                "oceanda.train.fourdvarnet", "oceanda.metrics", "oceanda.assim.registry", "oceanda.validation.runner", "xarray", "zarr", "dask.array",
                 "torch", "scipy.sparse", "matplotlib.pyplot"):
     importlib.import_module(_module)
 for _app in ("infer", "train", "evaluate", "generate", "validate"):

@@ -25,12 +25,12 @@ import atexit
 import hashlib
 import multiprocessing
 import os
-import tempfile
-import traceback
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,8 +73,8 @@ def _forked_main(argv: list[str], env: dict, cwd: str | None, out_path: str, err
         f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(f, fd)
         os.close(f)
-    sys.stdout = open(1, "w", buffering=1, closefd=False)
-    sys.stderr = open(2, "w", buffering=1, closefd=False)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 - the process's own streams
+    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
     os.environ.update(env)
     if cwd is not None:
         os.chdir(cwd)
@@ -87,7 +87,7 @@ def _forked_main(argv: list[str], env: dict, cwd: str | None, out_path: str, err
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         if not isinstance(exc.code, int) and exc.code is not None:
             print(exc.code, file=sys.stderr)
-    except BaseException:  # what the interpreter does with an uncaught exception
+    except BaseException:  # noqa: BLE001 - what the interpreter does with an uncaught exception
         traceback.print_exc()
         code = 1
     try:
