@@ -16,7 +16,9 @@ a fork server (:mod:`multiprocessing`'s ``forkserver``, a fresh process that has
 oceanda's heavy modules and computes nothing, so forking it is safe). The child is a process of
 its own as a user's would be: its own stdout/stderr (file descriptors 1 and 2), its exit status
 from ``oceanda.cli.main`` (an uncaught exception prints its traceback and exits 1, as
-``python -m oceanda`` does), atexit handlers run, killed after its timeout.
+``python -m oceanda`` does), atexit handlers run, killed after its timeout. What it does not run
+is the interpreter's shutdown (objects finalised at exit, e.g. asyncio's "Task was destroyed
+but it is pending!"): the runs in a new interpreter (2 ranks, the harness's own tests) see it.
 """
 
 from __future__ import annotations

@@ -81,11 +81,33 @@ def _format_of(path: Path) -> str:
     raise InputError(f"{path}: neither a zarr store nor a netCDF file")
 
 
+#: zarr metadata documents (v3, v2)
+ZARR_METADATA = ("zarr.json", ".zgroup", ".zarray", ".zattrs", ".zmetadata")
+
+
+def _check_zarr_metadata(path: Path) -> None:
+    """Parse the metadata documents of the store and of its arrays before zarr does: zarr reads
+    them concurrently, and one that is not JSON leaves its sibling reads pending (asyncio prints
+    "Task was destroyed but it is pending!" after our error, at exit)."""
+    for doc in (*(path / name for name in ZARR_METADATA), *(path.glob(f"*/{name}") for name in ZARR_METADATA)):
+        for f in ([doc] if isinstance(doc, Path) else doc):
+            if not f.is_file():
+                continue
+            try:
+                json.loads(f.read_bytes())
+            except (ValueError, OSError) as exc:
+                where = f"variable '{f.parent.name}': " if f.parent != path else ""
+                raise InputError(f"{path}: {where}cannot be read: its metadata {f.relative_to(path)} is not "
+                                 f"valid JSON ({exc})") from None
+
+
 def _open_raw(path: str | os.PathLike) -> xr.Dataset:
     p = Path(path).expanduser()
     if not p.exists():
         raise InputError(f"{p}: no such file or directory")
     fmt = _format_of(p)
+    if fmt == "zarr" and p.is_dir():
+        _check_zarr_metadata(p)
     try:
         with warnings.catch_warnings():
             # zarr v3 stores written without consolidated metadata: xarray falls back
