@@ -65,7 +65,18 @@ def _fork_context() -> multiprocessing.context.BaseContext:
     if _CTX is None:
         _CTX = multiprocessing.get_context("forkserver")
         _CTX.set_forkserver_preload(PRELOAD)
+        atexit.register(_stop_fork_server)
     return _CTX
+
+
+def _stop_fork_server() -> None:
+    """Stop and reap the fork server at exit (it would end by itself when this process does,
+    but unreaped: its runs' CPU time would be missing from this process's children's time)."""
+    from multiprocessing import forkserver
+
+    stop = getattr(forkserver._forkserver, "_stop", None)  # private; absent: leave it to end by itself
+    if stop is not None:
+        stop()
 
 
 def _forked_main(argv: list[str], env: dict, cwd: str | None, out_path: str, err_path: str) -> None:

@@ -223,7 +223,8 @@ def _refuse_case(case_id: str, role_id: str, valid, good_obs, tmp_path, ranks: i
            timeout=120 if ranks > 1 else 60, forked=ranks == 1)
 
 
-@pytest.mark.parametrize("role_id", list(ROLES))
+@pytest.mark.parametrize("role_id", [pytest.param(r, marks=[] if role.fast else [pytest.mark.slow])
+                                     for r, role in ROLES.items()])
 def test_valid_input_is_accepted(role_id, valid, good_obs, tmp_path):
     """The control: each role's command line on the valid input (rewritten by the same writer
     as the cases) runs to the end."""
