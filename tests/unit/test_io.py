@@ -71,14 +71,38 @@ def test_missing_file_and_variable_are_named(store, tmp_path):
         (lambda ds: ds.assign_coords(lat=np.array([33.0, 33.5, 33.5, 34.0])), "'lat' has duplicated values"),
         (lambda ds: ds.assign_coords(lat=np.array([33.0, np.nan, 34.0, 34.5])), "'lat' holds NaN"),
         (lambda ds: ds.assign(ssh=ds.ssh.rename(lat="y")), "variable 'ssh' has dims"),
+        (lambda ds: ds.assign(ssh=(ds.ssh * 100).assign_attrs(units="cm")), "variable 'ssh' has units 'cm'"),
+        (lambda ds: ds.assign(ssh=(ds.ssh * 100).astype("i4")), "variable 'ssh' has dtype int32"),
+        (lambda ds: ds.assign(ssh=ds.ssh.astype(str)), "variable 'ssh' has dtype <U"),
+        (lambda ds: ds.assign(ocean=ds.ocean.astype("f4")), "variable 'ocean' has dtype float32"),
+        (lambda ds: ds.assign_coords(lon=("lon", np.deg2rad(ds.lon.values), {"units": "radians"})),
+         "'lon' has units 'radians'"),
+        (lambda ds: ds.assign_coords(lat=ds.lat.values + 100), r"'lat' spans 133..134.5, outside \[-90, 90\]"),
+        (lambda ds: ds.assign_coords(lon=ds.lon.values - 300), r"'lon' spans -365..-362.5, outside \[-180, 360\]"),
+        (lambda ds: ds.assign_coords(time=np.arange(5.0)), "'time' holds numbers .* without units"),
+        (lambda ds: ds.assign_coords(time=("time", np.arange(5.0), {"units": "hours"})),
+         "'time' has units 'hours'"),
     ],
 )
 def test_bad_coordinates_raise(tmp_path, mutate, match):
     path = tmp_path / "bad.nc"
     mutate(dataset()).to_netcdf(path)
     with pytest.raises(InputError, match=match) as info:
-        io.open_dataset(path, ["ssh"])
+        io.open_dataset(path, ["ssh"], optional=["ocean"])
     assert "bad.nc" in str(info.value)
+
+
+def test_conventions_that_are_read(tmp_path):
+    """Not refused: longitudes 0..360, SSH units spelled 'meters', day numbers with units
+    'days', integers packed with a scale_factor (read as floats)."""
+    ds = dataset().assign_coords(lon=dataset().lon.values + 360, time=("time", np.arange(5.0), {"units": "days"}))
+    ds["ssh"].attrs["units"] = "meters"
+    path = tmp_path / "ok.nc"
+    ds.to_netcdf(path, encoding={"ssh": {"dtype": "int16", "scale_factor": 1e-4, "_FillValue": -32768}})
+    got = io.open_dataset(path, ["ssh"], optional=["ocean"])
+    assert got.ssh.dtype.kind == "f" and float(got.lon[0]) == 295.0
+    np.testing.assert_allclose(got.ssh.values, ds.ssh.values, atol=1e-4)
+    np.testing.assert_array_equal(got.time.values, np.arange(5.0))
 
 
 def test_check_aligned_tolerance_and_mismatch():

@@ -15,7 +15,7 @@ import torch
 
 from oceanda.errors import ConfigError, InputError
 
-__all__ = ["read_model_checkpoint", "state_digest", "check_state_digest"]
+__all__ = ["read_model_checkpoint", "read_torch_file", "state_digest", "check_state_digest"]
 
 #: checkpoint key holding :func:`state_digest` of its ``state_dict`` (written by oceanda.train)
 DIGEST_KEY = "state_digest"
@@ -44,6 +44,19 @@ def check_state_digest(ck: dict[str, Any], where: str) -> None:
                              "was written (the file is damaged): train again or restore it")
 
 
+def read_torch_file(path: Path) -> Any:
+    """``torch.load`` of a checkpoint file (weights only, on the CPU); a missing or unreadable
+    file is an :class:`InputError` naming it, with the first line of torch's reason."""
+    if not path.is_file():
+        raise InputError(f"checkpoint {path}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a damaged file
+        reason = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise InputError(f"checkpoint {path}: cannot be read (corrupted or not a torch file: "
+                         f"{type(exc).__name__}: {reason})") from None
+
+
 def read_model_checkpoint(path: str | os.PathLike, *, fmt: str, version: int, config_cls, build,
                           expect=None, ignore=(), what: str, hint: str = "") -> dict[str, Any]:
     """Read and validate a checkpoint holding ``format``/``version``/``model_config`` (a
@@ -53,13 +66,7 @@ def read_model_checkpoint(path: str | os.PathLike, *, fmt: str, version: int, co
     config the caller needs (fields in ``ignore`` are not compared); ``hint`` follows the
     wrong-format message."""
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise InputError(f"checkpoint {p}: no such file")
-    try:
-        ck = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a damaged file
-        raise InputError(f"checkpoint {p}: cannot be read (corrupted or not a torch file: "
-                         f"{type(exc).__name__}: {str(exc)[:200]})") from None
+    ck = read_torch_file(p)
     if not isinstance(ck, dict) or ck.get("format") != fmt:
         found = ck.get("format") if isinstance(ck, dict) else None
         raise InputError(f"checkpoint {p}: not an oceanda {what} checkpoint"

@@ -14,12 +14,14 @@ Extra flags understood by every app:
 
 Errors caused by the user (bad config value, missing or malformed input) are raised as
 :class:`oceanda.errors.OceandaError`; they are printed without a traceback and the
-process exits with status 2.
+process exits with status 2. A write to a full device (or past a quota) is one too: the error
+names the file, else the app's ``out_dir``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib
 import importlib.util
 import logging
@@ -37,6 +39,9 @@ if TYPE_CHECKING:
     from omegaconf import DictConfig
 
 log = logging.getLogger("oceanda")
+
+#: errno values of a write to a full device or an exhausted quota (a user error: exit 2)
+DEVICE_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 #: app name -> one-line description. An app is offered when ``oceanda.cli.<name>`` exists.
 APPS: dict[str, str] = {
@@ -208,7 +213,15 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from oceanda.cli.schema import load
 
-        return int(module.run(load(app, cfg)) or 0)
+        typed = load(app, cfg)
+        try:
+            return int(module.run(typed) or 0)
+        except OSError as exc:
+            if exc.errno not in DEVICE_FULL:
+                raise
+            where = exc.filename or getattr(typed, "out_dir", None) or "the output"
+            raise OceandaError(f"{where}: the device is full ({exc.strerror}): free space or choose "
+                               "another out_dir") from None
     except OceandaError as exc:
         return _fail(f"oceanda {app}: error: {exc}", 2)
     except Terminated:

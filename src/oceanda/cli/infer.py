@@ -141,9 +141,9 @@ def _check_truth_grid(truth_path: str, obs) -> None:
     import numpy as np
 
     from oceanda.data import names as N
-    from oceanda.data.io import check_values, open_dataset, select_window
+    from oceanda.data.io import check_values, open_dataset, require_finite, select_window
 
-    truth = open_dataset(truth_path, [N.SSH])
+    truth = open_dataset(truth_path, [N.SSH], optional=[N.OCEAN])  # what evaluate reads of it
     pad = 1e-6
     box = [obs.lon[0] - pad, obs.lon[-1] + pad, obs.lat[0] - pad, obs.lat[-1] + pad]
     sub = select_window(truth, None, box, what=f"truth {truth_path}")
@@ -151,8 +151,9 @@ def _check_truth_grid(truth_path: str, obs) -> None:
     for dim, ref in ((N.LON, obs.lon), (N.LAT, obs.lat)):
         got = sub[dim].values
         if got.shape != ref.shape or not np.allclose(got, ref, atol=1e-6, rtol=0):
-            raise InputError(f"truth {truth_path}: its {dim} grid differs from the observations' "
+            raise InputError(f"truth {truth_path}: its '{dim}' grid differs from the observations' "
                              f"({len(got)} vs {len(ref)} values in the domain): evaluate on the same grid")
+    require_finite(sub[N.SSH], f"truth {truth_path}: variable '{N.SSH}' in the observations' domain")
 
 
 def _method_kwargs(cfg: InferConfig) -> tuple[str, dict[str, Any]]:
@@ -240,12 +241,17 @@ def _run_one(cfg: InferConfig, comm, obs_path: str, truth_path: str | None,
             print(f"oceanda infer: along-track observations, points per mission and QC outcome:\n{format_qc(qc)}")
     n_observed = sum(c.get("used", 0) for c in qc.values()) if qc is not None else obs.count_observed()
     if n_observed == 0:
+        from oceanda.data import names as N
+
         raise InputError(f"observations {obs_path}: the observation window (period "
                          f"{_list(cfg.dates)}, box {_list(cfg.box)}) holds no "
-                         "observation (all NaN)")
+                         f"observation (variable '{N.SSH_OBS}' all NaN)")
     if truth_path:  # read once, on rank 0; its refusal raised on every rank
         bcast_checked(comm, lambda: _check_truth_grid(truth_path, obs))
-    patches = make_patches(geometry, obs.shape, obs.ocean)
+    try:
+        patches = make_patches(geometry, obs.shape, obs.ocean)
+    except InputError as exc:  # a domain smaller than a patch: say which observations
+        raise InputError(f"observations {obs_path}: {exc}") from None
     planned = comm.size
     if cfg.dry_run and cfg.ranks is not None:
         planned = cfg.ranks

@@ -50,6 +50,33 @@ Dates = tuple[Any, Any]
 def _check_box(box: Box | None, key: str) -> None:
     if box is not None and not (box[0] < box[1] and box[2] < box[3]):
         raise ConfigError(f"{key}={list(box)}: expected [lon_min, lon_max, lat_min, lat_max] with min < max")
+    if box is not None and (box[2] < -90 or box[3] > 90 or box[0] < -180 or box[1] > 360):
+        raise ConfigError(f"{key}={list(box)}: latitudes must lie in [-90, 90] and longitudes in "
+                          "[-180, 180] or [0, 360]")
+
+
+def _check_dates(dates: Any, key: str, label: str | None = None) -> None:
+    """``[start, end]``: two dates (``YYYY-MM-DD``, the end day included) or two day numbers
+    (a numeric time axis), the start not after the end. ``label``: how the message shows the
+    value (default ``key=[start, end]``)."""
+    if dates is None:
+        return
+    dates = list(dates)
+    label = label or f"{key}={dates}"
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in dates):
+        start, end = (float(v) for v in dates)
+    else:
+        import numpy as np
+
+        try:
+            start, end = (np.datetime64(str(v)) for v in dates)
+        except ValueError:
+            raise ConfigError(f"{label}: expected [start, end] dates (YYYY-MM-DD) or two day "
+                              "numbers") from None
+        if end.dtype == np.dtype("datetime64[D]"):  # a plain end date includes its whole day
+            end = end + np.timedelta64(1, "D") - np.timedelta64(1, "ns")
+    if start > end:
+        raise ConfigError(f"{label}: the start is after the end (an empty time range)")
 
 
 # ----------------------------------------------------------------------------- shared sections
@@ -200,6 +227,9 @@ class InferConfig:
 
     def __post_init__(self) -> None:
         _check_box(self.box, "box")
+        _check_dates(self.dates, "period")
+        _check_dates(self.evaluate.period, "evaluate.period")
+        _check_box(self.evaluate.box, "evaluate.box")
         if isinstance(self.obs_exclude, str):  # obs_exclude=c2
             object.__setattr__(self, "obs_exclude", (self.obs_exclude,))
         if min(self.tile) < 1:
@@ -322,6 +352,8 @@ class TrainAppConfig:
 
     def __post_init__(self) -> None:
         _check_box(self.box, "box")
+        _check_dates(self.dates, "period")
+        _check_dates(self.val_period, "val_period")
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.gap_days < 0 or self.aug < 0:
@@ -416,6 +448,10 @@ class GenerateConfig:
             raise ConfigError(f"chunk_days must be >= 1, got {self.chunk_days}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if set(self.period) != {"start", "end"}:
+            raise ConfigError(f"period: expected period.start and period.end, got {sorted(self.period)}")
+        start, end = self.period["start"], self.period["end"]
+        _check_dates((start, end), "period", label=f"period.start={start}, period.end={end}")
         domain_spec(self.domain)
         if self.obs is not None:
             from oceanda.obs import constellation
@@ -474,6 +510,7 @@ class EvaluateConfig:
 
     def __post_init__(self) -> None:
         _check_box(self.box, "box")
+        _check_dates(self.dates, "period")
         if self.truth_path is None and self.alongtrack is None:
             raise ConfigError("give truth=PATH (gridded scores) and / or alongtrack=FILES (along-track scores)")
 
@@ -512,10 +549,11 @@ class ValidateConfig:
             raise ConfigError("experiment.system is missing (lorenz63 | pendulum)")
         settings = from_mapping(ExperimentSettings, raw, "experiment")
         settings.check()
-        from oceanda.validation.data import make_lorenz63, make_pendulum
+        from oceanda.validation.data import check_data, make_lorenz63, make_pendulum
 
         maker = make_lorenz63 if settings.system == "lorenz63" else make_pendulum
         settings.data = kwargs_for(maker, settings.data, "experiment.data")
+        check_data(maker, settings.data)
         return cls(experiment=settings, experiment_raw=raw, **_fields_of(from_mapping(_ValidateRest, data, "")))
 
 

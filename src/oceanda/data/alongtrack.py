@@ -52,6 +52,7 @@ import xarray as xr
 
 from oceanda.data import names as N
 from oceanda.data.integrity import verify_files
+from oceanda.data.io import METRES
 from oceanda.errors import ConfigError, InputError
 
 log = logging.getLogger("oceanda.alongtrack")
@@ -174,8 +175,7 @@ def mission_name(path: str | os.PathLike, attrs: dict[str, Any] | None = None) -
 
 # ------------------------------------------------------------------------------ files
 def _units_ok(da: xr.DataArray) -> bool:
-    u = str(da.attrs.get("units", "m")).strip().lower()
-    return u in ("m", "meter", "meters", "metre", "metres")
+    return str(da.attrs.get("units", "m")).strip().lower() in METRES
 
 
 class L3File:

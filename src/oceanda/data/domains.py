@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from oceanda.data.grid import Grid
+from oceanda.data.grid import Grid, box_shape
 from oceanda.errors import ConfigError
 
 #: name -> box and resolution (degrees). Cell counts are derived, see the module table.
@@ -64,6 +64,10 @@ def domain_spec(name_or_dict: str | Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"domain: unknown key(s) {', '.join(sorted('domain.' + k for k in unknown))}")
     base["land"] = bool(spec.get("land", True))
     base["name"] = name if name is not None else "box"
+    try:
+        box_shape(*(base[k] for k in (*BOX_KEYS, "resolution")))
+    except ConfigError as exc:
+        raise ConfigError(f"domain {base['name']}: {exc}") from None
     return base
 
 

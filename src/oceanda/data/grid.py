@@ -102,6 +102,47 @@ def _check_axis(name: str, values: np.ndarray) -> np.ndarray:
     return values
 
 
+def box_shape(lon_min: Any, lon_max: Any, lat_min: Any, lat_max: Any, resolution: Any) -> tuple[int, int]:
+    """``(nx, ny)`` of the regular grid on a box (see :meth:`Grid.regular`), without building it.
+
+    Raises:
+        ConfigError: naming the bad key (not a number, not finite, empty or reversed box,
+            latitudes outside [-90, 90], spans that are not a whole number of cells).
+    """
+    try:
+        lon_min, lon_max, lat_min, lat_max, resolution = (
+            float(v) for v in (lon_min, lon_max, lat_min, lat_max, resolution)
+        )
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"grid box: lon_min, lon_max, lat_min, lat_max, resolution must be numbers ({exc})") from None
+    for key, v in (("lon_min", lon_min), ("lon_max", lon_max), ("lat_min", lat_min),
+                   ("lat_max", lat_max), ("resolution", resolution)):
+        if not math.isfinite(v):
+            raise ConfigError(f"grid {key}={v}: must be finite")
+    if resolution <= 0:
+        raise ConfigError(f"grid resolution={resolution}: must be > 0 (degrees)")
+    if lon_min >= lon_max:
+        raise ConfigError(f"grid lon_min={lon_min} must be < lon_max={lon_max}")
+    if lat_min >= lat_max:
+        raise ConfigError(f"grid lat_min={lat_min} must be < lat_max={lat_max}")
+    if lat_min < -90 or lat_max > 90:
+        raise ConfigError(f"grid lat_min={lat_min}, lat_max={lat_max}: must lie in [-90, 90]")
+    if lon_max - lon_min > 360:
+        raise ConfigError(f"grid lon_min={lon_min}, lon_max={lon_max}: span more than 360 deg")
+    if lon_min < -360 or lon_max > 360:
+        raise ConfigError(f"grid lon_min={lon_min}, lon_max={lon_max}: must lie in [-360, 360]")
+    shape = []
+    for key, span in (("lon", lon_max - lon_min), ("lat", lat_max - lat_min)):
+        n = span / resolution
+        if abs(n - round(n)) > _CELL_TOL or round(n) < 1:
+            raise ConfigError(
+                f"grid resolution={resolution}: the {key} span {span:g} deg is not a whole "
+                f"number of cells ({n:.4f}); adjust {key}_min/{key}_max or resolution"
+            )
+        shape.append(int(round(n)))
+    return shape[0], shape[1]
+
+
 @dataclass(frozen=True, eq=False)
 class Grid:
     """A regular (or at least rectilinear) lon/lat grid, cell-centred, in degrees.
@@ -155,38 +196,8 @@ class Grid:
             ConfigError: naming the bad key (``lon_min``/``lon_max``, ``lat_min``/``lat_max``,
                 ``resolution``).
         """
-        try:
-            lon_min, lon_max, lat_min, lat_max, resolution = (
-                float(v) for v in (lon_min, lon_max, lat_min, lat_max, resolution)
-            )
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"grid box: lon_min, lon_max, lat_min, lat_max, resolution must be numbers ({exc})") from None
-        for key, v in (("lon_min", lon_min), ("lon_max", lon_max), ("lat_min", lat_min),
-                       ("lat_max", lat_max), ("resolution", resolution)):
-            if not math.isfinite(v):
-                raise ConfigError(f"grid {key}={v}: must be finite")
-        if resolution <= 0:
-            raise ConfigError(f"grid resolution={resolution}: must be > 0 (degrees)")
-        if lon_min >= lon_max:
-            raise ConfigError(f"grid lon_min={lon_min} must be < lon_max={lon_max}")
-        if lat_min >= lat_max:
-            raise ConfigError(f"grid lat_min={lat_min} must be < lat_max={lat_max}")
-        if lat_min < -90 or lat_max > 90:
-            raise ConfigError(f"grid lat_min={lat_min}, lat_max={lat_max}: must lie in [-90, 90]")
-        if lon_max - lon_min > 360:
-            raise ConfigError(f"grid lon_min={lon_min}, lon_max={lon_max}: span more than 360 deg")
-        if lon_min < -360 or lon_max > 360:
-            raise ConfigError(f"grid lon_min={lon_min}, lon_max={lon_max}: must lie in [-360, 360]")
-        shape = []
-        for key, span in (("lon", lon_max - lon_min), ("lat", lat_max - lat_min)):
-            n = span / resolution
-            if abs(n - round(n)) > _CELL_TOL or round(n) < 1:
-                raise ConfigError(
-                    f"grid resolution={resolution}: the {key} span {span:g} deg is not a whole "
-                    f"number of cells ({n:.4f}); adjust {key}_min/{key}_max or resolution"
-                )
-            shape.append(int(round(n)))
-        nx, ny = shape
+        nx, ny = box_shape(lon_min, lon_max, lat_min, lat_max, resolution)
+        lon_min, lat_min, resolution = float(lon_min), float(lat_min), float(resolution)
         lon = lon_min + (np.arange(nx) + 0.5) * resolution
         lat = lat_min + (np.arange(ny) + 0.5) * resolution
         ocean = ~land_mask(lon, lat) if land else np.ones((ny, nx), dtype=bool)

@@ -13,7 +13,13 @@ naming the file and the problem, before any computation:
   recorded digests as it is read, :mod:`oceanda.data.integrity`), or a chunk of another
   store is missing where it would read as a number (a fill value not declared missing);
 * on reading the values (:func:`compute`, :func:`check_values`): a chunk that cannot be
-  decoded, +-inf or a magnitude above :data:`SSH_LIMIT_M`.
+  decoded, +-inf or a magnitude above :data:`SSH_LIMIT_M`;
+* units: a field (``ssh``, ``ssh_obs``, ...) whose ``units`` attribute is not metres (e.g.
+  ``cm``), a ``lon`` / ``lat`` whose ``units`` are not degrees or whose values lie outside
+  ``[-180, 360]`` / ``[-90, 90]``, a numeric ``time`` without units (times must be datetimes,
+  CF-encoded ``days since ...``, or day numbers with ``units: days``);
+* dtypes: a field that is not floating point (strings, objects, integers that are not packed
+  with a ``scale_factor``), an ``ocean`` mask that is not boolean or integer.
 
 Conventions applied on reading (see :mod:`oceanda.data.names`): ``latitude`` and
 ``longitude`` are renamed ``lat`` and ``lon``; a strictly *decreasing* coordinate (common
@@ -30,6 +36,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -46,6 +53,15 @@ from oceanda.errors import InputError
 #: alternative coordinate names renamed on reading
 ALIASES = {"latitude": N.LAT, "longitude": N.LON}
 
+#: ``units`` of SSH fields taken as metres (anything else is refused: oceanda does not convert)
+METRES = ("m", "meter", "meters", "metre", "metres")
+
+#: the coordinates' accepted value ranges (degrees; longitudes either -180..180 or 0..360)
+COORD_RANGE = {N.LON: (-180.0, 360.0), N.LAT: (-90.0, 90.0)}
+
+#: ``units`` of a numeric time coordinate read as day numbers
+DAY_UNITS = ("d", "day", "days")
+
 #: netCDF file suffixes; anything else is sniffed
 NETCDF_SUFFIXES = (".nc", ".nc4", ".netcdf", ".cdf", ".h5", ".hdf5")
 
@@ -56,14 +72,14 @@ NETCDF_SUFFIXES = (".nc", ".nc4", ".netcdf", ".cdf", ".h5", ".hdf5")
 def _format_of(path: Path) -> str:
     """``"zarr"`` or ``"netcdf"`` from the suffix, else by sniffing the content."""
     suffix = path.suffix.lower()
-    if suffix == ".zarr":
-        return "zarr"
-    if suffix in NETCDF_SUFFIXES:
-        return "netcdf"
     if path.is_dir():
         if any((path / f).exists() for f in ("zarr.json", ".zgroup", ".zattrs", ".zmetadata")):
             return "zarr"
         raise InputError(f"{path}: a directory that is not a zarr store (no zarr.json or .zgroup)")
+    if suffix == ".zarr":
+        raise InputError(f"{path}: a file, not a zarr store (a zarr store is a directory)")
+    if suffix in NETCDF_SUFFIXES:
+        return "netcdf"
     with open(path, "rb") as fh:
         magic = fh.read(8)
     if magic[:3] == b"CDF" or magic[:8] == b"\x89HDF\r\n\x1a\n":
@@ -71,11 +87,33 @@ def _format_of(path: Path) -> str:
     raise InputError(f"{path}: neither a zarr store nor a netCDF file")
 
 
+#: zarr metadata documents (v3, v2)
+ZARR_METADATA = ("zarr.json", ".zgroup", ".zarray", ".zattrs", ".zmetadata")
+
+
+def _check_zarr_metadata(path: Path) -> None:
+    """Parse the metadata documents of the store and of its arrays before zarr does: zarr reads
+    them concurrently, and one that is not JSON leaves its sibling reads pending (asyncio prints
+    "Task was destroyed but it is pending!" after our error, at exit)."""
+    for doc in (*(path / name for name in ZARR_METADATA), *(path.glob(f"*/{name}") for name in ZARR_METADATA)):
+        for f in ([doc] if isinstance(doc, Path) else doc):
+            if not f.is_file():
+                continue
+            try:
+                json.loads(f.read_bytes())
+            except (ValueError, OSError) as exc:
+                where = f"variable '{f.parent.name}': " if f.parent != path else ""
+                raise InputError(f"{path}: {where}cannot be read: its metadata {f.relative_to(path)} is not "
+                                 f"valid JSON ({exc})") from None
+
+
 def _open_raw(path: str | os.PathLike) -> xr.Dataset:
     p = Path(path).expanduser()
     if not p.exists():
         raise InputError(f"{p}: no such file or directory")
     fmt = _format_of(p)
+    if fmt == "zarr" and p.is_dir():
+        _check_zarr_metadata(p)
     try:
         with warnings.catch_warnings():
             # zarr v3 stores written without consolidated metadata: xarray falls back
@@ -114,6 +152,7 @@ def _check_coord(ds: xr.Dataset, dim: str, where: str) -> xr.Dataset:
         num = values.astype(np.float64)
         if not np.isfinite(num).all():
             raise InputError(f"{where}: coordinate '{dim}' holds NaN or infinite values")
+        _check_coord_units(dim, num, coord.attrs.get("units"), where)
     else:
         raise InputError(f"{where}: coordinate '{dim}' is neither numeric nor datetime ({values.dtype})")
     if num.size > 1:
@@ -129,6 +168,48 @@ def _check_coord(ds: xr.Dataset, dim: str, where: str) -> xr.Dataset:
             raise InputError(f"{where}: coordinate '{dim}' is not monotonic (at position {i + 1}: "
                              f"{values[i]} then {values[i + 1]})")
     return ds
+
+
+def _check_coord_units(dim: str, num: np.ndarray, units: Any, where: str) -> None:
+    """Units and range of a numeric coordinate (see the module docstring)."""
+    if dim == N.TIME:
+        if units is None:
+            raise InputError(f"{where}: coordinate 'time' holds numbers ({num.dtype}) without units: write "
+                             "datetimes, CF units 'days since YYYY-MM-DD', or day numbers with units 'days'")
+        if str(units).strip().lower() not in DAY_UNITS:
+            raise InputError(f"{where}: coordinate 'time' has units {units!r} that are not dates "
+                             "('days since YYYY-MM-DD') nor day numbers ('days')")
+        return
+    if dim not in COORD_RANGE:
+        return
+    if units is not None and not str(units).strip().lower().startswith("degree"):
+        raise InputError(f"{where}: coordinate '{dim}' has units {units!r}; expected degrees "
+                         f"({'degrees_east' if dim == N.LON else 'degrees_north'})")
+    lo, hi = COORD_RANGE[dim]
+    if num.min() < lo or num.max() > hi:
+        raise InputError(f"{where}: coordinate '{dim}' spans {num.min():g}..{num.max():g}, outside "
+                         f"[{lo:g}, {hi:g}] degrees")
+
+
+def _check_variable(da: xr.DataArray, where: str) -> None:
+    """dtype and units of a data variable (see the module docstring)."""
+    name, dtype = da.name, da.dtype
+    if name == N.OCEAN:
+        if dtype.kind not in "biu":
+            raise InputError(f"{where}: variable 'ocean' has dtype {dtype}; expected a boolean or integer "
+                             "mask (1 ocean, 0 land)")
+        return
+    if str(name).startswith("track_"):
+        return
+    if dtype.kind != "f":
+        hint = (" (integers are read only when packed, with a scale_factor attribute)" if dtype.kind in "iu"
+                else "")
+        raise InputError(f"{where}: variable '{name}' has dtype {dtype}; expected floating-point numbers "
+                         f"in metres{hint}")
+    units = da.attrs.get("units")
+    if units is not None and str(units).strip().lower() not in METRES:
+        raise InputError(f"{where}: variable '{name}' has units {units!r}; expected metres ('m'): "
+                         "oceanda does not convert units")
 
 
 def _expected_dims(da: xr.DataArray) -> tuple[str, ...]:
@@ -156,6 +237,7 @@ def _validate(ds: xr.Dataset, variables: Sequence[str], where: str, optional: Se
         dims = _expected_dims(da)
         if set(da.dims) != set(dims):
             raise InputError(f"{where}: variable '{name}' has dims {da.dims}, expected {dims}")
+        _check_variable(da, where)
     for dim in sorted(set().union(*(ds[v].dims for v in wanted))):
         if dim in N.FIELD_DIMS:
             ds = _check_coord(ds, dim, where)
@@ -414,12 +496,20 @@ def write_file_digests(folder: str | os.PathLike, files: Iterable[str | os.PathL
 
 def write_outputs(out: Path, pngs: dict[str, bytes], json_name: str, result: dict[str, Any], what: str) -> None:
     """Write the rendered figures, then the JSON ``result`` (each atomically) into ``out``;
-    :class:`InputError` naming ``what`` and ``out`` when it cannot be written."""
+    :class:`InputError` naming ``what`` and ``out`` when it cannot be written (a full device,
+    say), after removing what this call wrote (and ``out`` if it made it): all or nothing."""
+    out = Path(out)
+    made = not out.exists()
+    written: list[Path] = []
     try:
         for fname, data in pngs.items():
-            write_bytes_atomic(out / fname, data)
+            written.append(write_bytes_atomic(out / fname, data))
         write_json_atomic(out / json_name, result)
     except OSError as exc:
+        for path in written:
+            path.unlink(missing_ok=True)
+        if made:
+            shutil.rmtree(out, ignore_errors=True)
         raise InputError(f"cannot write the {what} to {out}: {exc}") from None
 
 

@@ -269,7 +269,7 @@ def load_arrays(truth_path: str | None, obs_path: str, box=None, period=None, *,
     if truth_path is not None:
         tr = io.open_dataset(truth_path, [N.SSH], optional=[N.OCEAN])
         tr = io.select_window(tr, period=period, box=box, what=str(truth_path))
-        io.check_aligned(tr, obs_ds, names=("truth", "obs"))
+        io.check_aligned(tr, obs_ds, names=(f"truth {truth_path}", f"observations {obs_path}"))
         io.check_values(tr[N.SSH], f"truth {truth_path}")
         truth = np.asarray(io.compute(tr[N.SSH], f"truth {truth_path}", f"variable '{N.SSH}'"), np.float32)
     if N.OCEAN in obs_ds:
@@ -287,7 +287,7 @@ def load_arrays(truth_path: str | None, obs_path: str, box=None, period=None, *,
     if truth is not None:
         bad = ocean & ~np.isfinite(truth).all(0)
         if bad.any():
-            raise InputError(f"truth {truth_path}: {int(bad.sum())} ocean cells hold NaN")
+            raise InputError(f"truth {truth_path}: variable '{N.SSH}' holds NaN in {int(bad.sum())} ocean cells")
     if with_grid:
         from oceanda.data.grid import Grid
 

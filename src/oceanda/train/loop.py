@@ -22,6 +22,7 @@ at the best validation RMSE. ``extra["mode"]`` is the patch mode the model is tr
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -36,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from oceanda.data.files import atomic_path
+from oceanda.data.files import write_bytes_atomic
 from oceanda.errors import ConfigError, InputError
 from oceanda.train.data import Normalisation
 
@@ -170,14 +171,16 @@ def save_atomic(state: dict[str, Any], path: str | os.PathLike) -> Path:
     """``torch.save(state, path)`` through a temporary file in the same folder and a rename,
     so that ``path`` is never left half-written (an interrupted write removes the temporary).
     A ``state_dict`` entry gets its digest recorded (:func:`oceanda.assim.checkpoint.state_digest`),
-    verified when the checkpoint is read."""
+    verified when the checkpoint is read. The state is serialised in memory first: a full device
+    is then Python's ``OSError`` (ENOSPC, reported as a user error), not torch's opaque
+    ``RuntimeError``."""
     from oceanda.assim.checkpoint import DIGEST_KEY, state_digest
 
     if isinstance(state.get("state_dict"), dict):
         state = {**state, DIGEST_KEY: state_digest(state["state_dict"])}
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-    return Path(path)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return write_bytes_atomic(path, buf.getvalue())
 
 
 # ----------------------------------------------------------------------------- loop

@@ -170,4 +170,14 @@ def make_pendulum(n_train: int, n_test: int, T: int = 100, dt: float = 0.1, obs_
 
 def _check_sizes(n_train, n_test, T):
     if n_train < 2 or n_test < 1 or T < 2:
-        raise ConfigError(f"need n_train >= 2, n_test >= 1, T >= 2 (got {n_train}, {n_test}, {T})")
+        raise ConfigError(f"experiment.data: need n_train >= 2, n_test >= 1, T >= 2 (got {n_train}, {n_test}, {T})")
+
+
+def check_data(maker, data: dict) -> None:
+    """The checks ``maker(**data)`` (:func:`make_lorenz63` / :func:`make_pendulum`) runs first,
+    without making the data (``oceanda config validate validate``)."""
+    import inspect
+
+    args = inspect.signature(maker).bind(**data)
+    args.apply_defaults()
+    _check_sizes(args.arguments["n_train"], args.arguments["n_test"], args.arguments["T"])

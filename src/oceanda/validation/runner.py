@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from oceanda.assim.checkpoint import read_torch_file
 from oceanda.assim.incremental import UPDATES, incremental_assimilation, temperature_levels
 from oceanda.assim.particle import particle_smoother
 from oceanda.assim.var4d import Var4DResult, WeakConstraint4DVar
@@ -383,13 +384,7 @@ def read_checkpoint(path: str | Path, system: str) -> dict:
     :class:`InputError` naming the file when it is missing, unreadable (truncated, not a torch
     file), of another version or of another system."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"checkpoint {path}: no such file")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input error
-        raise InputError(f"checkpoint {path}: not a readable oceanda validate checkpoint (truncated, corrupt or "
-                         f"another kind of file; torch.load: {type(exc).__name__})") from None
+    ck = read_torch_file(path)
     if not isinstance(ck, dict) or ck.get("version") != CHECKPOINT_VERSION:
         raise InputError(f"checkpoint {path}: not an oceanda validate checkpoint (version {CHECKPOINT_VERSION})")
     if ck.get("system") != system:
