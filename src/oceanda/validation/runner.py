@@ -289,6 +289,24 @@ def train_models(settings: ExperimentSettings, data: ToyData, z0_train: torch.Te
     return out, histories
 
 
+def train_heldout_model(settings: ExperimentSettings, data: ToyData, z0_train: torch.Tensor, dtype=torch.float32,
+                        progress: bool = True):
+    """The diagnostic model of ``processes="all"``: the neural prior trained, with the same
+    settings and seed, on the training pairs of every phase but ``data.processes_heldout``."""
+    from tqdm.auto import tqdm
+
+    keep = ~torch.isin(data.train.process, torch.tensor(data.processes_heldout))
+    x, y, mask = data.train.flat()
+    prior = new_prior(settings, data, True)
+    torch.manual_seed(settings.training.seed)
+    bar = tqdm(total=settings.training.epochs, desc="train neural (held-out phases)", disable=not progress, leave=False)
+    hist = train_incremental(prior, x[keep].to(dtype), z0_train[keep].to(dtype), y[keep].to(dtype), mask[keep],
+                             data.R_norm, temperature_levels(settings.n_levels), settings.training,
+                             on_epoch=lambda e, loss: bar.update(1))
+    bar.close()
+    return prior, hist
+
+
 VAL_FRACTION = 0.1  #: training trajectories held out to choose the width
 
 
@@ -367,7 +385,7 @@ def load_checkpoint(path: Path, settings: ExperimentSettings, data: ToyData):
     settings.n_levels = ck["n_levels"]
     priors = {}
     for name, sd in ck["state_dicts"].items():
-        prior = new_prior(settings, data, name == "neural")
+        prior = new_prior(settings, data, name.startswith("neural"))
         try:
             prior.load_state_dict(sd)
         except RuntimeError as exc:
@@ -392,8 +410,9 @@ def run_experiment(
     settings.check()
     torch.manual_seed(settings.training.seed)
     data = make_data(settings)
-    log.info("%s: %d training pairs (%d processes), %d test pairs (%d held-out processes)", settings.system,
-             len(data.train), len(data.processes_train), len(data.test), len(data.processes_test))
+    log.info("%s: %d training pairs (%d processes), %d test pairs (%d %s processes)", settings.system,
+             len(data.train), len(data.processes_train), len(data.test), len(data.processes_test),
+             "training" if data.processes_heldout else "held-out")
     fg = FirstGuess(data, settings.z0_inflation)
     z0_train = fg(data.train)
     (z0_test, t_z0) = _timed(lambda: fg(data.test))
@@ -405,6 +424,9 @@ def run_experiment(
         if isinstance(settings.model.width, list):
             selection = select_width(settings, data, z0_train, dtype, progress)
         priors, histories = train_models(settings, data, z0_train, dtype, progress)
+        if data.processes_heldout:
+            priors["neural_heldout"], histories["neural_heldout"] = train_heldout_model(settings, data, z0_train,
+                                                                                        dtype, progress)
         if out_dir is not None:
             save_checkpoint(Path(out_dir) / "model.pt", settings, priors, histories)
     levels = temperature_levels(settings.n_levels)
@@ -507,6 +529,7 @@ def run_experiment(
         "n_train_pairs": len(data.train),
         "processes_train": data.processes_train,
         "processes_test": data.processes_test,
+        "process_family": "all" if data.processes_heldout else "heldout",
         "obs_std_norm": data.obs_std_norm,
         "obs_std_raw": data.obs_std_raw,
         "model_noise_var": data.model_noise_var,
@@ -535,6 +558,16 @@ def run_experiment(
                                                             data.R_norm, levels, update=settings.update,
                                                             conditional=False), xs),
         }
+    if "neural_heldout" in priors:  # diagnostic of processes="all": a model trained without some phases
+        held = torch.isin(data.test.process, torch.tensor(data.processes_heldout))
+        heldout = {"processes": [data.processes_test[i] for i in data.processes_heldout]}
+        for part, sel in (("heldout", held), ("seen", ~held)):
+            est_h = incremental_assimilation(priors["neural_heldout"], z0d[sel], yd[sel], mask[sel], data.R_norm,
+                                             levels, update=settings.update)
+            heldout[part] = {"n_windows": int(sel.sum()), "neural_without": rmse(est_h, x[sel]),
+                             "neural": rmse(est["neural"][sel], x[sel]), "z0": rmse(z0_test[sel], x[sel]),
+                             "cold_diffusion": rmse(est["cold_diffusion"][sel], x[sel])}
+        extra["heldout_processes"] = heldout
     if data.system == "pendulum":  # windows outside the linear regime: max |q| > 45 degrees
         qmax = data.norm.to_raw(data.test.x)[..., 0].abs().amax(-1)
         big = qmax > math.pi / 4
