@@ -217,6 +217,12 @@ def markdown(system: str, preset: str, metrics: dict, checks: list[dict], meta: 
         f"{metrics['neural_var4d'].get('cost_median', math.nan):.1f}; the polish ends in a lower minimum "
         f"(cost lower by > 1) than 4D-Var from z0 on {100 * meta['minima']['polish_lower_fraction']:.1f}% of the "
         f"windows, in a higher one on {100 * meta['minima']['z0_lower_fraction']:.1f}%.",
+        *([f"- The polishes start with Levenberg-Marquardt damping {meta['polish_damping']['polish_lm_init']:g} "
+           f"(4D-Var from z0 and from the truth: {meta['polish_damping']['lm_init']:g}; same stopping rules). "
+           "With the damping of 4D-Var from z0 instead: "
+           + "; ".join(f"{NAMES[k]} RMSE {v['rmse']:.4f}, {v['gn_iters_median']:g} GN iterations (median)"
+                       for k, v in meta['polish_damping']['with_lm_init'].items()) + "."]
+          if meta.get("polish_damping") else []),
         f"- Run time: {meta.get('run_wall_s', math.nan):.0f} s wall clock, {meta.get('run_cpu_s', math.nan):.0f} s CPU "
         "(data, training, evaluation; the machine may have been shared).",
         f"- Training pairs: {meta['n_train_pairs']}; settings: `{json.dumps(meta['settings'])}`.",

@@ -91,6 +91,9 @@ class Var4DSettings:
     lm_init: float = 1e-3
     #: near-strong-constraint variant: model-error covariance Qm * strong_factor (null: skip it)
     strong_factor: float | None = 1e-3
+    #: initial Levenberg-Marquardt damping of the polishes (4D-Var started from a learned estimate,
+    #: already near a minimum); null: lm_init, as 4D-Var from z0. Stopping rules are the same for every start
+    polish_lm_init: float | None = None
 
 
 @dataclass
@@ -183,14 +186,16 @@ def run_particle_smoother(data: ToyData, pairs: PairSet, s: ParticleSettings, dt
     return res, time.perf_counter() - t0
 
 
-def build_var4d(data: ToyData, s: Var4DSettings, factor: float = 1.0) -> WeakConstraint4DVar:
+def build_var4d(data: ToyData, s: Var4DSettings, factor: float = 1.0, polish: bool = False) -> WeakConstraint4DVar:
     """Weak-constraint 4D-Var with the true model and noise; ``factor`` scales the
-    model-error covariance (``var4d.strong_factor``: near-strong constraint)."""
+    model-error covariance (``var4d.strong_factor``: near-strong constraint); ``polish``
+    starts with the damping ``var4d.polish_lm_init`` (when set) instead of ``lm_init``."""
     xb, Bc = background(data)
+    lm = s.polish_lm_init if polish and s.polish_lm_init is not None else s.lm_init
     return WeakConstraint4DVar(
         model_step(data), factor * data.model_noise_var * torch.eye(data.phi, dtype=torch.float64), data.R_raw,
         xb, Bc, max_iter=s.max_iter, ftol=s.ftol, cost_tol=s.cost_tol, decrement_tol=s.decrement_tol,
-        lm_init=s.lm_init,
+        lm_init=lm,
     )
 
 
@@ -453,30 +458,32 @@ def run_experiment(
         lambda: neural_pass(settings.update, conditional=False, prior=priors["cold_diffusion"]))
 
     var = build_var4d(data, settings.var4d)
+    var_p = build_var4d(data, settings.var4d, polish=True)
     yraw = torch.where(data.test.mask, data.norm.to_raw(data.test.y), torch.zeros_like(data.test.y))
     to_raw = lambda a: data.norm.to_raw(a.double().reshape(-1, T, phi))  # noqa: E731
     var.solve(to_raw(z0_test[:2]), yraw[:2], data.test.mask[:2])  # warm-up
     runs: dict[str, Var4DResult] = {}
-    for name, start in (("var4d", est["z0"]), ("neural_var4d", est["neural"])):
+    for name, solver, start in (("var4d", var, est["z0"]), ("neural_var4d", var_p, est["neural"])):
         bar = tqdm(total=3 * settings.var4d.max_iter, desc=f"4D-Var {name}", disable=not progress, leave=False)
 
         def prog(k, n_active, bar=bar):
             bar.update(1)
             bar.set_postfix(active=n_active)
 
-        runs[name], times[name] = _timed(lambda start=start, prog=prog: var.solve(to_raw(start), yraw,
-                                                                                  data.test.mask, prog))
+        runs[name], times[name] = _timed(lambda solver=solver, start=start, prog=prog: solver.solve(
+            to_raw(start), yraw, data.test.mask, prog))
         bar.close()
         est[name] = data.norm.to_norm(runs[name].x).reshape(N, -1)
     times["neural_var4d"] += times["neural"]
     # references and variants: run once each (timings of one run)
-    starts = {"cold_diffusion_var4d": (var, est["cold_diffusion"], times["cold_diffusion"]),
+    starts = {"cold_diffusion_var4d": (var_p, est["cold_diffusion"], times["cold_diffusion"]),
               "var4d_from_truth": (var, x, 0.0)}
     if settings.var4d.strong_factor is not None:
         var_s = build_var4d(data, settings.var4d, settings.var4d.strong_factor)
+        var_sp = build_var4d(data, settings.var4d, settings.var4d.strong_factor, polish=True)
         starts.update({"var4d_strong": (var_s, est["z0"], 0.0),
-                       "neural_var4d_strong": (var_s, est["neural"], times["neural"]),
-                       "cold_diffusion_var4d_strong": (var_s, est["cold_diffusion"], times["cold_diffusion"])})
+                       "neural_var4d_strong": (var_sp, est["neural"], times["neural"]),
+                       "cold_diffusion_var4d_strong": (var_sp, est["cold_diffusion"], times["cold_diffusion"])})
     for name, (solver, start, t_start) in starts.items():
         bar = tqdm(total=settings.var4d.max_iter, desc=f"4D-Var {name}", disable=not progress, leave=False)
         runs[name], times[name] = _timed(lambda solver=solver, start=start, bar=bar: solver.solve(
@@ -558,6 +565,17 @@ def run_experiment(
                                                             data.R_norm, levels, update=settings.update,
                                                             conditional=False), xs),
         }
+    if settings.var4d.polish_lm_init is not None:  # the polishes again with 4D-Var's own damping lm_init
+        same = {}
+        pairs = [("neural_var4d", var, est["neural"])]
+        if settings.var4d.strong_factor is not None:
+            pairs.append(("neural_var4d_strong", var_s, est["neural"]))
+        for name, solver, start in pairs:
+            r = solver.solve(to_raw(start), yraw, data.test.mask)
+            same[name] = {"gn_iters_median": float(r.iters.double().median()),
+                          "rmse": rmse(data.norm.to_norm(r.x).reshape(N, -1), x)}
+        extra["polish_damping"] = {"lm_init": settings.var4d.lm_init, "polish_lm_init": settings.var4d.polish_lm_init,
+                                   "with_lm_init": same}
     if "neural_heldout" in priors:  # diagnostic of processes="all": a model trained without some phases
         held = torch.isin(data.test.process, torch.tensor(data.processes_heldout))
         heldout = {"processes": [data.processes_test[i] for i in data.processes_heldout]}
