@@ -1,6 +1,7 @@
 """Validation experiment: generate, first guess, train, evaluate every method on the test set.
 
-Methods compared on the same held-out trajectories and held-out observation processes:
+Methods compared on the same held-out trajectories, observed by every observation process
+(``data.processes="all"``) or by held-out processes never trained on (``"heldout"``):
 
 * ``z0``: the Gaussian first guess (L63: MAP under the empirical mean / covariance of the
   training trajectories; pendulum: MAP under the linearised damped-oscillator prior);
@@ -21,6 +22,12 @@ References and variants (:data:`EXTRA`), on the same windows:
 * ``cold_diffusion_var4d``: 4D-Var polish from the cold-diffusion output;
 * ``var4d_strong``, ``neural_var4d_strong``, ``cold_diffusion_var4d_strong``: the same three
   starts with the near-strong-constraint model-error covariance ``Qm * var4d.strong_factor``.
+
+The polishes (4D-Var from a learned estimate) start with the damping ``var4d.polish_lm_init``
+when set (then ``meta.polish_damping`` holds the neural polishes rerun with ``lm_init``);
+every start has the same stopping rules. With ``data.processes="all"`` a second neural prior
+is trained without ``data.n_test_processes`` phases and scored on the test windows of those
+phases (``meta.heldout_processes``): the error on observation processes never seen in training.
 
 RMSE is over all entries of the test windows (every time, every component): ``rmse`` in
 normalised units (each component zero mean, unit variance over the training
