@@ -58,6 +58,20 @@ def test_validate_tiny_end_to_end_and_checkpoint_reload(tmp_path, tiny, capsys):
     rep2 = json.loads((out2 / "report.json").read_text())
     for m in ("z0", "neural", "cold_diffusion"):
         assert rep2[m]["rmse"] == pytest.approx(rep[m]["rmse"], rel=1e-6, abs=1e-9)
+    meta = rep["meta"]
+    if meta["experiment"] == "lorenz63":  # processes=all: every phase, plus the model trained without 3 of them
+        assert meta["process_family"] == "all" and meta["n_test_windows"] == 3 * 8
+        hp = meta["heldout_processes"]
+        assert hp["heldout"]["n_windows"] == 3 * 3 and hp["seen"]["n_windows"] == 3 * 5 and len(hp["processes"]) == 3
+        assert hp["seen"]["neural"] != hp["seen"]["neural_without"]  # two different networks
+        hp2 = rep2["meta"]["heldout_processes"]  # the diagnostic network is in the checkpoint too
+        assert hp2["heldout"]["neural_without"] == pytest.approx(hp["heldout"]["neural_without"], rel=1e-6)
+        pd = meta["polish_damping"]  # polishes with their own damping, and rerun with 4D-Var's
+        assert pd["polish_lm_init"] < pd["lm_init"]
+        assert set(pd["with_lm_init"]) == {"neural_var4d", "neural_var4d_strong"}
+        assert "never seen in training" in (out / "report.md").read_text()
+    else:
+        assert meta["process_family"] == "heldout" and "heldout_processes" not in meta
 
 
 def test_validate_dt_scan_writes_table_and_figure(tmp_path, capsys):

@@ -204,3 +204,38 @@ def test_plain_mean_is_the_network_output_and_residual_adds_z():
     # a fresh residual prior starts at mu = z (zero read-out), a plain one does not
     torch.testing.assert_close(NeuralBandPrior(4, 3, width=8).double().mean(z, 1.0), z, rtol=0, atol=0)
     assert float((NeuralBandPrior(4, 3, width=8, residual=False).double().mean(z, 1.0) - z).abs().max()) > 0.1
+
+
+@pytest.mark.parametrize("maker", ["lorenz63", "pendulum"])
+def test_process_families_heldout_and_all(maker):
+    """processes="heldout": the test phases are never trained on; "all": training and test
+    both pair their trajectories with every phase (new noise on the test), the split kept as
+    the indices of the phases a diagnostic model leaves out."""
+    from oceanda.validation import data as vdata
+
+    make = vdata.make_lorenz63 if maker == "lorenz63" else vdata.make_pendulum
+    kw = dict(spinup_steps=50) if maker == "lorenz63" else {}
+    held = make(6, 4, seed=3, **kw)
+    every = 8 if maker == "lorenz63" else 10
+    T, phi = held.T, held.phi
+    phases = {tuple(range(p, T, every)) for p in range(every)}
+    assert set(map(tuple, held.processes_test)).isdisjoint(map(tuple, held.processes_train))
+    assert set(map(tuple, held.processes_test)) | set(map(tuple, held.processes_train)) == phases
+    assert len(held.test) == 4 * 3 and held.processes_heldout == [] and held.test_seen is not None
+
+    full = make(6, 4, seed=3, processes="all", **kw)
+    assert full.processes_train == full.processes_test and set(map(tuple, full.processes_train)) == phases
+    assert len(full.train) == 6 * every and len(full.test) == 4 * every and full.test_seen is None
+    # the diagnostic split is the held-out family's: same phases left out
+    assert [full.processes_train[i] for i in full.processes_heldout] == held.processes_test
+    # same trajectories in both families; each test window observes exactly its process's times
+    torch.testing.assert_close(full.test.x[:4], held.test.x[:4], rtol=0, atol=0)
+    for i in range(len(full.test)):
+        times = full.processes_test[int(full.test.process[i])]
+        expect = torch.zeros(T, phi, dtype=torch.bool)
+        expect[times, 0] = True
+        assert torch.equal(full.test.mask[i], expect)
+    obs = full.test.mask
+    assert float((full.test.y[obs] - full.test.x[obs]).std()) > 0  # noisy observations
+    with pytest.raises(ConfigError, match="processes"):
+        make(6, 4, processes="some", **kw)

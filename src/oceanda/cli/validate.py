@@ -8,8 +8,9 @@ usage:
   oceanda validate experiment=lorenz63 dt=0.05             # the public code's step
   oceanda validate experiment=lorenz63 'dt=[0.025,0.035,0.05]'   # the dt scan
 
-Generates the data (trajectories, observation processes split into training and held-out
-test processes), computes the Gaussian first guess z0, trains the neural band prior
+Generates the data (trajectories; observation processes: every phase for training and test
+with ``experiment.data.processes=all``, the Lorenz-63 default, plus a diagnostic model trained
+without some phases; or test phases never trained on with ``processes=heldout``), computes the Gaussian first guess z0, trains the neural band prior
 (objective (3.5); one-shot (3.3) for the pendulum) and the unconditional cold-diffusion
 ablation, then evaluates on the test set: z0, 4D-Var from z0, cold diffusion, neural
 assimilation (Algorithm 2) and the neural output polished by 4D-Var. Writes into out_dir:

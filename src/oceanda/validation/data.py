@@ -10,9 +10,18 @@ in ``[-3pi/4, 3pi/4] x [-1, 1]`` (large angles, outside the linear regime), smal
 noise, position observed every ``obs_every`` steps with noise std ``rho = 0.01`` (radians).
 
 An *observation process* is the set of observed times ``{phase + j * obs_every}``; the
-``obs_every`` phases are shuffled and split so that the test processes are never seen in
-training. Training pairs every training trajectory with every training process (one
-noise draw each), and likewise for the test set with held-out trajectories and processes.
+``obs_every`` phases are shuffled and split into training and ``n_test_processes`` held-out
+processes. ``processes`` chooses the family the test uses:
+
+* ``"heldout"``: training pairs every training trajectory with every training process (one
+  noise draw each), the test pairs the held-out trajectories with the held-out processes
+  (observation times never seen in training); ``test_seen`` pairs the held-out trajectories
+  with the training processes (a diagnostic);
+* ``"all"``: training and test both use every phase (the family is finite: ``obs_every``
+  phases), the test windows are held-out trajectories with new noise, as the authors'
+  public code (its 16 test/train processes ``(24 j + 3 i) mod 96`` are 8 phases, each
+  twice). ``test_heldout_split`` keeps the split (``processes_heldout``) for a diagnostic
+  model trained without the held-out phases.
 
 All arrays are float64, time-major ``(N, T, phi)``; ``y`` is zero where ``mask`` is False.
 """
@@ -86,6 +95,9 @@ class ToyData:
     raw_train_x: torch.Tensor | None = field(default=None, repr=False)
     #: diagnostic: held-out trajectories observed by the *training* processes
     test_seen: PairSet | None = field(default=None, repr=False)
+    #: ``processes="all"``: indices (into ``processes_train`` = ``processes_test``) of the phases a
+    #: diagnostic model is trained without (the split of ``processes="heldout"``); empty otherwise
+    processes_heldout: list[int] = field(default_factory=list)
 
     @property
     def R_norm(self) -> float:
@@ -120,28 +132,37 @@ def _pairs(x: torch.Tensor, processes, comp: int, noise_std: float, generator) -
     return PairSet(torch.cat(xs), torch.cat(ys), torch.cat(ms), torch.cat(ti), torch.cat(pi))
 
 
+PROCESS_FAMILIES = ("heldout", "all")
+
+
 def _finish(system, raw_train, raw_test, T, phi, dt, obs_every, n_test_processes, obs_std_norm,
-            obs_std_raw, model_noise_var, g) -> ToyData:
+            obs_std_raw, model_noise_var, g, processes="heldout") -> ToyData:
     flat = raw_train.reshape(-1, phi)
     norm = Normaliser(flat.mean(0), flat.std(0))
     if obs_std_norm is None:
         obs_std_norm = obs_std_raw / float(norm.std[0])
     else:
         obs_std_raw = obs_std_norm * float(norm.std[0])
+    if processes not in PROCESS_FAMILIES:
+        raise ConfigError(f"experiment.data.processes must be one of {PROCESS_FAMILIES}, got {processes!r}")
     p_train, p_test = observation_processes(T, obs_every, n_test_processes, g)
     xtr, xte = norm.to_norm(raw_train), norm.to_norm(raw_test)
+    common = dict(system=system, T=T, phi=phi, dt=dt, norm=norm, obs_std_norm=obs_std_norm, obs_std_raw=obs_std_raw,
+                  model_noise_var=model_noise_var, raw_train_x=raw_train)
+    if processes == "all":  # every phase, the split kept for the held-out diagnostic (the last n_test_processes)
+        p_all = p_train + p_test
+        return ToyData(train=_pairs(xtr, p_all, 0, obs_std_norm, g), test=_pairs(xte, p_all, 0, obs_std_norm, g),
+                       processes_train=p_all, processes_test=p_all,
+                       processes_heldout=list(range(len(p_train), len(p_all))), **common)
     return ToyData(
-        system=system, T=T, phi=phi, dt=dt,
         train=_pairs(xtr, p_train, 0, obs_std_norm, g), test=_pairs(xte, p_test, 0, obs_std_norm, g),
-        test_seen=_pairs(xte, p_train, 0, obs_std_norm, g),
-        norm=norm, processes_train=p_train, processes_test=p_test, obs_std_norm=obs_std_norm,
-        obs_std_raw=obs_std_raw, model_noise_var=model_noise_var, raw_train_x=raw_train,
+        test_seen=_pairs(xte, p_train, 0, obs_std_norm, g), processes_train=p_train, processes_test=p_test, **common,
     )
 
 
 def make_lorenz63(n_train: int, n_test: int, T: int = 32, dt: float = 0.025, spinup_steps: int = 2000,
                   obs_every: int = 8, obs_noise: float = 0.05, n_test_processes: int = 3,
-                  seed: int = 0) -> ToyData:
+                  seed: int = 0, processes: str = "heldout") -> ToyData:
     """Lorenz-63 windows (module docstring); ``obs_noise`` in normalised units."""
     _check_sizes(n_train, n_test, T)
     g = torch.Generator().manual_seed(seed)
@@ -149,21 +170,21 @@ def make_lorenz63(n_train: int, n_test: int, T: int = 32, dt: float = 0.025, spi
     x0 = lorenz63.sample_attractor(n_train + n_test, dt, spinup_steps, noise_std, g)
     traj = lorenz63.simulate(x0, T - 1, dt, noise_std, g)
     data = _finish("lorenz63", traj[:n_train], traj[n_train:], T, 3, dt, obs_every, n_test_processes,
-                   obs_noise, None, dt, g)
+                   obs_noise, None, dt, g, processes)
     data.spinup_steps = spinup_steps
     return data
 
 
 def make_pendulum(n_train: int, n_test: int, T: int = 100, dt: float = 0.1, obs_every: int = 10,
                   obs_noise: float = 0.01, model_noise_var: float = 1e-5, q_max: float = 0.75 * math.pi,
-                  p_max: float = 1.0, n_test_processes: int = 3, seed: int = 0) -> ToyData:
+                  p_max: float = 1.0, n_test_processes: int = 3, seed: int = 0, processes: str = "heldout") -> ToyData:
     """Pendulum windows (module docstring); ``obs_noise`` (rho) in radians."""
     _check_sizes(n_train, n_test, T)
     g = torch.Generator().manual_seed(seed)
     x0 = pendulum.sample_initial(n_train + n_test, q_max, p_max, g)
     traj = pendulum.simulate(x0, T - 1, dt, math.sqrt(model_noise_var), g)
     data = _finish("pendulum", traj[:n_train], traj[n_train:], T, 2, dt, obs_every, n_test_processes,
-                   None, obs_noise, model_noise_var, g)
+                   None, obs_noise, model_noise_var, g, processes)
     data.ic_box = (q_max, p_max)
     return data
 

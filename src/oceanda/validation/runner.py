@@ -1,6 +1,7 @@
 """Validation experiment: generate, first guess, train, evaluate every method on the test set.
 
-Methods compared on the same held-out trajectories and held-out observation processes:
+Methods compared on the same held-out trajectories, observed by every observation process
+(``data.processes="all"``) or by held-out processes never trained on (``"heldout"``):
 
 * ``z0``: the Gaussian first guess (L63: MAP under the empirical mean / covariance of the
   training trajectories; pendulum: MAP under the linearised damped-oscillator prior);
@@ -21,6 +22,12 @@ References and variants (:data:`EXTRA`), on the same windows:
 * ``cold_diffusion_var4d``: 4D-Var polish from the cold-diffusion output;
 * ``var4d_strong``, ``neural_var4d_strong``, ``cold_diffusion_var4d_strong``: the same three
   starts with the near-strong-constraint model-error covariance ``Qm * var4d.strong_factor``.
+
+The polishes (4D-Var from a learned estimate) start with the damping ``var4d.polish_lm_init``
+when set (then ``meta.polish_damping`` holds the neural polishes rerun with ``lm_init``);
+every start has the same stopping rules. With ``data.processes="all"`` a second neural prior
+is trained without ``data.n_test_processes`` phases and scored on the test windows of those
+phases (``meta.heldout_processes``): the error on observation processes never seen in training.
 
 RMSE is over all entries of the test windows (every time, every component): ``rmse`` in
 normalised units (each component zero mean, unit variance over the training
@@ -92,6 +99,9 @@ class Var4DSettings:
     lm_init: float = 1e-3
     #: near-strong-constraint variant: model-error covariance Qm * strong_factor (null: skip it)
     strong_factor: float | None = 1e-3
+    #: initial Levenberg-Marquardt damping of the polishes (4D-Var started from a learned estimate,
+    #: already near a minimum); null: lm_init, as 4D-Var from z0. Stopping rules are the same for every start
+    polish_lm_init: float | None = None
 
 
 @dataclass
@@ -214,14 +224,16 @@ def run_particle_smoother(data: ToyData, pairs: PairSet, s: ParticleSettings, dt
     return res, time.perf_counter() - t0
 
 
-def build_var4d(data: ToyData, s: Var4DSettings, factor: float = 1.0) -> WeakConstraint4DVar:
+def build_var4d(data: ToyData, s: Var4DSettings, factor: float = 1.0, polish: bool = False) -> WeakConstraint4DVar:
     """Weak-constraint 4D-Var with the true model and noise; ``factor`` scales the
-    model-error covariance (``var4d.strong_factor``: near-strong constraint)."""
+    model-error covariance (``var4d.strong_factor``: near-strong constraint); ``polish``
+    starts with the damping ``var4d.polish_lm_init`` (when set) instead of ``lm_init``."""
     xb, Bc = background(data)
+    lm = s.polish_lm_init if polish and s.polish_lm_init is not None else s.lm_init
     return WeakConstraint4DVar(
         model_step(data), factor * data.model_noise_var * torch.eye(data.phi, dtype=torch.float64), data.R_raw,
         xb, Bc, max_iter=s.max_iter, ftol=s.ftol, cost_tol=s.cost_tol, decrement_tol=s.decrement_tol,
-        lm_init=s.lm_init,
+        lm_init=lm,
     )
 
 
@@ -320,6 +332,24 @@ def train_models(settings: ExperimentSettings, data: ToyData, z0_train: torch.Te
     return out, histories
 
 
+def train_heldout_model(settings: ExperimentSettings, data: ToyData, z0_train: torch.Tensor, dtype=torch.float32,
+                        progress: bool = True):
+    """The diagnostic model of ``processes="all"``: the neural prior trained, with the same
+    settings and seed, on the training pairs of every phase but ``data.processes_heldout``."""
+    from tqdm.auto import tqdm
+
+    keep = ~torch.isin(data.train.process, torch.tensor(data.processes_heldout))
+    x, y, mask = data.train.flat()
+    prior = new_prior(settings, data, True)
+    torch.manual_seed(settings.training.seed)
+    bar = tqdm(total=settings.training.epochs, desc="train neural (held-out phases)", disable=not progress, leave=False)
+    hist = train_incremental(prior, x[keep].to(dtype), z0_train[keep].to(dtype), y[keep].to(dtype), mask[keep],
+                             data.R_norm, temperature_levels(settings.n_levels), settings.training,
+                             on_epoch=lambda e, loss: bar.update(1))
+    bar.close()
+    return prior, hist
+
+
 VAL_FRACTION = 0.1  #: training trajectories held out to choose the width
 
 
@@ -402,7 +432,7 @@ def load_checkpoint(path: Path, settings: ExperimentSettings, data: ToyData):
     settings.n_levels = ck["n_levels"]
     priors = {}
     for name, sd in ck["state_dicts"].items():
-        prior = new_prior(settings, data, name == "neural")
+        prior = new_prior(settings, data, name.startswith("neural"))
         try:
             prior.load_state_dict(sd)
         except RuntimeError as exc:
@@ -427,8 +457,9 @@ def run_experiment(
     settings.check()
     torch.manual_seed(settings.training.seed)
     data = make_data(settings)
-    log.info("%s: %d training pairs (%d processes), %d test pairs (%d held-out processes)", settings.system,
-             len(data.train), len(data.processes_train), len(data.test), len(data.processes_test))
+    log.info("%s: %d training pairs (%d processes), %d test pairs (%d %s processes)", settings.system,
+             len(data.train), len(data.processes_train), len(data.test), len(data.processes_test),
+             "training" if data.processes_heldout else "held-out")
     fg = FirstGuess(data, settings.z0_inflation)
     z0_train = fg(data.train)
     (z0_test, t_z0) = _timed(lambda: fg(data.test))
@@ -440,6 +471,9 @@ def run_experiment(
         if isinstance(settings.model.width, list):
             selection = select_width(settings, data, z0_train, dtype, progress)
         priors, histories = train_models(settings, data, z0_train, dtype, progress)
+        if data.processes_heldout:
+            priors["neural_heldout"], histories["neural_heldout"] = train_heldout_model(settings, data, z0_train,
+                                                                                        dtype, progress)
         if out_dir is not None:
             save_checkpoint(Path(out_dir) / "model.pt", settings, priors, histories)
     levels = temperature_levels(settings.n_levels)
@@ -466,30 +500,32 @@ def run_experiment(
         lambda: neural_pass(settings.update, conditional=False, prior=priors["cold_diffusion"]))
 
     var = build_var4d(data, settings.var4d)
+    var_p = build_var4d(data, settings.var4d, polish=True)
     yraw = torch.where(data.test.mask, data.norm.to_raw(data.test.y), torch.zeros_like(data.test.y))
     to_raw = lambda a: data.norm.to_raw(a.double().reshape(-1, T, phi))  # noqa: E731
     var.solve(to_raw(z0_test[:2]), yraw[:2], data.test.mask[:2])  # warm-up
     runs: dict[str, Var4DResult] = {}
-    for name, start in (("var4d", est["z0"]), ("neural_var4d", est["neural"])):
+    for name, solver, start in (("var4d", var, est["z0"]), ("neural_var4d", var_p, est["neural"])):
         bar = tqdm(total=3 * settings.var4d.max_iter, desc=f"4D-Var {name}", disable=not progress, leave=False)
 
         def prog(k, n_active, bar=bar):
             bar.update(1)
             bar.set_postfix(active=n_active)
 
-        runs[name], times[name] = _timed(lambda start=start, prog=prog: var.solve(to_raw(start), yraw,
-                                                                                  data.test.mask, prog))
+        runs[name], times[name] = _timed(lambda solver=solver, start=start, prog=prog: solver.solve(
+            to_raw(start), yraw, data.test.mask, prog))
         bar.close()
         est[name] = data.norm.to_norm(runs[name].x).reshape(N, -1)
     times["neural_var4d"] += times["neural"]
     # references and variants: run once each (timings of one run)
-    starts = {"cold_diffusion_var4d": (var, est["cold_diffusion"], times["cold_diffusion"]),
+    starts = {"cold_diffusion_var4d": (var_p, est["cold_diffusion"], times["cold_diffusion"]),
               "var4d_from_truth": (var, x, 0.0)}
     if settings.var4d.strong_factor is not None:
         var_s = build_var4d(data, settings.var4d, settings.var4d.strong_factor)
+        var_sp = build_var4d(data, settings.var4d, settings.var4d.strong_factor, polish=True)
         starts.update({"var4d_strong": (var_s, est["z0"], 0.0),
-                       "neural_var4d_strong": (var_s, est["neural"], times["neural"]),
-                       "cold_diffusion_var4d_strong": (var_s, est["cold_diffusion"], times["cold_diffusion"])})
+                       "neural_var4d_strong": (var_sp, est["neural"], times["neural"]),
+                       "cold_diffusion_var4d_strong": (var_sp, est["cold_diffusion"], times["cold_diffusion"])})
     for name, (solver, start, t_start) in starts.items():
         bar = tqdm(total=settings.var4d.max_iter, desc=f"4D-Var {name}", disable=not progress, leave=False)
         runs[name], times[name] = _timed(lambda solver=solver, start=start, bar=bar: solver.solve(
@@ -542,6 +578,7 @@ def run_experiment(
         "n_train_pairs": len(data.train),
         "processes_train": data.processes_train,
         "processes_test": data.processes_test,
+        "process_family": "all" if data.processes_heldout else "heldout",
         "obs_std_norm": data.obs_std_norm,
         "obs_std_raw": data.obs_std_raw,
         "model_noise_var": data.model_noise_var,
@@ -570,6 +607,27 @@ def run_experiment(
                                                             data.R_norm, levels, update=settings.update,
                                                             conditional=False), xs),
         }
+    if settings.var4d.polish_lm_init is not None:  # the polishes again with 4D-Var's own damping lm_init
+        same = {}
+        pairs = [("neural_var4d", var, est["neural"])]
+        if settings.var4d.strong_factor is not None:
+            pairs.append(("neural_var4d_strong", var_s, est["neural"]))
+        for name, solver, start in pairs:
+            r = solver.solve(to_raw(start), yraw, data.test.mask)
+            same[name] = {"gn_iters_median": float(r.iters.double().median()),
+                          "rmse": rmse(data.norm.to_norm(r.x).reshape(N, -1), x)}
+        extra["polish_damping"] = {"lm_init": settings.var4d.lm_init, "polish_lm_init": settings.var4d.polish_lm_init,
+                                   "with_lm_init": same}
+    if "neural_heldout" in priors:  # diagnostic of processes="all": a model trained without some phases
+        held = torch.isin(data.test.process, torch.tensor(data.processes_heldout))
+        heldout = {"processes": [data.processes_test[i] for i in data.processes_heldout]}
+        for part, sel in (("heldout", held), ("seen", ~held)):
+            est_h = incremental_assimilation(priors["neural_heldout"], z0d[sel], yd[sel], mask[sel], data.R_norm,
+                                             levels, update=settings.update)
+            heldout[part] = {"n_windows": int(sel.sum()), "neural_without": rmse(est_h, x[sel]),
+                             "neural": rmse(est["neural"][sel], x[sel]), "z0": rmse(z0_test[sel], x[sel]),
+                             "cold_diffusion": rmse(est["cold_diffusion"][sel], x[sel])}
+        extra["heldout_processes"] = heldout
     if data.system == "pendulum":  # windows outside the linear regime: max |q| > 45 degrees
         qmax = data.norm.to_raw(data.test.x)[..., 0].abs().amax(-1)
         big = qmax > math.pi / 4
