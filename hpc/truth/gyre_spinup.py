@@ -13,6 +13,7 @@ same command after an interruption and it continues from the last one):
    box centre ``(x0, y0)`` is ``--x0-km`` from the western wall, on the time-mean jet (the
    median over the box's columns of the latitude of the largest mean meridional SSH drop).
    Rerunning the finished command with another ``--x0-km`` only rewrites the state file.
+   ``--save-daily`` also keeps these daily maps (``WORK/daily``) for diagnostics of the spin-up.
 
 ``--from-state FILE`` replaces stage 1 by a spun-up state (e.g. the shipped one at a coarser
 resolution), interpolated onto ``nx`` the same way: a finer truth without a new spin-up from rest.
@@ -95,6 +96,8 @@ def main() -> None:
                     help="half the box's zonal extent (the Gulf Stream box: 10 deg at 38N = 2 x 440 km)")
     ap.add_argument("--from-state", default=None,
                     help="start stage 2 from this state file (interpolated to --nx) instead of stage 1")
+    ap.add_argument("--save-daily", action="store_true",
+                    help="also keep the daily basin SSH of stage 3 (WORK/daily/NNNN.npy, float32) for diagnostics")
     ap.add_argument("--date", default="2012-09-01", help="reference date of the written state")
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
@@ -129,6 +132,9 @@ def main() -> None:
         e = e - fine.to_cells(e).mean()
         acc["s1"] += e
         acc["s2"] += e * e
+        if a.save_daily:  # indexed by the day of stage 3 (restored from its checkpoint on resume)
+            (work / "daily").mkdir(exist_ok=True)
+            np.save(work / "daily" / f"{acc['n']:04d}.npy", e.cpu().numpy().astype(np.float32))
         acc["n"] += 1
 
     q, psi = run_stage("stats", fine, q, psi, a.stats_days, work, a.ckpt_days, on_day=on_day, extra=acc)
