@@ -55,6 +55,16 @@ def refine(coarse: gyre.GyreModel, psi: torch.Tensor, fine: gyre.GyreModel) -> t
     return torch.as_tensor(np.stack(out), dtype=fine.dtype, device=fine.device)
 
 
+def jet_y0_km(mean: np.ndarray, p: gyre.GyreParams, x0_km: float, half_width_km: float) -> float:
+    """The box centre's y [km] on the jet: per column of the box's zonal extent (``x0_km`` +-
+    ``half_width_km``) of the time-mean vertex SSH ``mean``, the latitude of the largest
+    meridional SSH drop; their median."""
+    i0 = int(round((x0_km - half_width_km) * 1e3 / p.dx))
+    i1 = int(round((x0_km + half_width_km) * 1e3 / p.dx)) + 1
+    js = np.argmax(-np.diff(mean[:, max(i0, 0):i1], axis=0), axis=0)
+    return float(np.median((js + 0.5) * p.dy / 1e3))
+
+
 def run_stage(name: str, model: gyre.GyreModel, q: torch.Tensor, psi: torch.Tensor, days: int, work: Path,
               ckpt_days: int, on_day=None, extra=None) -> tuple[torch.Tensor, torch.Tensor]:
     ck = work / f"{name}.pt"
@@ -141,12 +151,7 @@ def main() -> None:
     mean = (acc["s1"] / acc["n"]).cpu().numpy()
     std = np.sqrt(np.maximum((acc["s2"] / acc["n"]).cpu().numpy() - mean**2, 0))
     np.savez_compressed(work / "stats.npz", mean=mean, std=std, dx=fine_p.dx)
-    # the jet: per column of the box's zonal extent (x0 +- --half-width-km), the latitude of the
-    # largest time-mean meridional SSH drop; y0 is their median
-    i0 = int(round((a.x0_km - a.half_width_km) * 1e3 / fine_p.dx))
-    i1 = int(round((a.x0_km + a.half_width_km) * 1e3 / fine_p.dx)) + 1
-    js = np.argmax(-np.diff(mean[:, max(i0, 0):i1], axis=0), axis=0)
-    y0_km = float(np.median((js + 0.5) * fine_p.dy / 1e3))
+    y0_km = jet_y0_km(mean, fine_p, a.x0_km, a.half_width_km)
     meta = {"x0_km": a.x0_km, "y0_km": y0_km, "spinup": vars(a), "params": asdict(fine_p),
             "seconds_this_invocation": time.perf_counter() - t0}
     gyre.save_state(a.out, fine_p, psi, a.date, meta)
