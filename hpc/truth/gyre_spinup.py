@@ -13,6 +13,10 @@ same command after an interruption and it continues from the last one):
    box centre ``(x0, y0)`` is ``--x0-km`` from the western wall, on the time-mean jet (the
    median over the box's columns of the latitude of the largest mean meridional SSH drop).
    Rerunning the finished command with another ``--x0-km`` only rewrites the state file.
+   ``--save-daily`` also keeps these daily maps (``WORK/daily``) for diagnostics of the spin-up.
+
+``--from-state FILE`` replaces stage 1 by a spun-up state (e.g. the shipped one at a coarser
+resolution), interpolated onto ``nx`` the same way: a finer truth without a new spin-up from rest.
 
 The state at the end of stage 3 is written with its reference date ``--date`` (float32 psi,
 compressed) and the box centre; the truth of any later date continues from it.
@@ -49,6 +53,16 @@ def refine(coarse: gyre.GyreModel, psi: torch.Tensor, fine: gyre.GyreModel) -> t
         z[0, :], z[-1, :], z[:, 0], z[:, -1] = f[0, 0], f[0, 0], f[0, 0], f[0, 0]
         out.append(z)
     return torch.as_tensor(np.stack(out), dtype=fine.dtype, device=fine.device)
+
+
+def jet_y0_km(mean: np.ndarray, p: gyre.GyreParams, x0_km: float, half_width_km: float) -> float:
+    """The box centre's y [km] on the jet: per column of the box's zonal extent (``x0_km`` +-
+    ``half_width_km``) of the time-mean vertex SSH ``mean``, the latitude of the largest
+    meridional SSH drop; their median."""
+    i0 = int(round((x0_km - half_width_km) * 1e3 / p.dx))
+    i1 = int(round((x0_km + half_width_km) * 1e3 / p.dx)) + 1
+    js = np.argmax(-np.diff(mean[:, max(i0, 0):i1], axis=0), axis=0)
+    return float(np.median((js + 0.5) * p.dy / 1e3))
 
 
 def run_stage(name: str, model: gyre.GyreModel, q: torch.Tensor, psi: torch.Tensor, days: int, work: Path,
@@ -90,6 +104,10 @@ def main() -> None:
     ap.add_argument("--x0-km", type=float, default=700.0, help="box centre: distance from the western wall")
     ap.add_argument("--half-width-km", type=float, default=440.0,
                     help="half the box's zonal extent (the Gulf Stream box: 10 deg at 38N = 2 x 440 km)")
+    ap.add_argument("--from-state", default=None,
+                    help="start stage 2 from this state file (interpolated to --nx) instead of stage 1")
+    ap.add_argument("--save-daily", action="store_true",
+                    help="also keep the daily basin SSH of stage 3 (WORK/daily/NNNN.npy, float32) for diagnostics")
     ap.add_argument("--date", default="2012-09-01", help="reference date of the written state")
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
@@ -103,8 +121,17 @@ def main() -> None:
     print(f"basin {a.L_km:g} km, {a.nx}x{a.nx} ({fine_p.dx / 1e3:.1f} km), Rossby radii {fine.rossby_radii_km[1:]} km",
           flush=True)
     t0 = time.perf_counter()
-    q, psi = coarse.rest_state()
-    q, psi = run_stage("coarse", coarse, q, psi, int(round(a.coarse_years * 365)), work, a.ckpt_days)
+    if a.from_state:
+        src_p, src_psi, _, _ = gyre.load_state(a.from_state)
+        if (src_p.Lx, src_p.Ly) != (fine_p.Lx, fine_p.Ly) or src_p.tau0 != fine_p.tau0:
+            raise SystemExit(f"--from-state {a.from_state}: basin or wind differ from the requested ones")
+        fine_p = replace(src_p, nx=a.nx, ny=a.nx, steps_per_day=a.steps_per_day)
+        fine, coarse = gyre.GyreModel(fine_p), gyre.GyreModel(src_p)
+        psi = torch.as_tensor(src_psi, dtype=torch.float64)
+        print(f"from {a.from_state}: {src_p.nx}x{src_p.ny} -> {a.nx}x{a.nx}", flush=True)
+    else:
+        q, psi = coarse.rest_state()
+        q, psi = run_stage("coarse", coarse, q, psi, int(round(a.coarse_years * 365)), work, a.ckpt_days)
     psi = refine(coarse, psi, fine)
     q = fine.q_from_psi(psi)
     q, psi = run_stage("fine", fine, q, psi, int(round(a.fine_years * 365)), work, a.ckpt_days)
@@ -115,18 +142,16 @@ def main() -> None:
         e = e - fine.to_cells(e).mean()
         acc["s1"] += e
         acc["s2"] += e * e
+        if a.save_daily:  # indexed by the day of stage 3 (restored from its checkpoint on resume)
+            (work / "daily").mkdir(exist_ok=True)
+            np.save(work / "daily" / f"{acc['n']:04d}.npy", e.cpu().numpy().astype(np.float32))
         acc["n"] += 1
 
     q, psi = run_stage("stats", fine, q, psi, a.stats_days, work, a.ckpt_days, on_day=on_day, extra=acc)
     mean = (acc["s1"] / acc["n"]).cpu().numpy()
     std = np.sqrt(np.maximum((acc["s2"] / acc["n"]).cpu().numpy() - mean**2, 0))
     np.savez_compressed(work / "stats.npz", mean=mean, std=std, dx=fine_p.dx)
-    # the jet: per column of the box's zonal extent (x0 +- --half-width-km), the latitude of the
-    # largest time-mean meridional SSH drop; y0 is their median
-    i0 = int(round((a.x0_km - a.half_width_km) * 1e3 / fine_p.dx))
-    i1 = int(round((a.x0_km + a.half_width_km) * 1e3 / fine_p.dx)) + 1
-    js = np.argmax(-np.diff(mean[:, max(i0, 0):i1], axis=0), axis=0)
-    y0_km = float(np.median((js + 0.5) * fine_p.dy / 1e3))
+    y0_km = jet_y0_km(mean, fine_p, a.x0_km, a.half_width_km)
     meta = {"x0_km": a.x0_km, "y0_km": y0_km, "spinup": vars(a), "params": asdict(fine_p),
             "seconds_this_invocation": time.perf_counter() - t0}
     gyre.save_state(a.out, fine_p, psi, a.date, meta)

@@ -176,9 +176,9 @@ CASES = [
     Case("garbage_metadata", "format", _garbage_metadata, ("variable '{var}'", "not valid JSON")),
     Case("all_nan", "values", _set_var(lambda da: da * np.nan), ("{var}", "NaN")),
     Case("inf_values", "values", _set_var(lambda da: da.where(~np.isfinite(da) | (da < 0), np.inf)),
-         ("{var}",), xfail={r: "needs 16a: inf values in obs/truth refused" for r in ROLES if r != "train-truth"}),
+         ("{var}",)),
     Case("huge_values", "values", _set_var(lambda da: da.where(~np.isfinite(da) | (da < 0), 1e30)),
-         ("{var}",), xfail={r: "needs 16a: huge values in obs/truth refused" for r in ROLES}),
+         ("{var}",)),
 ]
 CASE_BY_ID = {c.id: c for c in CASES}
 
@@ -438,9 +438,7 @@ DISK_FULL_APPS = {
 }
 
 
-@pytest.mark.parametrize("app", [pytest.param(a, marks=[pytest.mark.xfail(
-    strict=True, reason="needs 16b: a run failing early leaves its empty out_dir")] if a == "train" else [])
-    for a in DISK_FULL_APPS])
+@pytest.mark.parametrize("app", DISK_FULL_APPS)
 def test_disk_full_is_refused(app, full_disk, good_obs):
     """The output folder on a full device: exit 2 naming it, nothing partial left (the 64 KiB
     device is filled first, so that the app fails on its first sizeable write). A refused

@@ -182,28 +182,48 @@ def test_cli_bad_input_exit_2(tmp_path, capsys, override, match):
 
 
 @pytest.mark.slow
-def test_cli_generate_default_gulfstream(tmp_path, capsys):
-    """The real default: gulfstream 200x200, 4nadirs, 72 days of QG truth (minutes on 2 cores)."""
+@pytest.mark.parametrize("truth, kind, std, slope", [
+    ([], "gyre", (0.3, 0.8), (-6.0, -3.5)),      # the default: the jet's mean step is in the std
+    (["truth=qg"], "qg", (0.1, 0.3), (-5.5, -3.5)),
+])
+def test_cli_generate_default_gulfstream(tmp_path, capsys, truth, kind, std, slope):
+    """The real default: gulfstream 200x200, 4nadirs, 72 days of the gyre truth, and the same
+    with truth=qg (minutes on 2 cores each)."""
     out = tmp_path / "default"
-    assert main(["generate", f"out_dir={out}", "progress=false"]) == 0
+    assert main(["generate", f"out_dir={out}", "progress=false", *truth]) == 0
     truth = xr.open_zarr(out / "truth.zarr")
     obs = xr.open_zarr(out / "obs.zarr")
+    assert yaml.safe_load(truth.attrs["config"])["truth"]["kind"] == kind
     assert truth[N.SSH].shape == (72, 200, 200)
-    assert 0.1 <= truth.attrs["ssh_std_m"] <= 0.3
-    assert -5.5 <= truth.attrs["spectral_slope_50_250km"] <= -3.5
+    assert std[0] <= truth.attrs["ssh_std_m"] <= std[1]
+    assert slope[0] <= truth.attrs["spectral_slope_50_250km"] <= slope[1]
     assert 0.01 <= obs.attrs["observed_fraction_daily_mean"] <= 0.1
     assert os.path.isfile(out / "figures" / "spectrum.png")
 
 
-@pytest.mark.parametrize("kind", ["qg", "gaussian"])
+@pytest.mark.parametrize("kind", ["qg", "gaussian", "gyre"])
 def test_truth_configs_mirror_library_defaults(kind):
     from dataclasses import asdict
 
     from oceanda.dynamics.gaussian import GaussianFieldConfig
+    from oceanda.dynamics.gyre import GyreTruthConfig
     from oceanda.dynamics.qg import QGTruthConfig
 
     path = Path(__file__).resolve().parents[2] / "configs" / "truth" / f"{kind}.yaml"
     cfg = yaml.safe_load(path.read_text())
     assert cfg.pop("kind") == kind
-    cls = QGTruthConfig if kind == "qg" else GaussianFieldConfig
+    cls = {"qg": QGTruthConfig, "gaussian": GaussianFieldConfig, "gyre": GyreTruthConfig}[kind]
     assert cfg == asdict(cls())
+
+
+def test_the_default_truth_is_the_gyre_and_qg_stays_selectable():
+    """`oceanda generate`, the library and the demo default to the double gyre; truth=qg the QG jet."""
+    from oceanda.cli import compose
+    from oceanda.cli.schema import DemoOSSE, GenerateConfig
+
+    assert compose("generate", []).truth["kind"] == "gyre"
+    assert compose("generate", ["truth=qg"]).truth["kind"] == "qg"
+    assert GenerateConfig(domain="gulfstream", period={}, out_dir="o").truth == {"kind": "gyre"}
+    assert osse.DEFAULT_TRUTH == {"kind": "gyre"}
+    assert DemoOSSE().truth is None  # None: generate_osse's default, the gyre
+    assert "truth" not in compose("infer", []).demo.generate  # the demo OSSE: the default truth

@@ -180,7 +180,7 @@ class DemoOSSE:
     domain: Any = "gulfstream"
     obs: Any = "4nadirs"
     period: dict[str, Any] | None = None
-    truth: dict[str, Any] | None = None     # null: the QG truth
+    truth: dict[str, Any] | None = None     # null: the default truth (the double gyre)
     seed: int = 0
     obs_noise: bool = True
     chunk_days: int = 10
@@ -429,7 +429,7 @@ class GenerateConfig:
     period: dict[str, Any]
     out_dir: str
     obs: Any = None
-    truth: dict[str, Any] = field(default_factory=lambda: {"kind": "qg"})
+    truth: dict[str, Any] = field(default_factory=lambda: {"kind": "gyre"})
     seed: int = 0
     obs_noise: bool = True
     figures: bool = True

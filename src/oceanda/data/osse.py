@@ -3,7 +3,8 @@
 
 :func:`generate_osse` is the library entry point (the ``oceanda generate`` app and the
 ``infer`` app's demo call it). The truth is a dispatch on ``truth["kind"]``
-(:data:`TRUTH_KINDS`: ``qg`` two-layer QG jet, ``gaussian`` Gaussian random field, and
+(:data:`TRUTH_KINDS`: ``gyre`` the wind-driven double-gyre Gulf Stream, the default
+(:data:`DEFAULT_TRUTH`), ``qg`` two-layer QG jet, ``gaussian`` Gaussian random field, and
 ``spde``, an SPDE prior sample (:func:`oceanda.priors.spde_truth.spde_truth`), registered by the
 apps: :func:`oceanda.cli.generate.register_truths`); a new kind is one :func:`register_truth` call. The quick-look figures are drawn by
 the function passed as ``figures`` (the apps pass :func:`oceanda.plots.osse.quicklook`):
@@ -68,6 +69,8 @@ TRACK_CHUNK = 1 << 18
 
 #: default OSSE period: the evaluation window plus 15 days on each side for DAW patches
 DEFAULT_PERIOD = {"start": "2012-10-07", "end": "2012-12-17"}
+#: the truth when none is given: the double-gyre Gulf Stream (``truth=qg`` keeps the QG jet)
+DEFAULT_TRUTH = {"kind": "gyre"}
 
 
 def register_truth(kind: str, fn: TruthFn, dated: bool = False) -> None:
@@ -380,7 +383,8 @@ def generate_osse(
         period: ``{start, end}`` dates (both included), daily fields (default
             :data:`DEFAULT_PERIOD`: the data challenge's evaluation window +- 15 days).
         out_dir: output folder (created; required).
-        truth: ``{"kind": "qg" | "gaussian" | ..., **params}`` (default ``{"kind": "qg"}``).
+        truth: ``{"kind": "gyre" | "qg" | "gaussian" | ..., **params}`` (default
+            :data:`DEFAULT_TRUTH`, the double gyre).
         seed: truth seed; observations use ``seed + 1`` (orbit phases left unset, noise).
         figures: the function drawing the quick-look figures into ``out_dir/figures``
             (``oceanda.plots.osse.quicklook``'s signature; the apps pass it), None: no figures.
@@ -411,8 +415,8 @@ def generate_osse(
         else:
             raise ConfigError(f"figures={figures!r}: pass the function drawing them "
                               "(oceanda.plots.osse.quicklook) or None")
-    truth = dict(truth or {"kind": "qg"})
-    kind = truth.pop("kind", "qg")
+    truth = dict(truth or DEFAULT_TRUTH)
+    kind = truth.pop("kind", DEFAULT_TRUTH["kind"])
     truth.pop("name", None)
     truth.pop("description", None)
     if kind not in TRUTH_KINDS:
