@@ -192,7 +192,7 @@ def test_validate_refuses_a_corrupt_checkpoint_before_any_work(capsys, tmp_path,
         ck.write_bytes(content)
     out = tmp_path / "run"
     res = main_refuses(capsys, "validate", [*VALIDATE, f"checkpoint={ck}", f"out_dir={out}"], str(ck),
-                       "not a readable oceanda validate checkpoint", outputs=[out, ck])
+                       "cannot be read (corrupted or not a torch file", outputs=[out, ck])
     assert "issue" not in res.stderr and "weights_only" not in res.stderr, res.stderr
 
 

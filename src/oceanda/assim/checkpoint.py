@@ -52,7 +52,12 @@ def read_torch_file(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged file
-        reason = (str(exc).strip().splitlines() or [""])[0][:200]
+        import pickle
+
+        if isinstance(exc, pickle.UnpicklingError):  # torch's text suggests an unsafe reload: not ours
+            reason = "no torch checkpoint of tensors in it"
+        else:  # the first sentence of torch's reason
+            reason = (str(exc).strip().splitlines() or [""])[0].split(". ")[0][:200]
         raise InputError(f"checkpoint {path}: cannot be read (corrupted or not a torch file: "
                          f"{type(exc).__name__}: {reason})") from None
 

@@ -71,7 +71,7 @@ def run(cfg: TrainAppConfig) -> int:
                          f"({out_dir / 'checkpoint.pt'} is missing); drop resume=true to start a new training")
     comm = get_comm(cfg.system.use_mpi)
     device = bind_device(comm, cfg.system.device, cfg.system.threads)
-    from oceanda.cli._identity import bcast_checked, check_train_out_dir, train_identity
+    from oceanda.cli._identity import TRAIN_MANIFEST, bcast_checked, check_train_out_dir, train_identity
 
     def claim() -> dict:  # rank 0: the inputs by content, this out_dir not another run's
         ident = train_identity(cfg)
@@ -79,8 +79,15 @@ def run(cfg: TrainAppConfig) -> int:
         return ident
 
     ident = bcast_checked(comm, claim)
-    with made_dirs(out_dir):  # a run that fails before its first checkpoint leaves no empty out_dir
-        _train(cfg, trainer, out_dir, comm, device, ident)
+    manifest = out_dir / TRAIN_MANIFEST
+    fresh = not manifest.exists()
+    with made_dirs(out_dir):  # a run that fails before its first checkpoint leaves no out_dir behind
+        try:
+            _train(cfg, trainer, out_dir, comm, device, ident)
+        except BaseException:
+            if fresh and not (out_dir / "checkpoint.pt").exists():
+                manifest.unlink(missing_ok=True)  # the identity of a run that wrote nothing
+            raise
     return 0
 
 
