@@ -595,6 +595,7 @@ def test_validate_start_keeps_the_start_when_training_makes_it_worse(tmp_path):
     assert [h["steps"] for h in hist] == [3, 6]
     snaps = sorted((tmp_path / "bad" / "snapshots").glob("epoch_*.pt"))
     assert [p.name for p in snaps] == ["epoch_000.pt", "epoch_001.pt"]
+    assert (tmp_path / "bad" / "snapshots" / "start.pt").is_file()
     last = load_checkpoint(snaps[-1], expect=cfg)
     assert last["optimizer"] is None
     for k, v in model.state_dict().items():

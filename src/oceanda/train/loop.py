@@ -316,7 +316,8 @@ def fit(task: TrainingTask, model: torch.nn.Module, model_cfg: Any, train_ds, va
     weights are never worse on the validation set than the weights training started from (if no
     epoch beats the start, ``best_<name>`` holds the start, ``epoch`` -1). ``snapshots``: rank 0
     also keeps every epoch's weights (no optimizer state) as ``snapshots/epoch_NNN.pt`` next to
-    ``checkpoint`` (a learning curve can score each on held-out data). Every record carries
+    ``checkpoint``, and the validated start as ``snapshots/start.pt`` (a learning curve can score
+    each on held-out data). Every record carries
     ``steps``, the optimiser steps of this run so far.
     """
     if not isinstance(norm, Normalisation):
@@ -358,6 +359,9 @@ def fit(task: TrainingTask, model: torch.nn.Module, model_cfg: Any, train_ds, va
             log.info("untrained start: %s", ", ".join(f"{k}={v:.4g}" for k, v in rec0.items()))
             if ckpt is not None and math.isfinite(rec0["val_rmse"]):
                 task.save(ckpt.with_name("best_" + ckpt.name), model, model_cfg, norm, cfg, None, None, -1,
+                          history, extra)
+            if ckpt is not None and snapshots:
+                task.save(ckpt.parent / "snapshots" / "start.pt", model, model_cfg, norm, cfg, None, None, -1,
                           history, extra)
         best = min(best, rec0["val_rmse"]) if math.isfinite(rec0["val_rmse"]) else best
         dist.barrier()
