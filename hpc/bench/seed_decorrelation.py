@@ -32,6 +32,20 @@ def load(path: str, box):
     return ds[N.SSH].values.astype(np.float64), ds[N.TIME].values.astype("datetime64[D]")
 
 
+def highpass(F: np.ndarray, length_km: float, box) -> np.ndarray:
+    """``F`` minus its Gaussian smoothing (std ``length_km / 4``, in cells of the grid's mean spacing)."""
+    from scipy.ndimage import gaussian_filter
+
+    ny, nx = F.shape[1:]
+    dy_km = (box[3] - box[2]) / ny * 111.2
+    dx_km = (box[1] - box[0]) / nx * 111.2 * np.cos(np.deg2rad(0.5 * (box[2] + box[3])))
+    out = np.empty_like(F)
+    for k, f in enumerate(F):
+        g = np.where(np.isfinite(f), f, np.nanmean(f))
+        out[k] = np.where(np.isfinite(f), g - gaussian_filter(g, (length_km / 4 / dy_km, length_km / 4 / dx_km)), np.nan)
+    return out
+
+
 def corr(x: np.ndarray, y: np.ndarray) -> float:
     ok = np.isfinite(x) & np.isfinite(y)
     x, y = x[ok] - x[ok].mean(), y[ok] - y[ok].mean()
@@ -45,14 +59,20 @@ def main() -> int:
     ap.add_argument("--box", default="-65,-55,33,43")
     ap.add_argument("--lags", default="0,5,10,20,30,45,62,90,120")
     ap.add_argument("--every", type=int, default=10, help="days between the dates compared")
+    ap.add_argument("--highpass-km", type=float, default=0.0,
+                    help="compare only scales below this: each day minus its Gaussian smoothing of std L / 4 "
+                         "(land filled by the ocean mean first); 0: the whole anomaly")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     box = [float(v) for v in a.box.split(",")]
     A, ta = load(a.a, box)
-    res: dict = {"a": a.a, "b": a.b, "box": box}
+    res: dict = {"a": a.a, "b": a.b, "box": box, "highpass_km": a.highpass_km}
+    hp = (lambda F: highpass(F, a.highpass_km, box)) if a.highpass_km else (lambda F: F)
+    A = hp(A)
     anom_a = A - np.nanmean(A, axis=0)
     if a.b:
         B, tb = load(a.b, box)
+        B = hp(B)
         common, ia, ib = np.intersect1d(ta, tb, return_indices=True)
         mean = 0.5 * (np.nanmean(A[ia], 0) + np.nanmean(B[ib], 0))
         rows = []

@@ -165,10 +165,12 @@ def test_export_keeps_the_weights_and_drops_the_optimizer(tmp_path):
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=TrainConfig().epochs)
     src = save_checkpoint(tmp_path / "ck.pt", model, cfg, Normalisation(0.1, 0.2), TrainConfig(), opt, sched,
                           epoch=0, history=[{"epoch": 0, "val_rmse": 0.1}],
-                          extra={"truth": str(tmp_path / "truth.zarr")})
+                          extra={"truth": str(tmp_path / "truth.zarr"),
+                                 "extra_train": [[str(tmp_path / "s2" / "truth.zarr"), str(tmp_path / "s2" / "obs.zarr")]]})
     dst = export_checkpoint(src, tmp_path / "out" / "w.pt", note="test")
     ck = read_checkpoint(dst, expect=cfg)
-    assert ck["optimizer"] is None and ck["extra"] == {"truth": "truth.zarr", "note": "test"}
+    assert ck["optimizer"] is None and ck["extra"] == {"truth": "truth.zarr", "note": "test",
+                                                        "extra_train": [["truth.zarr", "obs.zarr"]]}
     assert dst.stat().st_mode & 0o444 == 0o444  # readable by everyone (package data)
     for k, v in model.state_dict().items():
         torch.testing.assert_close(ck["state_dict"][k], v, rtol=0, atol=0)
