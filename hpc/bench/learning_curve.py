@@ -10,8 +10,9 @@ validation RMSE, mu, lambda_x, the ratio and difference to OI, issue 15's target
 (e.g. after more epochs) only scores the new snapshots.
 
 usage: OMP_NUM_THREADS=1 python hpc/bench/learning_curve.py --truth VAL/truth.zarr --obs VAL/obs.zarr
-       --run TRAIN_OUT --eval 2013-06-01,2013-06-30 --out runs/curve --json curve.json --figure curve.png
-       [--net-patch 15,64,64,5,34,34 --net-crop 8] [--every 2] [--box -65,-55,33,43]
+       --run TRAIN_OUT [--run STAGE2_OUT --steps-offset N] --eval 2013-10-22,2013-11-20 --out runs/curve
+       --json curve.json --figure curve.png [--net-patch 15,64,64,5,34,34 --net-crop 8] [--every 2]
+       [--box -65,-55,33,43]
 """
 
 from __future__ import annotations
@@ -45,13 +46,13 @@ def score(name: str, obs: str, truth: str, out: Path, dates: list[str], evalp: l
     return {k: s.get(k) for k in KEYS}
 
 
-def snapshots(run: Path, every: int) -> list[tuple[str, Path, dict]]:
+def snapshots(run: Path, every: int, with_start: bool = True) -> list[tuple[str, Path, dict]]:
     """``(label, path, history record)`` of the run's snapshots in training order (``start`` first)."""
     import torch
 
     out = []
     start = run / "snapshots" / "start.pt"
-    if start.is_file():
+    if with_start and start.is_file():
         ck = torch.load(start, map_location="cpu", weights_only=False)
         out.append(("start", start, {"epoch": -1, "steps": 0, **(ck.get("extra") or {}).get("val_start", {})}))
     eps = sorted((run / "snapshots").glob("epoch_*.pt"))
@@ -85,13 +86,17 @@ def figure(rows: list[dict], path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [r["steps"] for r in rows]
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
-    ax[0].plot(steps, [r["lambda_x_ratio"] for r in rows], "o-", label="4DVarNet")
+    stages = sorted({r["snapshot"].split("_epoch")[0] if r["snapshot"].startswith("stage") else "stage1" for r in rows})
+    for st in stages:
+        sel = [r for r in rows if (r["snapshot"].startswith(st + "_") if st != "stage1"
+                                   else not r["snapshot"].startswith("stage"))]
+        steps = [r["steps"] for r in sel]
+        ax[0].plot(steps, [r["lambda_x_ratio"] for r in sel], "o-", label=f"4DVarNet {st}")
+        ax[1].plot(steps, [r["mu_diff"] for r in sel], "o-")
     ax[0].axhline(1.0, color="k", lw=0.8, label="OI")
     ax[0].axhline(TARGET_RATIO, color="r", ls="--", lw=0.8, label=f"target {TARGET_RATIO}")
     ax[0].set(xlabel="optimiser steps", ylabel="lambda_x / lambda_x(OI)")
-    ax[1].plot(steps, [r["mu_diff"] for r in rows], "o-")
     ax[1].axhline(0.0, color="k", lw=0.8)
     ax[1].axhline(TARGET_DMU, color="r", ls="--", lw=0.8)
     ax[1].set(xlabel="optimiser steps", ylabel="mu - mu(OI)")
@@ -105,7 +110,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--truth", required=True, help="held-out (validation) truth.zarr")
     ap.add_argument("--obs", required=True, help="its obs.zarr")
-    ap.add_argument("--run", required=True, help="out_dir of `oceanda train ... snapshots=true`")
+    ap.add_argument("--run", required=True, action="append",
+                    help="out_dir of `oceanda train ... snapshots=true`; repeat for later stages (each started from "
+                         "a snapshot of the one before: its start is not scored again)")
+    ap.add_argument("--steps-offset", type=int, action="append", default=None,
+                    help="optimiser steps before each later --run (the steps of the snapshot it started from)")
     ap.add_argument("--eval", required=True, help="scored window START,END (inside the held-out OSSE)")
     ap.add_argument("--margin", type=int, default=15, help="days inferred on each side of the window")
     ap.add_argument("--net-patch", default="15,64,64,5,34,34", help="patches of both methods T,H,W,st,sy,sx")
@@ -124,7 +133,14 @@ def main() -> int:
     out = Path(a.out)
     oi = score("oi", a.obs, a.truth, out / "oi", [d0, d1], [e0, e1], patch, [], box)
     rows = []
-    for label, path, rec in snapshots(Path(a.run), a.every):
+    offsets = [0] + list(a.steps_offset or [])
+    if len(offsets) != len(a.run):
+        raise SystemExit(f"{len(a.run) - 1} later --run need as many --steps-offset, got {len(offsets) - 1}")
+    snaps = []
+    for k, (run, off) in enumerate(zip(a.run, offsets)):
+        for label, path, rec in snapshots(Path(run), a.every, with_start=k == 0):
+            snaps.append((label if k == 0 else f"stage{k + 1}_{label}", path, rec | {"steps": off + int(rec.get("steps") or 0)}))
+    for label, path, rec in snaps:
         r = score("4dvarnet", a.obs, a.truth, out / label, [d0, d1], [e0, e1], patch,
                   [f"method.checkpoint={path}"], box)
         ratio = None if r["lambda_x_deg"] is None or oi["lambda_x_deg"] is None else r["lambda_x_deg"] / oi["lambda_x_deg"]
@@ -139,7 +155,7 @@ def main() -> int:
           f"mu {best['mu_diff']:+.3f}; targets <= {TARGET_RATIO} and >= +{TARGET_DMU})")
     if a.json:
         Path(a.json).write_text(json.dumps({"eval": [e0, e1], "dates": [d0, d1], "truth": a.truth, "obs": a.obs,
-                                            "run": a.run, "net_patch": a.net_patch, "oi": oi, "rows": rows,
+                                            "runs": a.run, "steps_offset": offsets, "net_patch": a.net_patch, "oi": oi, "rows": rows,
                                             "selected": best["snapshot"]}, indent=1))
     if a.figure:
         figure(rows, a.figure, f"held-out {e0}..{e1} ({Path(a.obs).parent.name}), patches {a.net_patch}")

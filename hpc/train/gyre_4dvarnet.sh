@@ -19,7 +19,8 @@ TRAIN_SEEDS=${TRAIN_SEEDS:-"2 3"}
 EPOCHS=${EPOCHS:-40}
 BATCHES=${BATCHES:-30}            # batches of 4 patches an epoch: an epoch every few minutes on a share of a core
 VAL_PERIOD=${VAL_PERIOD:-"[2013-06-01,2013-06-21]"}
-INIT=${INIT:-default}             # first stage: the shipped weights, ConvLSTM output zeroed (the OI)
+INIT=${INIT:-default}             # first stage: the shipped weights, ConvLSTM output zeroed (the OI); a later stage: a checkpoint
+LR=${LR:-1e-3}
 THREADS=${THREADS:-1}
 export OMP_NUM_THREADS=$THREADS
 
@@ -42,5 +43,5 @@ oceanda train truth_path="$D/seed$first/truth.zarr" obs_path="$D/seed$first/obs.
   val_truth_path="$D/seed1/truth.zarr" val_obs_path="$D/seed1/obs.zarr" "val_period=$VAL_PERIOD" \
   patch=gulfstream 'patch.size=[15,64,64]' 'patch.stride=[1,34,34]' 'patch.crop=[8,8]' aug=1 \
   model.prior_hidden=32 model.lstm_hidden=32 model.n_steps=8 model.lstm_downsample=2 model.init=oi \
-  system.threads="$THREADS" train.max_batches="$BATCHES" train.batch_size=4 train.lr=1e-3 train.epochs="$EPOCHS" \
+  system.threads="$THREADS" train.max_batches="$BATCHES" train.batch_size=4 train.lr="$LR" train.epochs="$EPOCHS" \
   "${start[@]}" snapshots=true resume=true progress=false out_dir="$OUT"

@@ -48,6 +48,17 @@ def test_default_checkpoint_matches_its_config_and_training_record():
     assert abs(ck["norm"]["mean"]) < 0.5 and 0.05 < ck["norm"]["std"] < 1.0
     # trained on n_time-day windows, with a held-out validation period, and it learned
     assert ck["extra"]["patch"]["size"][0] == EXPECTED.n_time
+    # selected by the validation RMSE among the stage's untrained start and its epochs (validate_start)
+    hist, start = ck["history"], ck["extra"]["val_start"]["val_rmse"]
+    assert len(hist) == ck["epoch"] + 1
+    best = min([start] + [h["val_rmse"] for h in hist])
+    assert (hist[ck["epoch"]]["val_rmse"] if ck["epoch"] >= 0 else start) == best
+    # validated on a held-out OSSE (another seed of the gyre truth; export keeps file names only)
+    assert ck["extra"]["val_data"] is not None and "seed" in ck["extra"]["note"]
+
+
+def test_qg_weights_record_their_training():
+    ck = read_checkpoint(shipped_checkpoint("gulfstream_4nadirs"), expect=EXPECTED)
     hist = ck["history"]
     assert len(hist) == ck["epoch"] + 1
     assert hist[ck["epoch"]]["val_rmse"] == min(h["val_rmse"] for h in hist)  # the best epoch
