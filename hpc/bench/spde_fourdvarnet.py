@@ -149,6 +149,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--tracks", type=int, default=3)
     ap.add_argument("--n-train", type=int, default=256)
     ap.add_argument("--n-test", type=int, default=32)
+    ap.add_argument("--n-val", type=int, default=0,
+                    help="held-out validation samples (from the training distribution, not the test ones): the "
+                         "solver is selected by their RMSE among the untrained start and every epoch")
+    ap.add_argument("--no-select", action="store_true",
+                    help="with --n-val: keep the last epoch (the same samples, no selection), for comparison")
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -187,19 +192,19 @@ def main(argv=None) -> dict:
     tau = tau_for_std(1.0, a.kappa, a.gamma, a.dx * a.dx)
     true = SPDEPrior(dxa, dxa, None, T=T, kappa=a.kappa, gamma=a.gamma, tau=tau, alpha=2, dt=1.0)
     t0 = time.perf_counter()
-    X = true.sample(a.n_train + a.n_test, rng=rng)
+    X = true.sample(a.n_train + a.n_val + a.n_test, rng=rng)
     scale = float(X.std())  # empirical marginal std (tau_for_std is a continuum estimate)
     X = X / scale
     true = SPDEPrior(dxa, dxa, None, T=T, kappa=a.kappa, gamma=a.gamma, tau=tau / scale, alpha=2, dt=1.0)
     masks = np.stack([track_mask(rng, T, n, a.tracks) for _ in range(len(X))])
     Y = np.where(masks, X + a.noise * rng.standard_normal(X.shape), np.nan)
     t_data = time.perf_counter() - t0
-    tr, te = slice(0, a.n_train), slice(a.n_train, None)
+    tr, va, te = slice(0, a.n_train), slice(a.n_train, a.n_train + a.n_val), slice(a.n_train + a.n_val, None)
 
     # exact OI with the true parameters
     t0 = time.perf_counter()
     oi = np.stack([true.posterior_mean(np.nan_to_num(Y[i]), masks[i], a.noise**2, rtol=1e-8)
-                   for i in range(a.n_train, len(X))])
+                   for i in range(a.n_train + a.n_val, len(X))])
     t_oi = (time.perf_counter() - t0) / a.n_test
 
     cfg = SPDEModelConfig(n_time=T, kappa0=a.kappa * a.kappa_init, gamma0=a.gamma, std0=1.0,
@@ -210,7 +215,28 @@ def main(argv=None) -> dict:
                            nll_crop=a.nll_crop, grad_clip=1.0, seed=a.seed, lr_theta=a.lr_theta,
                            w_nll_obs=a.w_nll_obs, theta_grad=a.theta_grad, theta_init=a.theta_init)
     t0 = time.perf_counter()
-    hist = fit(TASK, model, model.cfg, Items(X[tr], Y[tr], a.dx), None, {"mean": 0.0, "std": 1.0}, tcfg, progress=False)
+    selected, last_state = None, None
+    if a.n_val:  # selection by held-out validation, the untrained start included (oceanda train's rule)
+        import tempfile
+
+        from oceanda.assim.spde_fourdvarnet import read_spde_checkpoint
+
+        with tempfile.TemporaryDirectory() as tmp:
+            hist = fit(TASK, model, model.cfg, Items(X[tr], Y[tr], a.dx), Items(X[va], Y[va], a.dx),
+                       {"mean": 0.0, "std": 1.0}, tcfg, checkpoint=f"{tmp}/ck.pt", progress=False,
+                       validate_start=True)
+            best = read_spde_checkpoint(f"{tmp}/{'ck' if a.no_select else 'best_ck'}.pt")
+            last_state = {k: v.clone() for k, v in model.state_dict().items()}
+            model.load_state_dict(best["state_dict"])
+            selected = {"epoch": int(best["epoch"]), "val_start": best["extra"]["val_start"],
+                        "val_epochs": [h["val_rmse"] for h in hist]}
+            print(f"{'kept (no selection)' if a.no_select else 'selected by validation RMSE'} on {a.n_val} held-out samples: "
+                  + ("the untrained start" if selected["epoch"] < 0 else f"epoch {selected['epoch'] + 1}")
+                  + f" (start {selected['val_start']['val_rmse']:.4f}, epochs "
+                  + ", ".join(f"{v:.4f}" for v in selected["val_epochs"]) + ")")
+    else:
+        hist = fit(TASK, model, model.cfg, Items(X[tr], Y[tr], a.dx), None, {"mean": 0.0, "std": 1.0}, tcfg,
+                   progress=False)
     t_train = time.perf_counter() - t0
 
     model.eval()
@@ -225,6 +251,15 @@ def main(argv=None) -> dict:
     Xt = X[te]
     rmse = lambda e: float(np.sqrt(np.mean(e ** 2)))  # noqa: E731
     r_net, r_oi, r_obs = rmse(out - Xt), rmse(oi - Xt), rmse(np.nan_to_num(Y[te]) - Xt)
+    if selected is not None:  # the last epoch on the same test samples: what the selection avoided (or kept)
+        sel_state = {k: v.clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(last_state)
+        with torch.no_grad():
+            last = model(Yt, oc, dx, dx).double().numpy()
+        model.load_state_dict(sel_state)
+        selected["test_rmse_ratio_last_epoch"] = rmse(last - Xt) / r_oi
+        selected["test_rmse_ratio_selected"] = r_net / r_oi
+        print(f"test RMSE / exact OI: selected {r_net / r_oi:.4f}, last epoch {rmse(last - Xt) / r_oi:.4f}")
     ratio, ratio_se, ratio_boot = ratio_with_error(((out - Xt) ** 2).reshape(a.n_test, -1).mean(1),
                                                    ((oi - Xt) ** 2).reshape(a.n_test, -1).mean(1))
     # the same unrolled solver with the ConvLSTM switched off (preconditioned CG, subspace
@@ -254,7 +289,7 @@ def main(argv=None) -> dict:
         mem_net_all.append(mem[0].double().numpy())
     t_ens = (time.perf_counter() - t0) / k
     for i in range(k):
-        j = a.n_train + i
+        j = a.n_train + a.n_val + i
         S = true.sample(a.members, rng=np.random.default_rng(2000 + i))
         rec = lambda Yk, j=j: true.posterior_mean(np.nan_to_num(Yk), masks[j], a.noise**2, rtol=1e-8)  # noqa: E731
         mem_oi_all.append(matheron_members(rec, Y[j], masks[j], a.noise**2, S, rng=3000 + i))
@@ -271,7 +306,7 @@ def main(argv=None) -> dict:
                           "std": float(theta["std"].mean()), "noise_std": float(model.R.detach().sqrt())},
         "spread_skill": {"spde_4dvarnet": ss_net, "exact_oi": ss_oi, "members": a.members, "samples": k},
         "seconds_per_sample": {"oi": t_oi, "spde_4dvarnet": t_inf, "spde_4dvarnet_ensemble": t_ens},
-        "history": hist,
+        "history": hist, "selected": selected,
     }
     print(f"SPDE truth {n}x{n}x{T}, dx {a.dx} km, kappa {a.kappa}, gamma {a.gamma}, noise {a.noise}, "
           f"{a.tracks} tracks/frame ({masks.mean() * 100:.1f}% observed); train {a.n_train} "

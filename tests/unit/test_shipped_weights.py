@@ -48,6 +48,17 @@ def test_default_checkpoint_matches_its_config_and_training_record():
     assert abs(ck["norm"]["mean"]) < 0.5 and 0.05 < ck["norm"]["std"] < 1.0
     # trained on n_time-day windows, with a held-out validation period, and it learned
     assert ck["extra"]["patch"]["size"][0] == EXPECTED.n_time
+    # selected by the validation RMSE among the stage's untrained start and its epochs (validate_start)
+    hist, start = ck["history"], ck["extra"]["val_start"]["val_rmse"]
+    assert len(hist) == ck["epoch"] + 1
+    best = min([start] + [h["val_rmse"] for h in hist])
+    assert (hist[ck["epoch"]]["val_rmse"] if ck["epoch"] >= 0 else start) == best
+    # validated on a held-out OSSE (another seed of the gyre truth; export keeps file names only)
+    assert ck["extra"]["val_data"] is not None and "seed" in ck["extra"]["note"]
+
+
+def test_qg_weights_record_their_training():
+    ck = read_checkpoint(shipped_checkpoint("gulfstream_4nadirs"), expect=EXPECTED)
     hist = ck["history"]
     assert len(hist) == ck["epoch"] + 1
     assert hist[ck["epoch"]]["val_rmse"] == min(h["val_rmse"] for h in hist)  # the best epoch
@@ -165,10 +176,12 @@ def test_export_keeps_the_weights_and_drops_the_optimizer(tmp_path):
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=TrainConfig().epochs)
     src = save_checkpoint(tmp_path / "ck.pt", model, cfg, Normalisation(0.1, 0.2), TrainConfig(), opt, sched,
                           epoch=0, history=[{"epoch": 0, "val_rmse": 0.1}],
-                          extra={"truth": str(tmp_path / "truth.zarr")})
+                          extra={"truth": str(tmp_path / "truth.zarr"),
+                                 "extra_train": [[str(tmp_path / "s2" / "truth.zarr"), str(tmp_path / "s2" / "obs.zarr")]]})
     dst = export_checkpoint(src, tmp_path / "out" / "w.pt", note="test")
     ck = read_checkpoint(dst, expect=cfg)
-    assert ck["optimizer"] is None and ck["extra"] == {"truth": "truth.zarr", "note": "test"}
+    assert ck["optimizer"] is None and ck["extra"] == {"truth": "truth.zarr", "note": "test",
+                                                        "extra_train": [["truth.zarr", "obs.zarr"]]}
     assert dst.stat().st_mode & 0o444 == 0o444  # readable by everyone (package data)
     for k, v in model.state_dict().items():
         torch.testing.assert_close(ck["state_dict"][k], v, rtol=0, atol=0)

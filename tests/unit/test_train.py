@@ -27,7 +27,7 @@ from oceanda.train.fourdvarnet import (
     save_checkpoint,
     weighted_mse,
 )
-from oceanda.train.loop import fit, train_step
+from oceanda.train.loop import fit, train_step, validate
 
 NT, NY, NX = 30, 16, 20
 SIZE = (5, 8, 8)
@@ -571,3 +571,100 @@ def test_cli_trains_an_oi_initialised_model_from_other_weights(tmp_path):
         else:
             torch.testing.assert_close(v, a[k])
     assert main(base + [f"out_dir={tmp_path / 'c'}", "init_checkpoint=" + str(tmp_path / "nope.pt")]) == 2
+
+
+def test_validate_start_keeps_the_start_when_training_makes_it_worse(tmp_path):
+    """The selection rule: the untrained start competes for best_checkpoint. A learning rate far too
+    large ruins the model: the selected weights are the start's (epoch -1), bit for bit, and the
+    start's validation RMSE is recorded. With a sane rate an epoch that beats the start is selected."""
+    ds, (_, _, _, norm) = dataset()
+    cfg = small_model_cfg()
+    val = torch.utils.data.Subset(ds, range(8))
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    bad = TrainConfig(epochs=2, batch_size=2, lr=0.5, grad_clip=0.0, max_batches=3)
+    hist = fit(TASK, model, cfg, ds, val, norm, bad, tmp_path / "bad" / "ck.pt", progress=False,
+               validate_start=True, snapshots=True)
+    best = load_checkpoint(tmp_path / "bad" / "best_ck.pt", expect=cfg)
+    v0 = best["extra"]["val_start"]["val_rmse"]
+    assert v0 < min(h["val_rmse"] for h in hist)  # training made it worse on the validation patches
+    assert best["epoch"] == -1
+    for k, v in start.items():
+        assert torch.equal(best["state_dict"][k], v), k
+    assert [h["steps"] for h in hist] == [3, 6]
+    snaps = sorted((tmp_path / "bad" / "snapshots").glob("epoch_*.pt"))
+    assert [p.name for p in snaps] == ["epoch_000.pt", "epoch_001.pt"]
+    assert (tmp_path / "bad" / "snapshots" / "start.pt").is_file()
+    last = load_checkpoint(snaps[-1], expect=cfg)
+    assert last["optimizer"] is None
+    for k, v in model.state_dict().items():
+        assert torch.equal(last["state_dict"][k], v), k
+    # another rate: the selected weights are those of the best of the start and the epochs
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    good = TrainConfig(epochs=3, batch_size=2, lr=1e-2, max_batches=6)
+    hist = fit(TASK, model, cfg, ds, val, norm, good, tmp_path / "good" / "ck.pt", progress=False,
+               validate_start=True)
+    best = load_checkpoint(tmp_path / "good" / "best_ck.pt", expect=cfg)
+    rmses = [best["extra"]["val_start"]["val_rmse"]] + [h["val_rmse"] for h in hist]
+    assert best["epoch"] == int(np.argmin(rmses)) - 1
+    assert validate(TASK, best["model"], val, norm, "cpu")["val_rmse"] == pytest.approx(min(rmses), rel=1e-6)
+
+
+def test_join_osses_never_lets_a_window_span_two_osses():
+    from oceanda.train.data import join_osses
+
+    truth, obs, ocean = synthetic()
+    t2, o2, _ = synthetic(seed=1)
+    parts = [(truth[:12], obs[:12], ocean), (t2 + 1.0, o2 + 1.0, ocean), (truth[12:20], obs[12:20], ocean)]
+    jt, jo, joc, days = join_osses(parts, ["a", "b", "c"])
+    assert [len(d) for d in days] == [12, NT, 8] and days[1][0] == 13 and days[2][0] == 13 + NT + 1
+    for (t, o, _), d in zip(parts, days):
+        np.testing.assert_array_equal(jt[d], t)
+        np.testing.assert_array_equal(jo[d], o)
+    assert np.isnan(jo[12]).all() and np.isnan(jt[12]).all()
+    starts = patch_starts(np.concatenate(days), ocean.shape, SIZE, (1, 6, 6))
+    part_of = np.full(len(jo), -1)
+    for k, d in enumerate(days):
+        part_of[d] = k
+    for t in starts[:, 0]:
+        assert len(set(part_of[t:t + SIZE[0]])) == 1 and part_of[t] >= 0
+    # 12 - 5 + 1 windows in the first part, 30 - 5 + 1 in the second, 8 - 5 + 1 in the third (x 3 x 3 in space)
+    assert len(starts) == (8 + 26 + 4) * 3 * 3
+    other = ocean.copy()
+    other[5, 5] = False
+    with pytest.raises(InputError, match="c: its grid / ocean mask"):
+        join_osses(parts[:2] + [(truth, obs, other)], ["a", "b", "c"])
+
+
+def test_cli_trains_on_several_osses_and_validates_on_a_held_out_one(tmp_path, capsys):
+    import xarray as xr
+
+    from oceanda.cli import main
+
+    for name in ("s1", "s2", "v"):
+        (tmp_path / name).mkdir()
+        _write_zarrs(tmp_path / name)
+    args = ["train", f"truth_path={tmp_path / 's1/truth.zarr'}", f"obs_path={tmp_path / 's1/obs.zarr'}",
+            f"out_dir={tmp_path / 'run'}", f"extra_train=[[{tmp_path / 's2/truth.zarr'},{tmp_path / 's2/obs.zarr'}]]",
+            f"val_truth_path={tmp_path / 'v/truth.zarr'}", f"val_obs_path={tmp_path / 'v/obs.zarr'}",
+            "val_period=[2012-10-11,2012-10-20]", *CLI_ARGS]
+    assert main(args) == 0
+    ck = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    # validation: the 10 days of val_period of the held-out OSSE; training: every day of both others
+    assert ck["extra"]["val_data"] == [str(tmp_path / "v/truth.zarr"), str(tmp_path / "v/obs.zarr")]
+    assert ck["extra"]["val_days"][1] - ck["extra"]["val_days"][0] == 9
+    assert ck["extra"]["val_days"][0] == 2 * (NT + 1)
+    assert np.isfinite(ck["extra"]["val_start"]["val_rmse"])
+    # an OSSE on another grid is refused, naming it
+    for name in ("truth", "obs"):
+        ds = xr.open_zarr(tmp_path / f"v/{name}.zarr").load()
+        ds.assign_coords(lat=ds.lat + 1.0).to_zarr(tmp_path / f"moved_{name}.zarr")
+    capsys.readouterr()
+    bad = [a for a in args if not a.startswith("val_")] + [
+        f"val_truth_path={tmp_path / 'moved_truth.zarr'}", f"val_obs_path={tmp_path / 'moved_obs.zarr'}",
+        f"out_dir={tmp_path / 'run_bad'}"]
+    assert main(bad) == 2
+    assert "moved_obs.zarr: its grid" in capsys.readouterr().err
+    assert not (tmp_path / "run_bad").exists()

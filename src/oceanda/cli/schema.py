@@ -336,6 +336,9 @@ class TrainAppConfig:
     obs_path: str
     truth_path: str | None
     system: SystemConfig = SystemConfig()
+    extra_train: tuple[tuple[str, str], ...] = ()
+    val_truth_path: str | None = None
+    val_obs_path: str | None = None
     box: Box | None = None
     dates: Dates | None = None
     val_period: Dates | None = None
@@ -347,6 +350,8 @@ class TrainAppConfig:
     resume: bool = False
     init_checkpoint: str | None = None
     zero_update: bool = False
+    validate_start: bool = True
+    snapshots: bool = False
     progress: bool = True
     source_yaml: str = field(default="", compare=False)
 
@@ -362,6 +367,11 @@ class TrainAppConfig:
             raise ConfigError(f"holdout must be in [0, 1), got {self.holdout}")
         if self.stride is not None and min(self.stride) < 1:
             raise ConfigError(f"stride must be 3 positive integers or null, got {list(self.stride)}")
+        if (self.val_truth_path is None) != (self.val_obs_path is None) and self.truth_path is not None:
+            raise ConfigError("val_truth_path and val_obs_path go together: give both (a held-out validation "
+                              "OSSE) or neither (validation inside obs_path's period)")
+        if self.extra_train and self.truth_path is None:
+            raise ConfigError("extra_train needs supervised training (truth_path): each entry is [truth, obs]")
 
     @property
     def kind(self) -> str:

@@ -49,6 +49,35 @@ def _list(value: tuple | None) -> list | None:
     return None if value is None else list(value)
 
 
+def _join(cfg: TrainAppConfig, truth, obs, ocean, times, grid):
+    """The training OSSEs (``obs_path`` and ``extra_train``, within ``dates``) and the validation
+    one (``val_*_path`` within ``val_period``, or ``obs_path``'s own split when absent) as one array
+    (:func:`oceanda.train.data.join_osses`); returns ``(truth, obs, ocean, train_days, val_days)``."""
+    from oceanda.train.data import join_osses, load_arrays, time_split, validation_window
+
+    from oceanda.errors import InputError
+
+    parts, names = [(truth, obs, ocean)], [str(cfg.obs_path)]
+    more = [(t, o, _list(cfg.dates)) for t, o in cfg.extra_train]
+    if cfg.val_obs_path is not None:
+        more.append((cfg.val_truth_path, cfg.val_obs_path, _list(cfg.val_period)))
+    for t_path, o_path, period in more:
+        t, o, oc, _, g = load_arrays(t_path, o_path, _list(cfg.box), period, with_grid=True)
+        if g.lon.shape != grid.lon.shape or g.lat.shape != grid.lat.shape or not (
+                np.allclose(g.lon, grid.lon) and np.allclose(g.lat, grid.lat)):
+            raise InputError(f"{o_path}: its grid ({g.lat.size} x {g.lon.size}) is not the grid of "
+                             f"{cfg.obs_path} ({grid.lat.size} x {grid.lon.size}): every OSSE of a training run "
+                             "must share one grid")
+        parts.append((t, o, oc))
+        names.append(str(o_path))
+    truth, obs, ocean, days = join_osses(parts, names)
+    if cfg.val_obs_path is not None:
+        return truth, obs, ocean, np.concatenate(days[:-1]), days[-1]
+    v0, nv = validation_window(times, _list(cfg.val_period), cfg.val_fraction)
+    tr, va = time_split(len(times), v0, nv, cfg.gap_days)
+    return truth, obs, ocean, np.concatenate([tr, *days[1:]]), va
+
+
 def run(cfg: TrainAppConfig) -> int:
     """``oceanda train``: one app for both models (``model=4dvarnet*`` or ``model=spde_4dvarnet``);
     each model contributes its datasets, its weights' start and its training task
@@ -105,8 +134,11 @@ def _train(cfg: TrainAppConfig, trainer, out_dir: Path, comm, device, ident: dic
     dist = init_distributed(device, comm=comm)
     truth, obs, ocean, times, grid = load_arrays(cfg.truth_path, cfg.obs_path, _list(cfg.box), _list(cfg.dates),
                                                  with_grid=True)
-    v0, nv = validation_window(times, _list(cfg.val_period), cfg.val_fraction)
-    train_days, val_days = time_split(len(times), v0, nv, cfg.gap_days)
+    if cfg.extra_train or cfg.val_obs_path is not None:  # several OSSEs: other seeds / years, a held-out one
+        truth, obs, ocean, train_days, val_days = _join(cfg, truth, obs, ocean, times, grid)
+    else:
+        v0, nv = validation_window(times, _list(cfg.val_period), cfg.val_fraction)
+        train_days, val_days = time_split(len(times), v0, nv, cfg.gap_days)
     stride = cfg.stride or geom.stride
     tr_starts = patch_starts(train_days, ocean.shape, geom.size, stride)
     va_starts = patch_starts(val_days, ocean.shape, geom.size, (1, *stride[1:]))
@@ -130,6 +162,8 @@ def _train(cfg: TrainAppConfig, trainer, out_dir: Path, comm, device, ident: dic
     if cfg.zero_update and not resuming:
         model.zero_update_()  # the untrained solver returns its first guess (the OI with model.init=oi)
     extra = {"truth": None if cfg.truth_path is None else str(cfg.truth_path), "obs": str(cfg.obs_path),
+             "extra_train": [list(p) for p in cfg.extra_train],
+             "val_data": None if cfg.val_obs_path is None else [cfg.val_truth_path, cfg.val_obs_path],
              "val_days": [int(val_days[0]), int(val_days[-1])], "gap_days": cfg.gap_days,
              "patch": geom.as_config(), "mode": geom.mode_record(),
              "init_checkpoint": None if cfg.init_checkpoint is None else str(cfg.init_checkpoint)}
@@ -137,5 +171,6 @@ def _train(cfg: TrainAppConfig, trainer, out_dir: Path, comm, device, ident: dic
         out_dir.mkdir(parents=True, exist_ok=True)
         record_train_run(out_dir, ident)
     history = fit(trainer.TASK, model, cfg.model, train_ds, val_ds, norm, train_cfg, out_dir / "checkpoint.pt",
-                  resume=cfg.resume, device=device, dist=dist, progress=cfg.progress, extra=extra)
+                  resume=cfg.resume, device=device, dist=dist, progress=cfg.progress, extra=extra,
+                  validate_start=cfg.validate_start, snapshots=cfg.snapshots)
     write_history(history, out_dir, dist)

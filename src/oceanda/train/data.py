@@ -40,7 +40,7 @@ from scipy import ndimage
 
 from oceanda.errors import ConfigError, InputError
 
-__all__ = ["Normalisation", "patch_starts", "time_split", "PatchDataset"]
+__all__ = ["Normalisation", "patch_starts", "time_split", "PatchDataset", "join_osses"]
 
 
 @dataclass(frozen=True)
@@ -313,3 +313,28 @@ def validation_window(times: np.ndarray, val_period, val_fraction: float) -> tup
     if idx.size == 0:
         raise ConfigError(f"val_period {val_period} holds no day of the data ({times[0]}..{times[-1]})")
     return int(idx[0]), int(idx[-1] - idx[0] + 1)
+
+
+def join_osses(parts: list[tuple[np.ndarray | None, np.ndarray, np.ndarray]], names: list[str]):
+    """Several OSSEs on one grid (other seeds / years) as one array, each followed by a NaN day.
+
+    ``parts``: ``(truth | None, obs, ocean)`` of each OSSE (``(nt_k, ny, nx)``; ``names`` their paths,
+    for errors). Returns ``(truth | None, obs, ocean, days)``: the arrays concatenated in time with one
+    all-NaN separator day after each part, so that no patch window (:func:`patch_starts` keeps windows
+    inside runs of consecutive ``days``) spans two OSSEs, and ``days[k]`` the day indices of part ``k``.
+    The ocean masks must agree (:class:`InputError` naming the first that differs).
+    """
+    ocean = parts[0][2]
+    if any((p[0] is None) != (parts[0][0] is None) for p in parts):
+        raise InputError(f"{names[0]}: every OSSE needs a truth, or none")
+    for (_, obs, oc), name in zip(parts, names):
+        if oc.shape != ocean.shape or not np.array_equal(oc, ocean):
+            raise InputError(f"{name}: its grid / ocean mask {oc.shape} differs from {names[0]}'s {ocean.shape}")
+    sep = np.full((1, *ocean.shape), np.nan, np.float32)
+    days, t0 = [], 0
+    for _, obs, _ in parts:
+        days.append(np.arange(t0, t0 + len(obs)))
+        t0 += len(obs) + 1
+    obs = np.concatenate([a for p in parts for a in (p[1], sep)])
+    truth = None if parts[0][0] is None else np.concatenate([a for p in parts for a in (p[0], sep)])
+    return truth, obs, ocean, days

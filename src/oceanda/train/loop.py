@@ -286,7 +286,7 @@ def run_epoch(task: TrainingTask, model, opt, sched, train_ds, cfg, epoch: int, 
         bar.close()
     sched.step()
     return {"epoch": epoch, **{f"train_{k}": v / len(batches) for k, v in sums.items()},
-            "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
+            "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0, "batches": len(batches)}
 
 
 @torch.no_grad()
@@ -317,7 +317,8 @@ def validate(task: TrainingTask, model: torch.nn.Module, ds, norm: Normalisation
 def fit(task: TrainingTask, model: torch.nn.Module, model_cfg: Any, train_ds, val_ds,
         norm: Normalisation | dict[str, float], cfg, checkpoint: str | os.PathLike | None = None,
         resume: bool = False, device: torch.device | str = "cpu", dist: DistContext | None = None,
-        progress: bool = True, extra: dict | None = None) -> list[dict[str, float]]:
+        progress: bool = True, extra: dict | None = None, validate_start: bool = False,
+        snapshots: bool = False) -> list[dict[str, float]]:
     """Train ``model`` with ``task``'s loss for ``cfg.epochs`` epochs; returns the per-epoch history.
 
     ``cfg`` carries at least ``epochs, batch_size, grad_clip, seed, max_batches``. With
@@ -326,6 +327,15 @@ def fit(task: TrainingTask, model: torch.nn.Module, model_cfg: Any, train_ds, va
     (weights, optimizer, scheduler, epoch, history); its model config and patch mode must match.
     Items of the datasets are dicts with ``obs, tgt, weight (T, H, W)``, ``ocean (H, W)`` and
     whatever the task's model reads.
+
+    ``validate_start``: a fresh run first validates the untrained start (after ``task.prepare``;
+    recorded as ``extra["val_start"]``) and that start competes for ``best_<name>``: the selected
+    weights are never worse on the validation set than the weights training started from (if no
+    epoch beats the start, ``best_<name>`` holds the start, ``epoch`` -1). ``snapshots``: rank 0
+    also keeps every epoch's weights (no optimizer state) as ``snapshots/epoch_NNN.pt`` next to
+    ``checkpoint``, and the validated start as ``snapshots/start.pt`` (a learning curve can score
+    each on held-out data). Every record carries
+    ``steps``, the optimiser steps of this run so far.
     """
     if not isinstance(norm, Normalisation):
         norm = Normalisation(float(norm["mean"]), float(norm["std"]))
@@ -353,11 +363,30 @@ def fit(task: TrainingTask, model: torch.nn.Module, model_cfg: Any, train_ds, va
         start = int(ck.get("epoch", -1)) + 1
         if dist.rank == 0:
             log.info("resumed from %s at epoch %d", ckpt, start)
+    extra = dict(extra or {})
+    if resume and ckpt is not None and ckpt.is_file():
+        extra = (ck.get("extra") or {}) | extra  # keeps the first stage's "val_start"
     if start == 0 and task.prepare is not None:
         task.prepare(model, train_ds, cfg, device)
     best = min((h["val_rmse"] for h in history if math.isfinite(h.get("val_rmse", math.nan))), default=math.inf)
+    if validate_start and start == 0 and val_ds is not None and len(val_ds):
+        rec0 = validate(task, model, val_ds, norm, device, cfg.batch_size, dist)
+        extra["val_start"] = rec0
+        if dist.rank == 0:
+            log.info("untrained start: %s", ", ".join(f"{k}={v:.4g}" for k, v in rec0.items()))
+            if ckpt is not None and math.isfinite(rec0["val_rmse"]):
+                task.save(ckpt.with_name("best_" + ckpt.name), model, model_cfg, norm, cfg, None, None, -1,
+                          history, extra)
+            if ckpt is not None and snapshots:
+                task.save(ckpt.parent / "snapshots" / "start.pt", model, model_cfg, norm, cfg, None, None, -1,
+                          history, extra)
+        best = min(best, rec0["val_rmse"]) if math.isfinite(rec0["val_rmse"]) else best
+        dist.barrier()
+    steps = sum(int(h.get("batches", 0)) for h in history)
     for epoch in range(start, cfg.epochs):
         rec = run_epoch(task, model, opt, sched, train_ds, cfg, epoch, device, dist, progress)
+        steps += rec["batches"]
+        rec["steps"] = steps
         if val_ds is not None and len(val_ds):
             rec.update(validate(task, model, val_ds, norm, device, cfg.batch_size, dist))
         history.append(rec)
@@ -365,6 +394,9 @@ def fit(task: TrainingTask, model: torch.nn.Module, model_cfg: Any, train_ds, va
             log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4g}" for k, v in rec.items() if k != "epoch"))
             if ckpt is not None:
                 task.save(ckpt, model, model_cfg, norm, cfg, opt, sched, epoch, history, extra)
+                if snapshots:
+                    task.save(ckpt.parent / "snapshots" / f"epoch_{epoch:03d}.pt", model, model_cfg, norm, cfg,
+                              None, None, epoch, history, extra)
                 v = rec.get("val_rmse", math.nan)
                 if math.isfinite(v) and v < best:
                     best = v

@@ -24,6 +24,9 @@ RUNTIME_KEYS = ("precision",)
 
 
 def _basename(v: Any) -> Any:
+    """File names only (no machine's folders), also inside lists (``extra_train``, ``val_data``)."""
+    if isinstance(v, (list, tuple)):
+        return [_basename(x) for x in v]
     return Path(v).name if isinstance(v, str) and os.sep in v else v
 
 
