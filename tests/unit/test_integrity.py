@@ -27,6 +27,7 @@ def _store(path: Path, values: np.ndarray | None = None, digests: bool = True, *
     v[:3, 0, 0] = np.nan
     ds = xr.Dataset({N.SSH_OBS: (N.FIELD_DIMS, v)},
                     coords={N.TIME: np.arange(6.0), N.LAT: np.arange(4.0), N.LON: np.arange(5.0)})
+    ds[N.TIME].attrs["units"] = "days"  # day numbers (numbers without units are refused)
     ds.to_zarr(path, encoding={N.SSH_OBS: {"chunks": (2, 4, 5), **enc}})
     if digests:
         io.write_digests(path)
@@ -214,8 +215,8 @@ def test_analysis_store_is_renamed_only_complete_and_with_digests(tmp_path):
     from oceanda.data.store import AnalysisStore
 
     work, final = tmp_path / "analysis.zarr.incomplete", tmp_path / "analysis.zarr"
-    kw = dict(time=np.arange(4.0), lat=np.arange(3.0), lon=np.arange(5.0), ocean=np.ones((3, 5)),
-              chunks=(2, 3, 5))
+    days = np.arange("2012-10-01", "2012-10-05", dtype="datetime64[D]").astype("datetime64[ns]")
+    kw = dict(time=days, lat=np.arange(3.0), lon=np.arange(5.0), ocean=np.ones((3, 5)), chunks=(2, 3, 5))
     store = AnalysisStore.create(work, **kw)
     store = AnalysisStore(work, final=final)
     store.write_region(N.SSH, ((0, 2), (0, 3), (0, 5)), np.ones((2, 3, 5)))
