@@ -39,9 +39,11 @@ done
 EXTRA=$(IFS=,; echo "${extra[*]-}")
 start=(init_checkpoint="$INIT")
 [ "$INIT" = default ] && start+=(zero_update=true)
+# resume=true only when there is a checkpoint to resume from (oceanda train refuses it otherwise)
+[ -f "$OUT/checkpoint.pt" ] && start+=(resume=true)
 oceanda train truth_path="$D/seed$first/truth.zarr" obs_path="$D/seed$first/obs.zarr" "extra_train=[$EXTRA]" \
   val_truth_path="$D/seed1/truth.zarr" val_obs_path="$D/seed1/obs.zarr" "val_period=$VAL_PERIOD" \
   patch=gulfstream 'patch.size=[15,64,64]' 'patch.stride=[1,34,34]' 'patch.crop=[8,8]' aug=1 \
   model.prior_hidden=32 model.lstm_hidden=32 model.n_steps=8 model.lstm_downsample=2 model.init=oi \
   system.threads="$THREADS" train.max_batches="$BATCHES" train.batch_size=4 train.lr="$LR" train.epochs="$EPOCHS" \
-  "${start[@]}" snapshots=true resume=true progress=false out_dir="$OUT"
+  "${start[@]}" snapshots=true progress=false out_dir="$OUT"
