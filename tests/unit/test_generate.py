@@ -223,7 +223,7 @@ def test_the_default_truth_is_the_gyre_and_qg_stays_selectable():
 
     assert compose("generate", []).truth["kind"] == "gyre"
     assert compose("generate", ["truth=qg"]).truth["kind"] == "qg"
-    assert GenerateConfig(domain="gulfstream", period={}, out_dir="o").truth == {"kind": "gyre"}
+    assert GenerateConfig(domain="gulfstream", period={"start": "2012-10-01", "end": "2012-10-10"}, out_dir="o").truth == {"kind": "gyre"}
     assert osse.DEFAULT_TRUTH == {"kind": "gyre"}
     assert DemoOSSE().truth is None  # None: generate_osse's default, the gyre
     assert "truth" not in compose("infer", []).demo.generate  # the demo OSSE: the default truth
