@@ -344,3 +344,38 @@ def test_demo_compare_errors_before_anything_runs(tmp_path, capsys, compare, mes
     err = capsys.readouterr().err
     assert rc == 2 and message in err and "Traceback" not in err
     assert not (tmp_path / "demo").exists()
+
+
+def test_demo_regenerates_its_osse_when_its_config_changes(tmp_path, monkeypatch):
+    """The demo reuses its OSSE only if it was made from the same demo config (the default truth
+    resolved): an older demo folder, or another truth, is regenerated and its analyses dropped."""
+    from oceanda.cli import compose, infer
+    from oceanda.cli.schema import load
+    from oceanda.data import osse
+    from oceanda.parallel.comm import SerialComm
+
+    made = []
+
+    def fake_generate(out_dir, truth=None, **kw):  # records the call, writes two empty stores
+        made.append(truth)
+        for name in ("obs.zarr", "truth.zarr"):
+            (Path(out_dir) / name).mkdir(parents=True, exist_ok=True)
+
+    monkeypatch.setattr(osse, "generate_osse", fake_generate)
+    monkeypatch.setattr("oceanda.cli.generate.register_truths", lambda: None)
+    root = tmp_path / "demo"
+
+    def paths(*over):
+        cfg = load("infer", compose("infer", [f"demo.dir={root}", *over]))
+        return infer._demo_paths(cfg, SerialComm())
+
+    paths()
+    assert made == [None]
+    paths()
+    assert made == [None]  # same config: reused
+    (root / "infer_oi").mkdir()
+    paths("+demo.generate.truth={kind: qg}")
+    assert made == [None, {"kind": "qg"}] and not (root / "infer_oi").exists()
+    (root / "osse" / "demo_osse.json").unlink()  # a folder from before the record: regenerated
+    paths("+demo.generate.truth={kind: qg}")
+    assert len(made) == 3

@@ -118,19 +118,38 @@ def _open_obs(cfg: InferConfig, obs_path: Any):
 
 def _demo_paths(cfg: InferConfig, comm) -> tuple[str, str, str]:
     """Generate the Gulf Stream OSSE if missing (rank 0); its obs, truth, out_dir."""
+    import json
+    import shutil
+
+    from oceanda.data.osse import DEFAULT_TRUTH
+    from oceanda.data.store import to_json_attr
+
     root = Path(cfg.demo.dir)
     osse = root / "osse"
     obs, truth = osse / "obs.zarr", osse / "truth.zarr"
-    if not (obs.exists() and truth.exists()):
+    g = cfg.demo.generate
+    # the OSSE the demo asks for, its default truth resolved (the default may change between versions)
+    wanted = to_json_attr({**asdict(g), "truth": g.truth or DEFAULT_TRUTH, "figures": None})
+    record = osse / "demo_osse.json"
+    try:
+        same = json.loads(record.read_text()) == json.loads(wanted)
+    except (OSError, ValueError):
+        same = False  # none recorded (an older demo folder): regenerate
+    if not (same and obs.exists() and truth.exists()):
         if comm.rank == 0:
             from oceanda.cli.generate import quicklook, register_truths
+            from oceanda.data.io import write_bytes_atomic
             from oceanda.data.osse import generate_osse
 
-            g = cfg.demo.generate
-            print(f"oceanda infer: generating the Gulf Stream OSSE in {osse} (first run only)")
+            state = "first run only" if not obs.exists() else "the demo's OSSE config changed: replacing it"
+            print(f"oceanda infer: generating the Gulf Stream OSSE in {osse} ({state})")
             register_truths()
             generate_osse(out_dir=str(osse), domain=g.domain, obs=g.obs, period=g.period, truth=g.truth,
-                          seed=g.seed, obs_noise=g.obs_noise, chunk_days=g.chunk_days, figures=quicklook(g.figures))
+                          seed=g.seed, obs_noise=g.obs_noise, chunk_days=g.chunk_days, figures=quicklook(g.figures),
+                          overwrite=True)  # the demo's own folder
+            write_bytes_atomic(record, wanted.encode())
+            for old in sorted(root.glob("infer_*")):  # the demo's analyses of the OSSE just replaced
+                shutil.rmtree(old)
         comm.barrier()
     out_dir = cfg.out_dir or str(root / f"infer_{cfg.method.name}")
     return str(obs), str(truth), out_dir
