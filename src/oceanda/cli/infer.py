@@ -146,7 +146,7 @@ def _demo_paths(cfg: InferConfig, comm) -> tuple[str, str, str]:
             register_truths()
             generate_osse(out_dir=str(osse), domain=g.domain, obs=g.obs, period=g.period, truth=g.truth,
                           seed=g.seed, obs_noise=g.obs_noise, chunk_days=g.chunk_days, figures=quicklook(g.figures),
-                          overwrite=True)  # the demo's own folder
+                          progress=cfg.progress, overwrite=True)  # the demo's own folder
             write_bytes_atomic(record, wanted.encode())
             for old in sorted(root.glob("infer_*")):  # the demo's analyses of the OSSE just replaced
                 shutil.rmtree(old)
