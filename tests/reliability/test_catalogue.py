@@ -12,10 +12,11 @@ Every role's command line is first run on the *valid* input (``test_valid_input_
 a refusal below is the bad input's doing, not the command's.
 
 1 rank runs are forked from a fork server (``harness.run_app(forked=True)``: the same process
-a user runs, without 4 s of imports each). To stay within CI's time, the default suite runs
-every case against one input of each app (infer's observations, train's observations, evaluate's
-truth) and one case of infer and of train on 2 ranks (``mpiexec``); ``-m slow`` runs the rest: the other inputs
-(infer's and train's truth, evaluate's analysis) and every case on 2 ranks.
+a user runs, without 4 s of imports each). The quick part runs every case against one input of
+each app (infer's observations, train's observations, evaluate's truth) and one case of infer and
+of train on 2 ranks (``mpiexec``); the part marked ``catalogue`` (run by default and in CI, about
+5 minutes; ``-m 'not catalogue'`` skips it) runs the other inputs (infer's and train's truth,
+evaluate's analysis) and every case on 2 ranks.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class Role:
     var: str
     args: Callable[[Path, dict, Path], list[str]]
     mpi: bool = False               # the app runs under MPI: also run on 2 ranks
-    fast: bool = True               # every case in the default suite (else with -m slow)
+    fast: bool = True               # every case in the quick part (else marked `catalogue`)
 
 
 ROLES = {
@@ -182,7 +183,7 @@ CASES = [
 ]
 CASE_BY_ID = {c.id: c for c in CASES}
 
-#: (role, case) also run on 2 ranks in the default suite (every case with -m slow): a store that
+#: (role, case) also run on 2 ranks in the default suite (every case in the `catalogue` part): a store that
 #: is no dataset (infer), a variable in the wrong units (train)
 MPI_FAST = {("infer-obs", "text_file"), ("train-obs", "ssh_in_cm")}
 
@@ -207,7 +208,7 @@ def _params(ranks: int):
                 continue
             marks = [pytest.mark.mpi] if ranks > 1 else []
             if not role.fast or (ranks > 1 and (role_id, case.id) not in MPI_FAST):
-                marks.append(pytest.mark.slow)
+                marks.append(pytest.mark.catalogue)
             if role_id in case.xfail:
                 marks.append(pytest.mark.xfail(strict=True, reason=case.xfail[role_id]))
             out.append(pytest.param(case.id, role_id, marks=marks, id=f"{role_id}-{case.id}"))
@@ -223,7 +224,7 @@ def _refuse_case(case_id: str, role_id: str, valid, good_obs, tmp_path, ranks: i
            timeout=120 if ranks > 1 else 60, forked=ranks == 1)
 
 
-@pytest.mark.parametrize("role_id", [pytest.param(r, marks=[] if role.fast else [pytest.mark.slow])
+@pytest.mark.parametrize("role_id", [pytest.param(r, marks=[] if role.fast else [pytest.mark.catalogue])
                                      for r, role in ROLES.items()])
 def test_valid_input_is_accepted(role_id, valid, good_obs, tmp_path):
     """The control: each role's command line on the valid input (rewritten by the same writer
