@@ -101,6 +101,34 @@ def synthetic_fields(shape: tuple[int, int, int] = (12, 30, 40), seed: int = 0,
     return {"truth": truth, "obs": obs, "ocean": ocean, "lon": lon, "lat": lat, "time": time}
 
 
+def _gridded(f: dict[str, np.ndarray], name: str, values: np.ndarray):
+    """The (time, lat, lon) field ``values`` of :func:`synthetic_fields` output ``f`` as variable
+    ``name`` (float32) with its ``ocean`` mask, an :class:`xarray.Dataset` as oceanda reads it."""
+    import xarray as xr
+
+    from oceanda.data import names as N
+
+    coords = {N.TIME: f["time"], N.LAT: f["lat"], N.LON: f["lon"]}
+    return xr.Dataset({name: (N.FIELD_DIMS, values.astype(np.float32)),
+                       N.OCEAN: ((N.LAT, N.LON), f["ocean"].astype(np.int8))}, coords)
+
+
+def write_synthetic_osse(root, shape: tuple[int, int, int] = (16, 40, 48), seed: int = 3) -> dict:
+    """Write the :func:`synthetic_fields` observations and truth as ``root/obs.zarr`` and
+    ``root/truth.zarr`` (what ``oceanda generate`` would give an app); returns their paths
+    ``{"obs", "truth"}``."""
+    from pathlib import Path
+
+    from oceanda.data import names as N
+
+    root = Path(root)
+    f = synthetic_fields(shape, seed=seed)
+    paths = {"obs": root / "obs.zarr", "truth": root / "truth.zarr"}
+    _gridded(f, N.SSH_OBS, f["obs"]).to_zarr(paths["obs"])
+    _gridded(f, N.SSH, f["truth"]).to_zarr(paths["truth"])
+    return paths
+
+
 def write_l3_testset(root, shape: tuple[int, int, int] = (20, 32, 32), seed: int = 3,
                      missions: tuple[str, ...] = ("j3", "s3a", "alg", "c2")) -> dict:
     """Small L3 along-track files in the data challenge 2021a layout (one a mission,
@@ -113,8 +141,6 @@ def write_l3_testset(root, shape: tuple[int, int, int] = (20, 32, 32), seed: int
     planted points per mission and QC reason."""
     from pathlib import Path
 
-    import xarray as xr
-
     from oceanda.data import names as N
     from oceanda.data.alongtrack_write import write_l3
 
@@ -122,9 +148,7 @@ def write_l3_testset(root, shape: tuple[int, int, int] = (20, 32, 32), seed: int
     f = synthetic_fields(shape, seed=seed)
     nt, ny, nx = shape
     lon, lat, truth, ocean = f["lon"], f["lat"], f["truth"], f["ocean"]
-    coords = {N.TIME: f["time"], N.LAT: lat, N.LON: lon}
-    xr.Dataset({N.SSH: (N.FIELD_DIMS, truth.astype(np.float32)),
-                N.OCEAN: ((N.LAT, N.LON), ocean.astype(np.int8))}, coords).to_zarr(root / "grid.zarr", mode="w")
+    _gridded(f, N.SSH, truth).to_zarr(root / "grid.zarr", mode="w")
     rng = np.random.default_rng(seed + 100)
     files, special = [], {}
     t0 = f["time"][0].astype("datetime64[s]")

@@ -15,7 +15,7 @@ import pytest
 import xarray as xr
 
 from oceanda.data import names as N
-from oceanda.testing import synthetic_fields
+from oceanda.testing import write_synthetic_osse
 
 pytestmark = [pytest.mark.mpi,
               pytest.mark.filterwarnings("ignore:Consolidated metadata:UserWarning")]
@@ -27,13 +27,7 @@ ARGS = [*BASE, "method=oi", "method.Lx_km=40", "method.Lt_days=4"]
 
 @pytest.fixture(scope="module")
 def obs_path(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mpi_osse")
-    f = synthetic_fields((16, 40, 48), seed=3)
-    coords = {N.TIME: f["time"], N.LAT: f["lat"], N.LON: f["lon"]}
-    path = root / "obs.zarr"
-    xr.Dataset({N.SSH_OBS: (N.FIELD_DIMS, f["obs"].astype(np.float32)),
-                N.OCEAN: ((N.LAT, N.LON), f["ocean"].astype(np.int8))}, coords).to_zarr(path)
-    return path
+    return write_synthetic_osse(tmp_path_factory.mktemp("mpi_osse"))["obs"]
 
 
 def launch(k: int, obs: Path, out: Path, env: dict | None = None, timeout=240):

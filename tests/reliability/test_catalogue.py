@@ -25,7 +25,7 @@ import errno
 import shutil
 import subprocess
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -132,15 +132,13 @@ def _garbage_metadata(valid, var, path: Path) -> None:
 class Case:
     """One bad input: ``write(valid, var, path)`` writes it at ``path`` from the valid dataset
     ``valid`` whose field variable is ``var``; the error must name ``names`` (``{var}`` is
-    replaced by the variable) besides the path. ``xfail``: role -> reason (a fix owned by
-    another change)."""
+    replaced by the variable) besides the path."""
 
     id: str
     cls: str
     write: Callable[[xr.Dataset, str, Path], None]
     names: tuple[str, ...]
     roles: tuple[str, ...] = tuple(ROLES)
-    xfail: dict[str, str] = field(default_factory=dict)
 
 
 CASES = [
@@ -209,8 +207,6 @@ def _params(ranks: int):
             marks = [pytest.mark.mpi] if ranks > 1 else []
             if not role.fast or (ranks > 1 and (role_id, case.id) not in MPI_FAST):
                 marks.append(pytest.mark.catalogue)
-            if role_id in case.xfail:
-                marks.append(pytest.mark.xfail(strict=True, reason=case.xfail[role_id]))
             out.append(pytest.param(case.id, role_id, marks=marks, id=f"{role_id}-{case.id}"))
     return out
 
