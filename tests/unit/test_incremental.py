@@ -183,7 +183,7 @@ def test_tiny_trained_model_beats_first_guess_on_held_out_processes():
     f = lambda a: a.float()  # noqa: E731
     hist = train_incremental(prior, f(xtr), f(z0tr), f(ytr), mtr, data.R_norm, lv,
                              TrainSettings(epochs=6, batch_size=16, lr=5e-3))
-    assert hist[-1] < hist[0]
+    assert hist.loss[-1] < hist.loss[0]
     xh = incremental_assimilation(prior, f(z0te), f(yte), mte, data.R_norm, lv).double()
     err_nn = float((xh - xte).pow(2).mean().sqrt())
     err_z0 = float((z0te - xte).pow(2).mean().sqrt())

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from oceanda.errors import InputError
+from oceanda.errors import InputError, NumericalError
 from oceanda.priors.empirical import block_tridiagonal_to_band, markov_precision_blocks
 
 StepJac = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -144,6 +144,25 @@ class WeakConstraint4DVar:
         D, S = markov_precision_blocks(M, Qi, Bi, x.shape[1])
         D = D + torch.diag_embed(obs_w)
         return J, g, D, S
+
+    def hessian_logdet(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``log det G`` ``(B,)`` of the Gauss-Newton Hessian at ``x`` ``(B, T, phi)`` (the
+        curvature of ``J`` near a minimum, for Laplace weights); ``nan`` for a window whose
+        ``G`` is not numerically positive definite (far off the attractor)."""
+        from oceanda.linalg import band_logdet
+
+        _, _, D, S = self.linearise(x, y, mask)
+        G = block_tridiagonal_to_band(D, S)
+        try:
+            return band_logdet(G)
+        except NumericalError:  # one bad window: the others one by one
+            out = torch.full(x.shape[:1], float("nan"), dtype=x.dtype, device=x.device)
+            for i in range(x.shape[0]):
+                try:
+                    out[i] = band_logdet(G[i:i + 1])[0]
+                except NumericalError:
+                    pass
+            return out
 
     # ------------------------------------------------------------------ solver
     def solve(

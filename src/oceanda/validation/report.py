@@ -29,6 +29,7 @@ NAMES = {
     "cold_diffusion": "Cold diffusion",
     "neural": "Neural assimilation",
     "neural_var4d": "Neural + 4D-Var polish",
+    "neural_var4d_single": "Neural + 4D-Var polish, single start",
     "particle_smoother": "Particle smoother (Bayes-optimal reference)",
     "var4d_from_truth": "4D-Var started from the truth",
     "cold_diffusion_var4d": "Cold diffusion + 4D-Var polish",
@@ -51,7 +52,8 @@ def paper_checks(system: str, metrics: dict, extra: dict) -> list[dict]:
     speed = t["var4d"] / max(t["neural"], 1e-12)
     out = []
     if system == "lorenz63":
-        it_ratio = metrics["var4d"]["gn_iters_median"] / max(metrics["neural_var4d"]["gn_iters_median"], 1.0)
+        pol = "neural_var4d_single" if "neural_var4d_single" in metrics else "neural_var4d"  # one start, as the paper
+        it_ratio = metrics["var4d"]["gn_iters_median"] / max(metrics[pol]["gn_iters_median"], 1.0)
         out += [
             dict(check="RMSE neural < 4D-Var from z0 < cold diffusion", paper="0.5 < 0.9 < 1.1",
                  ours=f"{r['neural']:.3f} / {r['var4d']:.3f} / {r['cold_diffusion']:.3f}",
@@ -60,7 +62,7 @@ def paper_checks(system: str, metrics: dict, extra: dict) -> list[dict]:
                  ours=f"{r['neural_var4d']:.3f} vs min of others {min(r[m] for m in METHODS if m != 'neural_var4d'):.3f}",
                  holds=all(r["neural_var4d"] <= r[m] + 1e-9 for m in METHODS)),
             dict(check="GN iterations (median) 4D-Var from z0 / from neural >= 4", paper="23 / 4 (one sample)",
-                 ours=f"{metrics['var4d']['gn_iters_median']:g} / {metrics['neural_var4d']['gn_iters_median']:g}"
+                 ours=f"{metrics['var4d']['gn_iters_median']:g} / {metrics[pol]['gn_iters_median']:g}"
                       f" = {it_ratio:.2f}", holds=it_ratio >= 4),
         ]
     else:
@@ -322,7 +324,22 @@ def _extra_table(metrics: dict, meta: dict) -> list[str]:
     lines += [
         f"4D-Var from z0 ends in a minimum of higher cost (by > 1) than 4D-Var started from the truth on "
         f"{100 * mn['var4d_worse_fraction']:.1f}% of the windows; the polish from the neural output on "
-        f"{100 * mn['neural_var4d_worse_fraction']:.1f}%.", ""]
+        f"{100 * mn['neural_var4d_worse_fraction']:.1f}%"
+        + (f" (its lowest minimum; the single-start polish on {100 * mn['neural_var4d_single_worse_fraction']:.1f}%)"
+           if "neural_var4d_single_worse_fraction" in mn else "") + ".", ""]
+    ms = meta.get("multistart")
+    if ms:
+        lines += [
+            f"Neural + 4D-Var polish is the multi-start polish: 4D-Var from the neural output and from "
+            f"{ms['n_starts'] - 1} draws of the neural posterior N(x, (Q + H^T R^-1 H)^-1) (the learned precision "
+            "Q), each window's estimate the mean of the Laplace mixture of its distinct minima (closer than "
+            f"{ms['tol']:g} RMS, normalised, count once), weights exp(-J) det(G)^(-1/2) from the 4D-Var cost J and "
+            "its Gauss-Newton Hessian G at each minimum: selection by the 4D-Var objective, never by the truth. "
+            f"Distinct minima per window: median {ms['minima_median']:g}, mean {ms['minima_mean']:.2f} "
+            f"({100 * ms['multimodal_fraction']:.1f}% of the windows have more than one); a draw reaches a lower "
+            f"minimum (by > 1) than the neural start on {100 * ms['draws_lower_cost_fraction']:.1f}%; median weight "
+            f"of the neural start's minimum {ms['neural_start_weight_median']:.2f}. Its GN iterations and time "
+            "count every start; the single-start polish is its own row.", ""]
     if "var4d_strong" in metrics:
         lines += [f"Near-strong constraint: model-error covariance x {meta['var4d'].get('strong_factor')}; "
                   "times of the polish rows include the neural / cold-diffusion pass; the rows of this table "
@@ -368,7 +385,7 @@ def write_report(out_dir, result: ExperimentResult, preset: str, settings: dict)
         f"{system}: reconstructed test trajectories (held-out observation processes)",
         phase_portrait=(system == "pendulum"),
     )
-    r0, r1 = result.var4d_runs["var4d"], result.var4d_runs["neural_var4d"]
+    r0, r1 = result.var4d_runs["var4d"], result.var4d_runs.get("neural_var4d_single", result.var4d_runs["neural_var4d"])
     err0 = ((data.norm.to_norm(r0.x) - data.test.x) ** 2).mean((-1, -2))
     err1 = ((data.norm.to_norm(r1.x) - data.test.x) ** 2).mean((-1, -2))
     w = int(np.argmax((err0 - err1).numpy()))

@@ -9,7 +9,11 @@ Methods compared on the same held-out trajectories, observed by every observatio
   block-tridiagonal solves) started from ``z0``, with the true model and noise levels;
 * ``cold_diffusion``: the unconditional ablation (prior means only, Algorithm 2 without y);
 * ``neural``: incremental neural assimilation (Algorithm 2);
-* ``neural_var4d``: 4D-Var started from the neural output ("polish").
+* ``neural_var4d``: 4D-Var started from the neural output ("polish"); with
+  ``var4d.polish_draws > 0`` the multi-start polish: 4D-Var also from that many draws of the
+  neural posterior, combined as the mean of the Laplace mixture of the distinct minima
+  (:mod:`oceanda.assim.multistart`; weights from the 4D-Var cost and Hessian of each window,
+  never from the truth), the single-start polish then being ``neural_var4d_single``.
 
 References and variants (:data:`EXTRA`), on the same windows:
 
@@ -48,7 +52,8 @@ from pathlib import Path
 import torch
 
 from oceanda.assim.checkpoint import read_torch_file
-from oceanda.assim.incremental import UPDATES, incremental_assimilation, temperature_levels
+from oceanda.assim.incremental import UPDATES, incremental_assimilation, posterior_draws, temperature_levels
+from oceanda.assim.multistart import distinct_minima, laplace_mixture_mean
 from oceanda.assim.particle import particle_smoother
 from oceanda.assim.var4d import Var4DResult, WeakConstraint4DVar
 from oceanda.dynamics import lorenz63, pendulum
@@ -60,7 +65,7 @@ from oceanda.validation.data import PairSet, ToyData, make_lorenz63, make_pendul
 
 log = logging.getLogger("oceanda.validate")
 METHODS = ("z0", "var4d", "cold_diffusion", "neural", "neural_var4d")
-EXTRA = ("particle_smoother", "var4d_from_truth", "cold_diffusion_var4d", "var4d_strong", "neural_var4d_strong",
+EXTRA = ("neural_var4d_single", "particle_smoother", "var4d_from_truth", "cold_diffusion_var4d", "var4d_strong", "neural_var4d_strong",
          "cold_diffusion_var4d_strong")
 SYSTEMS = ("lorenz63", "pendulum")
 CHECKPOINT_VERSION = 1
@@ -102,6 +107,12 @@ class Var4DSettings:
     #: initial Levenberg-Marquardt damping of the polishes (4D-Var started from a learned estimate,
     #: already near a minimum); null: lm_init, as 4D-Var from z0. Stopping rules are the same for every start
     polish_lm_init: float | None = None
+    #: multi-start polish (:mod:`oceanda.assim.multistart`): besides the neural output, this many draws of
+    #: the neural posterior N(x_l, (Q + H^T R^-1 H)^-1) start 4D-Var, and ``neural_var4d`` is the mean of
+    #: the Laplace mixture of the distinct minima (the single-start polish: ``neural_var4d_single``); 0: off
+    polish_draws: int = 0
+    polish_tol: float = 0.05  #: minima closer than this (RMS, normalised units) are one minimum
+    polish_seed: int = 0  #: seed of the draws
 
 
 @dataclass
@@ -148,7 +159,9 @@ class ExperimentSettings:
                 ("ftol", v.ftol, v.ftol >= 0, ">= 0"),
                 ("cost_tol", v.cost_tol, v.cost_tol is None or v.cost_tol >= 0, ">= 0 or null"),
                 ("decrement_tol", v.decrement_tol, v.decrement_tol is None or v.decrement_tol >= 0, ">= 0 or null"),
-                ("lm_init", v.lm_init, v.lm_init > 0, "> 0")):
+                ("lm_init", v.lm_init, v.lm_init > 0, "> 0"),
+                ("polish_draws", v.polish_draws, v.polish_draws >= 0, ">= 0"),
+                ("polish_tol", v.polish_tol, v.polish_tol >= 0, ">= 0")):
             if not ok:
                 raise ConfigError(f"experiment.var4d.{key} must be {want}, got {value}")
         if self.n_plot < 0:
@@ -305,17 +318,46 @@ class ExperimentResult:
     extra: dict
 
 
+def validation_split(data: ToyData, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(fit, val)`` boolean masks over the training pairs: the pairs of the last
+    ``fraction`` of the training trajectories (every process) are ``val``, never the test windows."""
+    n_traj = int(data.train.traj.max()) + 1
+    n_val = max(1, round(fraction * n_traj))
+    if n_val >= n_traj:
+        raise ConfigError(f"experiment: a validation split of {fraction} needs >= 2 training trajectories")
+    val = data.train.traj >= n_traj - n_val
+    return ~val, val
+
+
+def fit_prior(settings: ExperimentSettings, data: ToyData, z0_train: torch.Tensor, keep: torch.Tensor,
+              conditional: bool, dtype=torch.float32, on_epoch=None):
+    """A new prior trained on the training pairs ``keep``; with ``training.early_stopping``
+    on those of them outside the validation split, kept at its best validation epoch (the
+    same rule for the neural prior and for the cold-diffusion ablation). Returns
+    ``(prior, TrainRecord)``."""
+    x, y, mask = data.train.flat()
+    fit, val = keep, None
+    if settings.training.early_stopping:
+        f, v = validation_split(data, settings.training.val_fraction)
+        fit, val_sel = keep & f, keep & v
+        val = (x[val_sel].to(dtype), z0_train[val_sel].to(dtype), y[val_sel].to(dtype), mask[val_sel])
+    prior = new_prior(settings, data, conditional)
+    rec = train_incremental(prior, x[fit].to(dtype), z0_train[fit].to(dtype), y[fit].to(dtype), mask[fit],
+                            data.R_norm, temperature_levels(settings.n_levels), settings.training,
+                            conditional=conditional, on_epoch=on_epoch, val=val)
+    return prior, rec
+
+
 def train_models(settings: ExperimentSettings, data: ToyData, z0_train: torch.Tensor, dtype=torch.float32,
                  progress: bool = True):
-    """Train the neural prior (objective (3.5)) and the unconditional ablation."""
+    """Train the neural prior (objective (3.5)) and the unconditional ablation; returns
+    ``(priors, records)`` (name -> :class:`~oceanda.train.incremental.TrainRecord`)."""
     from tqdm.auto import tqdm
 
-    levels = temperature_levels(settings.n_levels)
-    x, y, mask = data.train.flat()
     out = {}
     histories = {}
+    every = torch.ones(len(data.train), dtype=torch.bool)
     for name, conditional in (("neural", True), ("cold_diffusion", False)):
-        prior = new_prior(settings, data, conditional)
         torch.manual_seed(settings.training.seed + (0 if conditional else 1))
         bar = tqdm(total=settings.training.epochs, desc=f"train {name}", disable=not progress, leave=False)
 
@@ -323,12 +365,8 @@ def train_models(settings: ExperimentSettings, data: ToyData, z0_train: torch.Te
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4g}")
 
-        histories[name] = train_incremental(
-            prior, x.to(dtype), z0_train.to(dtype), y.to(dtype), mask, data.R_norm, levels,
-            settings.training, conditional=conditional, on_epoch=on_epoch,
-        )
+        out[name], histories[name] = fit_prior(settings, data, z0_train, every, conditional, dtype, on_epoch)
         bar.close()
-        out[name] = prior
     return out, histories
 
 
@@ -339,46 +377,35 @@ def train_heldout_model(settings: ExperimentSettings, data: ToyData, z0_train: t
     from tqdm.auto import tqdm
 
     keep = ~torch.isin(data.train.process, torch.tensor(data.processes_heldout))
-    x, y, mask = data.train.flat()
-    prior = new_prior(settings, data, True)
     torch.manual_seed(settings.training.seed)
     bar = tqdm(total=settings.training.epochs, desc="train neural (held-out phases)", disable=not progress, leave=False)
-    hist = train_incremental(prior, x[keep].to(dtype), z0_train[keep].to(dtype), y[keep].to(dtype), mask[keep],
-                             data.R_norm, temperature_levels(settings.n_levels), settings.training,
-                             on_epoch=lambda e, loss: bar.update(1))
+    prior, hist = fit_prior(settings, data, z0_train, keep, True, dtype, lambda e, loss: bar.update(1))
     bar.close()
     return prior, hist
-
-
-VAL_FRACTION = 0.1  #: training trajectories held out to choose the width
 
 
 def select_width(settings: ExperimentSettings, data: ToyData, z0_train: torch.Tensor, dtype=torch.float32,
                  progress: bool = True) -> dict:
     """Capacity by held-out validation, never by the test windows: each candidate width of
     ``settings.model.width`` (a list) trains the neural prior on the training pairs of all
-    but the last ``VAL_FRACTION`` of the training trajectories and is scored by the RMSE of
-    its assimilation on the pairs of those held-out trajectories (same training processes).
-    Sets ``settings.model.width`` to the best candidate (the networks are then trained on all
-    training pairs) and returns ``{"widths", "val_rmse", "chosen", "n_val_trajectories"}``."""
+    but the last ``training.val_fraction`` of the training trajectories and is scored by the
+    RMSE of its assimilation on the pairs of those held-out trajectories (same training
+    processes; with ``training.early_stopping``, at its best validation epoch). Sets
+    ``settings.model.width`` to the best candidate (the networks are then trained as usual)
+    and returns ``{"widths", "val_rmse", "chosen", "n_val_trajectories"}``."""
     from tqdm.auto import tqdm
 
     widths = list(settings.model.width)
     levels = temperature_levels(settings.n_levels)
-    n_traj = int(data.train.traj.max()) + 1
-    n_val = max(1, round(VAL_FRACTION * n_traj))
-    if n_val >= n_traj:
-        raise ConfigError(f"experiment.model.width: choosing among {widths} needs >= 2 training trajectories")
-    val = data.train.traj >= n_traj - n_val
-    fit = ~val
+    fit, val = validation_split(data, settings.training.val_fraction)
+    n_val = int(data.train.traj[val].unique().numel())
     x, y, mask = data.train.flat()
     scores = []
     for w in tqdm(widths, desc="choose width", disable=not progress, leave=False):
         s_w = replace(settings, model=replace(settings.model, width=w))
-        prior = new_prior(s_w, data, True)
         torch.manual_seed(settings.training.seed)
-        train_incremental(prior, x[fit].to(dtype), z0_train[fit].to(dtype), y[fit].to(dtype), mask[fit], data.R_norm,
-                          levels, settings.training)
+        keep = torch.ones_like(fit) if settings.training.early_stopping else fit  # fit_prior splits off val itself
+        prior, _ = fit_prior(s_w, data, z0_train, keep, True, dtype)
         est = incremental_assimilation(prior, z0_train[val].to(dtype), y[val].to(dtype), mask[val], data.R_norm, levels,
                                        update=settings.update)
         scores.append(rmse(est, x[val]))
@@ -386,6 +413,47 @@ def select_width(settings: ExperimentSettings, data: ToyData, z0_train: torch.Te
     chosen = widths[min(range(len(widths)), key=scores.__getitem__)]
     settings.model.width = chosen
     return {"widths": widths, "val_rmse": scores, "chosen": chosen, "n_val_trajectories": n_val}
+
+
+def multistart_polish(settings: ExperimentSettings, data: ToyData, prior: NeuralBandPrior, z0: torch.Tensor,
+                      y: torch.Tensor, mask: torch.Tensor, solver: WeakConstraint4DVar, var: WeakConstraint4DVar,
+                      single: Var4DResult) -> tuple[Var4DResult, dict]:
+    """The multi-start polish of ``neural_var4d`` (module docstring): ``single`` is 4D-Var
+    from the neural output (already run); ``var4d.polish_draws`` draws of the neural
+    posterior (:func:`~oceanda.assim.incremental.posterior_draws`) are polished by
+    ``solver``, the distinct minima (``var4d.polish_tol``) of each window weighted by
+    ``exp(-J) det(G)^(-1/2)`` (``var``'s cost and Gauss-Newton Hessian). Returns the
+    :class:`Var4DResult` of the mixture mean (``iters``: Gauss-Newton systems of every start;
+    ``cost``: the lowest minimum; ``converged``: every start converged; ``history``: the single
+    start's) and a summary (minima per window, weight of the neural start's minimum)."""
+    v = settings.var4d
+    N, T, phi = data.test.x.shape
+    g = torch.Generator().manual_seed(v.polish_seed)
+    _, draws = posterior_draws(prior, z0, y, mask, data.R_norm, temperature_levels(settings.n_levels),
+                               v.polish_draws, g, update=settings.update)
+    yraw = torch.where(data.test.mask, data.norm.to_raw(data.test.y), torch.zeros_like(data.test.y))
+    K = v.polish_draws
+    start = data.norm.to_raw(draws.reshape(K * N, T, phi))
+    rep = lambda a: a.unsqueeze(0).expand(K, *a.shape).reshape(K * N, *a.shape[1:])  # noqa: E731
+    r = solver.solve(start, rep(yraw), rep(data.test.mask))
+    xs = torch.cat((single.x.unsqueeze(0), r.x.reshape(K, N, T, phi)))  # raw (K+1, N, T, phi)
+    cost = torch.cat((single.cost.unsqueeze(0), r.cost.reshape(K, N)))
+    iters = torch.cat((single.iters.unsqueeze(0), r.iters.reshape(K, N)))
+    conv = torch.cat((single.converged.unsqueeze(0), r.converged.reshape(K, N)))
+    logdet = var.hessian_logdet(xs.reshape(-1, T, phi), torch.cat((yraw, rep(yraw))),
+                                torch.cat((data.test.mask, rep(data.test.mask)))).reshape(K + 1, N)
+    xn = data.norm.to_norm(xs).reshape(K + 1, N, T * phi)
+    keep = distinct_minima(xn, cost, v.polish_tol, valid=torch.isfinite(logdet))
+    mean, pi = laplace_mixture_mean(xn, cost, torch.nan_to_num(logdet), keep)
+    res = Var4DResult(x=data.norm.to_raw(mean.reshape(N, T, phi)), iters=iters.sum(0),
+                      cost=torch.where(keep, cost, torch.inf).min(0).values, converged=conv.all(0),
+                      history=single.history)
+    n_min = keep.sum(0).double()
+    return res, {"n_starts": K + 1, "tol": v.polish_tol, "minima_median": float(n_min.median()),
+                 "minima_mean": float(n_min.mean()), "multimodal_fraction": float((n_min > 1).double().mean()),
+                 "neural_start_weight_median": float(pi[0].median()),
+                 "draws_lower_cost_fraction": float((torch.where(keep[1:], cost[1:], torch.inf).min(0).values
+                                                     < cost[0] - 1.0).double().mean())}
 
 
 def new_prior(settings: ExperimentSettings, data: ToyData, conditional: bool) -> NeuralBandPrior:
@@ -463,17 +531,21 @@ def run_experiment(
     fg = FirstGuess(data, settings.z0_inflation)
     z0_train = fg(data.train)
     (z0_test, t_z0) = _timed(lambda: fg(data.test))
-    selection = None
+    selection = stopping = None
     if checkpoint is not None:
         priors, histories = load_checkpoint(Path(checkpoint), settings, data)
         log.info("loaded networks from %s (training skipped)", checkpoint)
     else:
         if isinstance(settings.model.width, list):
             selection = select_width(settings, data, z0_train, dtype, progress)
-        priors, histories = train_models(settings, data, z0_train, dtype, progress)
+        priors, records = train_models(settings, data, z0_train, dtype, progress)
         if data.processes_heldout:
-            priors["neural_heldout"], histories["neural_heldout"] = train_heldout_model(settings, data, z0_train,
-                                                                                        dtype, progress)
+            priors["neural_heldout"], records["neural_heldout"] = train_heldout_model(settings, data, z0_train,
+                                                                                      dtype, progress)
+        histories = {k: r.loss for k, r in records.items()}
+        if settings.training.early_stopping:
+            stopping = {k: {"best_epoch": r.best_epoch, "val_rmse_best": r.val_rmse[r.best_epoch],
+                            "val_rmse_last": r.val_rmse[-1]} for k, r in records.items()}
         if out_dir is not None:
             save_checkpoint(Path(out_dir) / "model.pt", settings, priors, histories)
     levels = temperature_levels(settings.n_levels)
@@ -517,6 +589,13 @@ def run_experiment(
         bar.close()
         est[name] = data.norm.to_norm(runs[name].x).reshape(N, -1)
     times["neural_var4d"] += times["neural"]
+    if settings.var4d.polish_draws > 0:
+        for k in ("neural_var4d",):
+            runs[f"{k}_single"], est[f"{k}_single"], times[f"{k}_single"] = runs[k], est[k], times[k]
+        (runs["neural_var4d"], multistart), t_ms = _timed(lambda: multistart_polish(
+            settings, data, priors["neural"], z0d, yd, mask, var_p, var, runs["neural_var4d_single"]))
+        est["neural_var4d"] = data.norm.to_norm(runs["neural_var4d"].x).reshape(N, -1)
+        times["neural_var4d"] = t_ms + times["neural_var4d_single"]
     # references and variants: run once each (timings of one run)
     starts = {"cold_diffusion_var4d": (var_p, est["cold_diffusion"], times["cold_diffusion"]),
               "var4d_from_truth": (var, x, 0.0)}
@@ -568,6 +647,8 @@ def run_experiment(
     extra = {
         "update_rmse": updates,
         "capacity_selection": selection,
+        "early_stopping": stopping,
+        "multistart": multistart if settings.var4d.polish_draws > 0 else None,
         "level_rmse": level_rmse,
         "update_used": settings.update,
         "update_notes": update_notes,
@@ -594,6 +675,9 @@ def run_experiment(
             "var4d_worse_fraction": float((runs["var4d"].cost > runs["var4d_from_truth"].cost + 1.0).double().mean()),
             "neural_var4d_worse_fraction": float(
                 (runs["neural_var4d"].cost > runs["var4d_from_truth"].cost + 1.0).double().mean()),
+            **({"neural_var4d_single_worse_fraction": float(
+                (runs["neural_var4d_single"].cost > runs["var4d_from_truth"].cost + 1.0).double().mean())}
+               if "neural_var4d_single" in runs else {}),
         },
     }
     if data.test_seen is not None:  # diagnostic: same held-out trajectories, training processes
