@@ -330,8 +330,10 @@ def validation_split(data: ToyData, fraction: float) -> tuple[torch.Tensor, torc
 
 
 def fit_prior(settings: ExperimentSettings, data: ToyData, z0_train: torch.Tensor, keep: torch.Tensor,
-              conditional: bool, dtype=torch.float32, on_epoch=None):
-    """A new prior trained on the training pairs ``keep``; with ``training.early_stopping``
+              conditional: bool, seed: int, dtype=torch.float32, on_epoch=None):
+    """A new prior (torch seeded with ``seed`` once it is built: the order of the earlier
+    runs, whose numbers the experiment files keep) trained on the training pairs ``keep``;
+    with ``training.early_stopping``
     on those of them outside the validation split, kept at its best validation epoch (the
     same rule for the neural prior and for the cold-diffusion ablation). Returns
     ``(prior, TrainRecord)``."""
@@ -342,6 +344,7 @@ def fit_prior(settings: ExperimentSettings, data: ToyData, z0_train: torch.Tenso
         fit, val_sel = keep & f, keep & v
         val = (x[val_sel].to(dtype), z0_train[val_sel].to(dtype), y[val_sel].to(dtype), mask[val_sel])
     prior = new_prior(settings, data, conditional)
+    torch.manual_seed(seed)
     rec = train_incremental(prior, x[fit].to(dtype), z0_train[fit].to(dtype), y[fit].to(dtype), mask[fit],
                             data.R_norm, temperature_levels(settings.n_levels), settings.training,
                             conditional=conditional, on_epoch=on_epoch, val=val)
@@ -358,14 +361,14 @@ def train_models(settings: ExperimentSettings, data: ToyData, z0_train: torch.Te
     histories = {}
     every = torch.ones(len(data.train), dtype=torch.bool)
     for name, conditional in (("neural", True), ("cold_diffusion", False)):
-        torch.manual_seed(settings.training.seed + (0 if conditional else 1))
         bar = tqdm(total=settings.training.epochs, desc=f"train {name}", disable=not progress, leave=False)
 
         def on_epoch(e, loss, bar=bar):
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4g}")
 
-        out[name], histories[name] = fit_prior(settings, data, z0_train, every, conditional, dtype, on_epoch)
+        out[name], histories[name] = fit_prior(settings, data, z0_train, every, conditional,
+                                               settings.training.seed + (0 if conditional else 1), dtype, on_epoch)
         bar.close()
     return out, histories
 
@@ -377,9 +380,9 @@ def train_heldout_model(settings: ExperimentSettings, data: ToyData, z0_train: t
     from tqdm.auto import tqdm
 
     keep = ~torch.isin(data.train.process, torch.tensor(data.processes_heldout))
-    torch.manual_seed(settings.training.seed)
     bar = tqdm(total=settings.training.epochs, desc="train neural (held-out phases)", disable=not progress, leave=False)
-    prior, hist = fit_prior(settings, data, z0_train, keep, True, dtype, lambda e, loss: bar.update(1))
+    prior, hist = fit_prior(settings, data, z0_train, keep, True, settings.training.seed, dtype,
+                            lambda e, loss: bar.update(1))
     bar.close()
     return prior, hist
 
@@ -403,9 +406,8 @@ def select_width(settings: ExperimentSettings, data: ToyData, z0_train: torch.Te
     scores = []
     for w in tqdm(widths, desc="choose width", disable=not progress, leave=False):
         s_w = replace(settings, model=replace(settings.model, width=w))
-        torch.manual_seed(settings.training.seed)
         keep = torch.ones_like(fit) if settings.training.early_stopping else fit  # fit_prior splits off val itself
-        prior, _ = fit_prior(s_w, data, z0_train, keep, True, dtype)
+        prior, _ = fit_prior(s_w, data, z0_train, keep, True, settings.training.seed, dtype)
         est = incremental_assimilation(prior, z0_train[val].to(dtype), y[val].to(dtype), mask[val], data.R_norm, levels,
                                        update=settings.update)
         scores.append(rmse(est, x[val]))
