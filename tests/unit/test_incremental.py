@@ -3,6 +3,7 @@ implicit-diff gradients == dense autograd, Algorithm 2 updates, training beats z
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -239,3 +240,35 @@ def test_process_families_heldout_and_all(maker):
     assert float((full.test.y[obs] - full.test.x[obs]).std()) > 0  # noisy observations
     with pytest.raises(ConfigError, match="processes"):
         make(6, 4, processes="some", **kw)
+
+
+def test_early_stopping_keeps_the_epoch_of_lowest_validation_rmse():
+    """With validation pairs the prior ends at its best validation epoch: its validation RMSE,
+    recomputed from scratch as the root of the mean squared MAP error, is the minimum of the
+    record, reached at ``best_epoch``; a high learning rate makes later epochs worse."""
+    from oceanda.train.incremental import validation_rmse
+    from oceanda.validation.data import make_lorenz63
+
+    torch.manual_seed(0)
+    data = make_lorenz63(24, 2, spinup_steps=200, seed=2)
+    x, y, m = data.train.flat()
+    emp = EmpiricalGaussian.fit(x[data.train.process == 0])
+    z0 = emp.map(y, m, data.R_norm)
+    f = lambda a: a.float()  # noqa: E731
+    val = data.train.traj >= 20
+    fit = ~val
+    prior = NeuralBandPrior(data.T, 3, width=16)
+    lv = temperature_levels(0)
+    rec = train_incremental(prior, f(x[fit]), f(z0[fit]), f(y[fit]), m[fit], data.R_norm, lv,
+                            TrainSettings(epochs=8, batch_size=32, lr=2e-2, lr_final=2e-2),
+                            val=(f(x[val]), f(z0[val]), f(y[val]), m[val]))
+    assert len(rec.val_rmse) == len(rec.loss) == 8
+    assert rec.best_epoch == int(np.argmin(rec.val_rmse))
+    assert rec.val_rmse[-1] > min(rec.val_rmse)  # the last epoch is worse: restoring is exercised (0.66 vs 0.45)
+    est = incremental_assimilation(prior, f(z0[val]), f(y[val]), m[val], data.R_norm, lv).double()
+    again = float((est - x[val]).pow(2).mean().sqrt())
+    assert again == pytest.approx(min(rec.val_rmse), rel=1e-5)
+    assert validation_rmse(prior, (f(x[val]), f(z0[val]), f(y[val]), m[val]), data.R_norm, lv, chunk=7) == \
+        pytest.approx(min(rec.val_rmse), rel=1e-5)
+    with pytest.raises(ConfigError):
+        TrainSettings(val_fraction=1.0).check()
