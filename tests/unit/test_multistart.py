@@ -131,7 +131,8 @@ def test_hessian_logdet_matches_dense_slogdet():
     torch.testing.assert_close(got, torch.linalg.slogdet(dense).logabsdet, rtol=1e-10, atol=1e-9)
 
 
-def test_posterior_draws_have_the_mean_and_covariance_of_the_map_posterior():
+@pytest.mark.parametrize("n_levels", [0, 2])
+def test_posterior_draws_have_the_mean_and_covariance_of_the_map_posterior(n_levels):
     torch.manual_seed(0)
     T, phi, n = 4, 3, 40000
     prior = NeuralBandPrior(T, phi, width=8).double()
@@ -140,12 +141,16 @@ def test_posterior_draws_have_the_mean_and_covariance_of_the_map_posterior():
     y = torch.randn(2, T * phi, generator=g, dtype=DT)
     mask = torch.rand(2, T * phi, generator=g) < 0.4
     R = 0.3
-    levels = temperature_levels(0)
+    levels = temperature_levels(n_levels)
     x_l, draws = posterior_draws(prior, z0, y, mask, R, levels, n, torch.Generator().manual_seed(2))
     torch.testing.assert_close(x_l, incremental_assimilation(prior, z0, y, mask, R, levels), rtol=1e-12, atol=1e-12)
     assert draws.shape == (n, 2, T * phi)
+    _, path = incremental_assimilation(prior, z0, y, mask, R, levels, return_path=True)
+    z = z0.clone()  # cold update: z_(k+1) = z_k + (s_k - s_(k+1)) (x_k - z0)
+    for k in range(n_levels):
+        z = z + (levels[k] - levels[k + 1]) * (path[k] - z0)
     with torch.no_grad():
-        _, Q = prior(z0, 1.0)
+        _, Q = prior(z, levels[-1])
     for b in range(2):
         P = band_to_dense(Q[b]) + torch.diag(mask[b].double() / R)
         cov = torch.linalg.inv(P)

@@ -41,6 +41,12 @@ def temperature_levels(n_levels: int) -> list[float]:
     return [1.0 - k / (n_levels + 1) for k in range(n_levels + 1)]
 
 
+def _step(levels: list[float], k: int, update: str) -> float:
+    """The factor of ``x_k - z0`` in the update of ``z_k`` (module docstring; ``s_{l+1} = 0``)."""
+    s_next = levels[k + 1] if k + 1 < len(levels) else 0.0
+    return (levels[k] - s_next) if update == "cold" else levels[k]
+
+
 @torch.no_grad()
 def incremental_assimilation(
     prior: NeuralBandPrior,
@@ -65,9 +71,7 @@ def incremental_assimilation(
     for k, s in enumerate(levels):
         x_k = prior.assimilate(z, y, mask, R, s) if conditional else prior.mean(z, s)
         path.append(x_k)
-        s_next = levels[k + 1] if k + 1 < len(levels) else 0.0
-        step = (s - s_next) if update == "cold" else s
-        z = z + step * (x_k - z0)
+        z = z + _step(levels, k, update) * (x_k - z0)
     return (x_k, path) if return_path else x_k
 
 
@@ -89,9 +93,8 @@ def posterior_draws(
 
     x_l, path = incremental_assimilation(prior, z0, y, mask, R, levels, update=update, return_path=True)
     z = z0
-    for k, s in enumerate(levels[:-1]):  # z_l, the input of the last MAP step
-        step = (s - levels[k + 1]) if update == "cold" else s
-        z = z + step * (path[k] - z0)
+    for k in range(len(levels) - 1):  # z_l, the input of the last MAP step
+        z = z + _step(levels, k, update) * (path[k] - z0)
     _, Q = prior(z, levels[-1])
     R = R.double() if torch.is_tensor(R) else float(R)
     w = torch.where(mask, 1.0 / torch.as_tensor(R, dtype=torch.float64), torch.zeros((), dtype=torch.float64))
