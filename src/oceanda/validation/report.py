@@ -338,7 +338,7 @@ def _extra_table(metrics: dict, meta: dict) -> list[str]:
             f"Distinct minima per window: median {ms['minima_median']:g}, mean {ms['minima_mean']:.2f} "
             f"({100 * ms['multimodal_fraction']:.1f}% of the windows have more than one); a draw reaches a lower "
             f"minimum (by > 1) than the neural start on {100 * ms['draws_lower_cost_fraction']:.1f}%; median weight "
-            f"of the neural start's minimum {ms['neural_start_weight_median']:.2f}. Its GN iterations and time "
+            f"of the minimum the neural start reached {ms['neural_start_weight_median']:.2f}. Its GN iterations and time "
             "count every start; the single-start polish is its own row.", ""]
     if "var4d_strong" in metrics:
         lines += [f"Near-strong constraint: model-error covariance x {meta['var4d'].get('strong_factor')}; "

@@ -427,7 +427,7 @@ def multistart_polish(settings: ExperimentSettings, data: ToyData, prior: Neural
     ``exp(-J) det(G)^(-1/2)`` (``var``'s cost and Gauss-Newton Hessian). Returns the
     :class:`Var4DResult` of the mixture mean (``iters``: Gauss-Newton systems of every start;
     ``cost``: the lowest minimum; ``converged``: every start converged; ``history``: the single
-    start's) and a summary (minima per window, weight of the neural start's minimum)."""
+    start's) and a summary (minima per window, weight of the minimum the neural start reached)."""
     v = settings.var4d
     N, T, phi = data.test.x.shape
     g = torch.Generator().manual_seed(v.polish_seed)
@@ -453,7 +453,9 @@ def multistart_polish(settings: ExperimentSettings, data: ToyData, prior: Neural
     n_min = keep.sum(0).double()
     return res, {"n_starts": K + 1, "tol": v.polish_tol, "minima_median": float(n_min.median()),
                  "minima_mean": float(n_min.mean()), "multimodal_fraction": float((n_min > 1).double().mean()),
-                 "neural_start_weight_median": float(pi[0].median()),
+                 # weight of the minimum the neural start reached (whichever start of it was kept)
+                 "neural_start_weight_median": float(torch.where(
+                     (xn - xn[:1]).pow(2).mean(-1).sqrt() <= v.polish_tol, pi, torch.zeros_like(pi)).sum(0).median()),
                  "draws_lower_cost_fraction": float((torch.where(keep[1:], cost[1:], torch.inf).min(0).values
                                                      < cost[0] - 1.0).double().mean())}
 
