@@ -4,7 +4,8 @@
 ``neural_var4d``) with ``rmse`` (normalised units), ``rmse_raw`` (physical units),
 ``time_per_window_ms`` and, for the 4D-Var runs, ``gn_iters_median``; the references and
 variants of :data:`~oceanda.validation.runner.EXTRA` (``particle_smoother`` with its effective
-sample size, ``var4d_from_truth``, the cold-diffusion polish and the near-strong-constraint
+sample size, ``var4d_from_truth``, ``neural_var4d_single`` (the single-start polish when
+``neural_var4d`` is the multi-start one), the cold-diffusion polish and the near-strong-constraint
 ``*_strong`` runs) in the same format; plus ``checks`` (the paper's relations and the
 reference's, each with our numbers and whether it holds) and ``meta``.
 ``report.md`` lays the numbers out as the paper's Table 1 with two more columns (first
