@@ -10,7 +10,10 @@ Each setting ``NAME`` runs, in ``ROOT/NAME``::
 (``FLAGS`` the setting's physics flags of ``gyre_spinup.py``: ``--tau0 --drag --beta --H --g-prime
 --wind-tilt --upwind``), and a setting whose ``diag.json`` exists is skipped. ``--table`` prints
 every finished setting under ``ROOT`` as a markdown table next to the issue's targets, with the
-basin energy at the start and the end of its diagnosed days.
+basin energy at the end of the adjustment and of the diagnosed days, and along the jet the
+east/west power ratio of the anomalies at wavelengths 600-2000 and 300-600 km
+(``jet_phase`` of ``spinup_diagnostics.py``; also read from ``ROOT/NAME/phase700.json``, a rerun
+of it at ``--x0-km 700``, for settings diagnosed before it had them).
 
     OMP_NUM_THREADS=1 nice -n 10 python hpc/truth/gyre_scan.py --root runs/scan \\
         --setting tau012 "--tau0 0.12" --setting up05 "--upwind 0.5"
@@ -83,17 +86,21 @@ def energies(work: Path) -> tuple[float, float]:
 
 
 def table(root: Path) -> str:
-    rows = ["| setting | flags | x0 km | E adj / end | " + " | ".join(c[1] for c in COLUMNS) + " |",
-            "|---|---|---|---|" + "---|" * len(COLUMNS)]
+    rows = ["| setting | flags | x0 km | E adj / end | " + " | ".join(c[1] for c in COLUMNS)
+            + " | jet E/W power, 600-2000 / 300-600 km |",
+            "|---|---|---|---|" + "---|" * (len(COLUMNS) + 1)]
     for d in sorted(p for p in root.iterdir() if (p / "diag.json").is_file()):
         res = json.loads((d / "diag.json").read_text())
         flags = (d / "flags.txt").read_text().strip() if (d / "flags.txt").is_file() else ""
         e0, e1 = energies(d)
+        extra = json.loads((d / "phase700.json").read_text())["boxes"] if (d / "phase700.json").is_file() else {}
         for x0, s in res["boxes"].items():
+            phase = s.get("jet_phase") or extra.get(x0, {}).get("jet_phase")
             cells = []
             for key, _, fmt, ok in COLUMNS:
                 v = s[key]
                 cells.append(("**" + fmt.format(v) + "**") if ok(v) else fmt.format(v))
+            cells.append(f"{phase[0]['east_over_west']:.2f} / {phase[1]['east_over_west']:.2f}" if phase else "")
             rows.append(f"| {d.name} | `{flags}` | {float(x0):g} | {e0:.0f} / {e1:.0f} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 

@@ -3,7 +3,8 @@
 A rectangular basin ``[0, Lx] x [0, Ly]`` with ``n`` stacked layers (thicknesses ``H_i``,
 reduced gravities ``g'_i``, ``g'_1 = g`` for the free surface) on a beta-plane, driven by a
 zonal wind stress ``tau_x = -tau0 cos(2 pi y / Ly)`` (westerlies mid-basin, easterlies at
-the southern and northern walls: an anticyclonic subtropical and a cyclonic subpolar gyre).
+the southern and northern walls: an anticyclonic subtropical and a cyclonic subpolar gyre;
+``GyreParams.wind_tilt`` tilts its zero-curl line).
 Their western boundary currents meet mid-basin, separate from the coast and form an eastward
 jet that meanders and sheds rings (Holland 1978; Thiry et al. 2024, MQGeometry)::
 
