@@ -85,7 +85,7 @@ def energies(work: Path) -> tuple[float, float]:
     return fine, stats
 
 
-def table(root: Path) -> str:
+def table(root: Path, only_x0: float | None = None) -> str:
     rows = ["| setting | flags | x0 km | E adj / end | " + " | ".join(c[1] for c in COLUMNS)
             + " | jet E/W power, 600-2000 / 300-600 km |",
             "|---|---|---|---|" + "---|" * (len(COLUMNS) + 1)]
@@ -95,6 +95,8 @@ def table(root: Path) -> str:
         e0, e1 = energies(d)
         extra = json.loads((d / "phase700.json").read_text())["boxes"] if (d / "phase700.json").is_file() else {}
         for x0, s in res["boxes"].items():
+            if only_x0 is not None and float(x0) != only_x0:
+                continue
             phase = s.get("jet_phase") or extra.get(x0, {}).get("jet_phase")
             cells = []
             for key, _, fmt, ok in COLUMNS:
@@ -116,11 +118,12 @@ def main() -> None:
     ap.add_argument("--stats-days", type=int, default=180)
     ap.add_argument("--x0-km", type=float, nargs="+", default=[600.0, 700.0, 800.0])
     ap.add_argument("--table", action="store_true", help="print the finished settings (bold: target met)")
+    ap.add_argument("--table-x0", type=float, default=None, help="only the boxes at this x0 [km] in the table")
     a = ap.parse_args()
     for name, flags in a.setting:
         run_setting(a, name, flags)
     if a.table:
-        print(table(Path(a.root)))
+        print(table(Path(a.root), a.table_x0))
 
 
 if __name__ == "__main__":
