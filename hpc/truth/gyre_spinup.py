@@ -17,6 +17,9 @@ same command after an interruption and it continues from the last one):
 
 ``--from-state FILE`` replaces stage 1 by a spun-up state (e.g. the shipped one at a coarser
 resolution), interpolated onto ``nx`` the same way: a finer truth without a new spin-up from rest.
+The physics flags (``--tau0 --drag --beta --H --g-prime --wind-tilt --upwind``) override the
+state's parameters there (unset: the state's), so stage 2 continues it with changed physics;
+from rest, unset flags take :class:`GyreParams`' defaults. ``hpc/truth/gyre_scan.py`` scans them.
 
 The state at the end of stage 3 is written with its reference date ``--date`` (float32 psi,
 compressed) and the box centre; the truth of any later date continues from it.
@@ -95,7 +98,13 @@ def main() -> None:
     ap.add_argument("--out", default=str(gyre.STATE_FILE), help="state file to write")
     ap.add_argument("--nx", type=int, default=160)
     ap.add_argument("--L-km", type=float, default=2048.0)
-    ap.add_argument("--tau0", type=float, default=0.08)
+    ap.add_argument("--tau0", type=float, default=None, help="wind stress [N/m^2] (default 0.08 or the state's)")
+    ap.add_argument("--drag", type=float, default=None, help="bottom drag [1/s] (default 3.6e-8 or the state's)")
+    ap.add_argument("--beta", type=float, default=None, help="[1/m/s] (default 1.754e-11 or the state's)")
+    ap.add_argument("--H", type=float, nargs="+", default=None, help="layer thicknesses [m], top first")
+    ap.add_argument("--g-prime", type=float, nargs="+", default=None, help="reduced gravities [m/s^2], g first")
+    ap.add_argument("--wind-tilt", type=float, default=None, help="slope dy/dx of the zero-wind-curl line")
+    ap.add_argument("--upwind", type=float, default=None, help="upwind weight of the PV reconstruction in [0, 1]")
     ap.add_argument("--steps-per-day", type=int, default=24)
     ap.add_argument("--coarse-years", type=float, default=5.0)
     ap.add_argument("--fine-years", type=float, default=1.5)
@@ -110,24 +119,33 @@ def main() -> None:
                     help="also keep the daily basin SSH of stage 3 (WORK/daily/NNNN.npy, float32) for diagnostics")
     ap.add_argument("--date", default="2012-09-01", help="reference date of the written state")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dtype", choices=("float64", "float32"), default="float64",
+                    help="of the integration (float32: about 1.7x faster, for scans; the shipped state: float64)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     L = a.L_km * 1e3
-    fine_p = gyre.GyreParams(nx=a.nx, ny=a.nx, Lx=L, Ly=L, tau0=a.tau0, steps_per_day=a.steps_per_day)
+    physics = {k: v for k, v in (("tau0", a.tau0), ("drag", a.drag), ("beta", a.beta), ("wind_tilt", a.wind_tilt),
+                                 ("upwind", a.upwind), ("H", tuple(a.H) if a.H else None),
+                                 ("g_prime", tuple(a.g_prime) if a.g_prime else None)) if v is not None}
+    fine_p = gyre.GyreParams(nx=a.nx, ny=a.nx, Lx=L, Ly=L, steps_per_day=a.steps_per_day, **physics)
     coarse_p = replace(fine_p, nx=a.nx // 2, ny=a.nx // 2, steps_per_day=max(a.steps_per_day // 2, 1))
-    fine, coarse = gyre.GyreModel(fine_p), gyre.GyreModel(coarse_p)
+    dtype = getattr(torch, a.dtype)
+    fine, coarse = gyre.GyreModel(fine_p, dtype=dtype), gyre.GyreModel(coarse_p, dtype=dtype)
     print(f"basin {a.L_km:g} km, {a.nx}x{a.nx} ({fine_p.dx / 1e3:.1f} km), Rossby radii {fine.rossby_radii_km[1:]} km",
           flush=True)
     t0 = time.perf_counter()
     if a.from_state:
         src_p, src_psi, _, _ = gyre.load_state(a.from_state)
-        if (src_p.Lx, src_p.Ly) != (fine_p.Lx, fine_p.Ly) or src_p.tau0 != fine_p.tau0:
-            raise SystemExit(f"--from-state {a.from_state}: basin or wind differ from the requested ones")
-        fine_p = replace(src_p, nx=a.nx, ny=a.nx, steps_per_day=a.steps_per_day)
-        fine, coarse = gyre.GyreModel(fine_p), gyre.GyreModel(src_p)
-        psi = torch.as_tensor(src_psi, dtype=torch.float64)
+        if (src_p.Lx, src_p.Ly) != (fine_p.Lx, fine_p.Ly):
+            raise SystemExit(f"--from-state {a.from_state}: its basin differs from --L-km {a.L_km:g}")
+        if len(physics.get("H", src_p.H)) != src_p.nl or len(physics.get("g_prime", src_p.g_prime)) != src_p.nl:
+            raise SystemExit(f"--from-state {a.from_state}: --H / --g-prime need its {src_p.nl} layers")
+        fine_p = replace(src_p, nx=a.nx, ny=a.nx, steps_per_day=a.steps_per_day, **physics)
+        fine, coarse = gyre.GyreModel(fine_p, dtype=dtype), gyre.GyreModel(src_p, dtype=dtype)
+        print(f"continued with {fine_p} (Rossby radii {fine.rossby_radii_km[1:]} km)", flush=True)
+        psi = torch.as_tensor(src_psi, dtype=dtype)
         print(f"from {a.from_state}: {src_p.nx}x{src_p.ny} -> {a.nx}x{a.nx}", flush=True)
     else:
         q, psi = coarse.rest_state()

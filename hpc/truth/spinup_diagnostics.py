@@ -1,7 +1,10 @@
 """Gulf Stream diagnostics of a spin-up's last stage, before shipping its state: the daily basin
 SSH kept by ``gyre_spinup.py --save-daily`` (``WORK/daily``) sampled onto the Gulf Stream box
 (33-43N, 65-55W at 1/20 deg) for boxes centred at several ``--x0-km`` (each ``y0`` on the
-time-mean jet by the spin-up's own rule), then :func:`oceanda.metrics.gulfstream.gulfstream_diagnostics`.
+time-mean jet by the spin-up's own rule), then :func:`oceanda.metrics.gulfstream.gulfstream_diagnostics`
+and the spectral slopes over 70-120 and 120-250 km (the two halves of the target band); within
+0.75 deg of the box-mean jet axis (the band of the along-jet propagation),
+:func:`oceanda.metrics.gulfstream.zonal_phase_speeds` (``jet_phase``: which wavelengths travel which way).
 
 These days precede the state's reference date and carry no seed perturbation: a quick look at a
 candidate state (e.g. another resolution) side by side with the shipped one; the README's table
@@ -63,9 +66,18 @@ def main() -> None:
         y0 = jet_y0_km(mean, params, x0, a.half_width_km)
         sampler = gyre.BasinSampler(params, lon, lat, x0 * 1e3, y0 * 1e3)
         box = np.stack([sampler(f) for f in eta])
-        s = summary(gs.gulfstream_diagnostics(box, lon, lat))
-        res["boxes"][str(x0)] = {"y0_km": y0, **s}
+        d = gs.gulfstream_diagnostics(box, lon, lat)
+        s = summary(d)
+        ax = d["jet_axis_lat_deg"]
+        phase = gs.zonal_phase_speeds(box, lon, lat, (ax - 0.75, ax + 0.75))
+        sub = {f"{lo:g}-{hi:g}": gs.spectral_slopes(box, lon, lat, band_km=(lo, hi)) for lo, hi in ((70, 120), (120, 250))}
+        res["boxes"][str(x0)] = {"y0_km": y0, **s, "jet_phase": phase, "slopes_sub_bands": sub}
         print(f"x0 {x0:6.0f} km, y0 {y0:6.0f} km: " + ", ".join(f"{k} {v:.3g}" for k, v in s.items()), flush=True)
+        print("   along the jet, wavelength: variance share, east/west power, phase speed: " + "; ".join(
+            f"{b['lo_km']:g}-{b['hi_km']:g} km {b['frac']:.2f}, {b['east_over_west']:.2f}, {b['c_km_day']:+.1f} km/day"
+            for b in phase), flush=True)
+        print("   spectral slopes zonal / meridional: " + "; ".join(
+            f"{k} km {v['zonal']:.2f} / {v['meridional']:.2f}" for k, v in sub.items()), flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1))
 

@@ -83,6 +83,27 @@ def test_lagged_displacement_recovers_a_drift():
     assert out["corr"] > 0.8
 
 
+def test_zonal_phase_speeds_separate_an_eastward_meander_from_a_westward_wave():
+    # a 300 km wave moving east at 5 km/day under a 1200 km wave moving west at 10 km/day, on a
+    # box exactly 2400 km wide over 240 days (whole cycles in x and t): each band gets its speed
+    # (the Hann windows leak power to the neighbouring bins: the bands are chosen around them)
+    nx, days, lat0 = 240, 240, 38.0
+    dlon = 10.0 / (KM_PER_DEG * math.cos(math.radians(lat0)))  # 10 km per column at lat0
+    lon = -75.0 + dlon * np.arange(nx)
+    lat = np.array([lat0 - 0.05, lat0, lat0 + 0.05])
+    x = 10.0 * np.arange(nx) * np.cos(np.radians(lat))[:, None] / math.cos(math.radians(lat0))
+    t = np.arange(days)[:, None, None]
+    f = 0.1 * np.cos(2 * np.pi * (x - 5.0 * t) / 300.0) + 0.3 * np.cos(2 * np.pi * (x + 10.0 * t) / 1200.0)
+    long, short = gs.zonal_phase_speeds(f, lon, lat, (lat0 - 0.1, lat0 + 0.1),
+                                        bands_km=((1000.0, 2000.0), (250.0, 400.0)))
+    assert long["c_km_day"] == pytest.approx(-10.0, rel=0.05) and long["east_over_west"] < 1e-3
+    assert short["c_km_day"] == pytest.approx(5.0, rel=0.1) and short["east_over_west"] > 1e3
+    # power 9:1; the long wave keeps 2/3 of its power in its one wavenumber bin (Hann: 1/16, 1/4, 1/16)
+    assert long["frac"] == pytest.approx(0.9 * 2 / 3, abs=0.01) and short["frac"] == pytest.approx(0.1, abs=0.01)
+    with pytest.raises(ValueError, match="no latitude"):
+        gs.zonal_phase_speeds(f, lon, lat, (50.0, 51.0))
+
+
 def test_std_summary_is_largest_where_the_jet_wiggles():
     lon, lat = _grid(res=0.05, n=200)
     rng = np.random.default_rng(1)

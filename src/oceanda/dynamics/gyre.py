@@ -3,7 +3,8 @@
 A rectangular basin ``[0, Lx] x [0, Ly]`` with ``n`` stacked layers (thicknesses ``H_i``,
 reduced gravities ``g'_i``, ``g'_1 = g`` for the free surface) on a beta-plane, driven by a
 zonal wind stress ``tau_x = -tau0 cos(2 pi y / Ly)`` (westerlies mid-basin, easterlies at
-the southern and northern walls: an anticyclonic subtropical and a cyclonic subpolar gyre).
+the southern and northern walls: an anticyclonic subtropical and a cyclonic subpolar gyre;
+``GyreParams.wind_tilt`` tilts its zero-curl line).
 Their western boundary currents meet mid-basin, separate from the coast and form an eastward
 jet that meanders and sheds rings (Holland 1978; Thiry et al. 2024, MQGeometry)::
 
@@ -73,6 +74,14 @@ class GyreParams:
         drag: linear bottom drag on the deepest layer's vorticity [s^-1].
         steps_per_day: fixed time step ``dt = 1 day / steps_per_day``.
         cfl_max: the run stops with :class:`NumericalError` beyond this Courant number.
+        wind_tilt: slope ``dy/dx`` of the zero-wind-curl line through the basin centre,
+            ``tau_x = -tau0 cos(2 pi (y - wind_tilt (x - Lx/2)) / Ly)`` (0: the symmetric double
+            gyre; > 0: the line, and the jet, lie further south at the western wall and head
+            east-north-east).
+        upwind: weight of the upwind bias of the 5-point PV reconstruction, in [0, 1]: the face
+            value is ``c6 + upwind (u5 - c6)``, ``c6`` the centred 6-point (6th-order) value and
+            ``u5`` the upwind-biased 5-point one; 1 (default) is MQGeometry's scheme, smaller
+            values lower its implicit (hyper-)dissipation ``~ upwind |u| dx^5 d^6 q / 60``.
     """
 
     nx: int = 256
@@ -88,6 +97,8 @@ class GyreParams:
     drag: float = 3.6e-8
     steps_per_day: int = 36
     cfl_max: float = 1.2
+    wind_tilt: float = 0.0
+    upwind: float = 1.0
 
     def __post_init__(self) -> None:
         for key in ("nx", "ny", "steps_per_day"):
@@ -102,7 +113,9 @@ class GyreParams:
                               f"got {len(self.H)} and {len(self.g_prime)}")
         if min(self.H) <= 0 or min(self.g_prime) <= 0:
             raise ConfigError("truth.H and truth.g_prime: must be > 0")
-        for key in ("beta", "tau0", "drag"):
+        if not 0.0 <= self.upwind <= 1.0:
+            raise ConfigError(f"truth.upwind={self.upwind}: must be in [0, 1]")
+        for key in ("beta", "tau0", "drag", "wind_tilt"):
             if not math.isfinite(getattr(self, key)):
                 raise ConfigError(f"truth.{key}: must be finite")
         if self.drag < 0:
@@ -153,10 +166,12 @@ def idst2(xh: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- reconstructions
-def _flux(q: torch.Tensor, u: torch.Tensor, dim: int) -> torch.Tensor:
+def _flux(q: torch.Tensor, u: torch.Tensor, dim: int, upwind: float = 1.0) -> torch.Tensor:
     """Upwind-biased PV flux ``u q_face`` on the ``n - 1`` interior faces along ``dim`` of ``q``
     (``n`` cells): linear 5-point reconstruction where it fits, 3-point one cell from a wall,
-    centred 2-point on the faces next to a wall (MQGeometry's ``flux_5pts``). ``n >= 6``."""
+    centred 2-point on the faces next to a wall (MQGeometry's ``flux_5pts``). ``n >= 6``.
+    ``upwind < 1`` moves the 5-point values towards the centred 6-point one
+    ``(q_-2 - 8 q_-1 + 37 q_0 + 37 q_1 - 8 q_2 + q_3) / 60`` (``upwind = 0``: no upwind bias there)."""
     n = q.shape[dim]
 
     def s(i: int, m: int) -> torch.Tensor:
@@ -169,6 +184,9 @@ def _flux(q: torch.Tensor, u: torch.Tensor, dim: int) -> torch.Tensor:
     qmm, qm, q0, qp, qpp, qppp = s(0, m), s(1, m), s(2, m), s(3, m), s(4, m), s(5, m)
     left5 = (2 * qmm - 13 * qm + 47 * q0 + 27 * qp - 3 * qpp) / 60.0
     right5 = (2 * qppp - 13 * qpp + 47 * qp + 27 * q0 - 3 * qm) / 60.0
+    if upwind != 1.0:
+        c6 = (qmm - 8 * qm + 37 * q0 + 37 * qp - 8 * qpp + qppp) / 60.0
+        left5, right5 = c6 + upwind * (left5 - c6), c6 + upwind * (right5 - c6)
     # faces 1 and n-3 (one cell from a wall): 3 points
     def left3(a, b, c):  # upwind from the left: cells a (i-1), b (i), c (i+1)
         return (-a + 5 * b + 2 * c) / 6.0
@@ -231,8 +249,14 @@ class GyreModel:
         self.helm = (lap[None] - self.lambda_sq.double().cpu()[:, None, None]).to(**kw)  # (nl, ny-1, nx-1)
         self.yc = ((torch.arange(ny, dtype=torch.float64) + 0.5) * p.dy).to(**kw)
         self.beta_y = (p.beta * (self.yc - 0.5 * p.Ly))[:, None].expand(ny, nx)
-        curl = -p.tau0 * 2 * math.pi / p.Ly * torch.sin(2 * math.pi * self.yc / p.Ly)
-        self.wind = (curl / (p.rho0 * p.H[0]))[:, None].expand(ny, nx).contiguous()
+        if p.wind_tilt == 0.0:
+            curl = -p.tau0 * 2 * math.pi / p.Ly * torch.sin(2 * math.pi * self.yc / p.Ly)
+            self.wind = (curl / (p.rho0 * p.H[0]))[:, None].expand(ny, nx).contiguous()
+        else:  # tau_x = -tau0 cos(2 pi (y - tilt (x - Lx/2)) / Ly), curl = -d tau_x / dy
+            xc = ((torch.arange(nx, dtype=torch.float64) + 0.5) * p.dx).to(**kw)
+            ys = self.yc[:, None] - p.wind_tilt * (xc[None, :] - 0.5 * p.Lx)
+            curl = -p.tau0 * 2 * math.pi / p.Ly * torch.sin(2 * math.pi * ys / p.Ly)
+            self.wind = (curl / (p.rho0 * p.H[0])).contiguous()
         # homogeneous solutions (one per mode): (lap - lambda) h = 0 inside, h = 1 on the walls
         one = torch.ones((nl, ny + 1, nx + 1), **kw)
         sol = self._solve_modes(torch.ones((nl, ny - 1, nx - 1), **kw))
@@ -291,8 +315,8 @@ class GyreModel:
         """``dq/dt`` ``(nl, ny, nx)``: minus the PV flux divergence, wind forcing, bottom drag."""
         p = self.p
         u, v = self.velocities(psi)
-        fx = torch.nn.functional.pad(_flux(q, u[..., 1:-1], -1), (1, 1))
-        fy = torch.nn.functional.pad(_flux(q, v[..., 1:-1, :], -2), (0, 0, 1, 1))
+        fx = torch.nn.functional.pad(_flux(q, u[..., 1:-1], -1, p.upwind), (1, 1))
+        fy = torch.nn.functional.pad(_flux(q, v[..., 1:-1, :], -2, p.upwind), (0, 0, 1, 1))
         dq = -(torch.diff(fx, dim=-1) / p.dx + torch.diff(fy, dim=-2) / p.dy)
         dq[0] = dq[0] + self.wind
         if p.drag > 0:

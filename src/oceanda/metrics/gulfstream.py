@@ -13,6 +13,9 @@ All functions take ``ssh`` ``(T, ny, nx)`` [m] on a regular lon/lat grid (``lon`
   north and south of the time-mean jet axis (warm = anticyclonic = maximum, cold = minimum).
 * :func:`lagged_displacement` - coherent propagation: the spatial lag of the peak of the
   correlation between the anomaly at ``t`` and at ``t + lag_days`` within a latitude band.
+* :func:`zonal_phase_speeds` - which way the anomalies of a latitude band travel, per band of
+  zonal wavelength: their share of the variance, eastward / westward power and power-weighted
+  phase speed from the zonal wavenumber-frequency spectrum.
 * :func:`std_map` / :func:`std_summary` - SSH anomaly std, its box mean, maximum and the ratio of
   the std within ``band_deg`` of the mean jet axis to the std outside.
 * :func:`spectral_slopes` - zonal and meridional wavenumber spectra slopes over ``band_km``.
@@ -183,6 +186,41 @@ def lagged_displacement(ssh: np.ndarray, lon: np.ndarray, lat: np.ndarray, lat_b
     c = float(corr.max())
     return {"dx_km": kx * dx, "dy_km": ky * dy, "u_km_day": kx * dx / lag_days, "v_km_day": ky * dy / lag_days,
             "corr": c, "lag_days": lag_days, "lat_band": list(lat_band)}
+
+
+def zonal_phase_speeds(ssh: np.ndarray, lon: np.ndarray, lat: np.ndarray, lat_band: tuple[float, float],
+                       bands_km: tuple[tuple[float, float], ...] = ((600.0, 2000.0), (300.0, 600.0),
+                                                                    (150.0, 300.0), (70.0, 150.0))
+                       ) -> list[dict[str, float]]:
+    """Zonal wavenumber-frequency power of the SSH anomaly (time mean removed) in ``lat_band``:
+    per row, Hann windows in time and longitude, ``|FFT|^2`` summed over the rows. A component
+    ``exp(2 pi i (f t + k x))`` has phase speed ``c = -f / k`` [km/day] (> 0 east). Per band
+    ``(lo, hi)`` of wavelengths ``1/|k|`` [km]: ``frac`` its share of the total power,
+    ``east_over_west`` the power with ``c > 0`` over that with ``c < 0`` (``f = 0`` excluded) and
+    ``c_km_day`` the power-weighted mean ``c``."""
+    ssh = _check(ssh, lon, lat)
+    lat = np.asarray(lat, float)
+    rows = (lat >= lat_band[0]) & (lat <= lat_band[1])
+    if not rows.any():
+        raise ValueError(f"zonal_phase_speeds: no latitude in the band {lat_band}")
+    a = ssh[:, rows, :] - ssh[:, rows, :].mean(axis=0)
+    t, _, nx = a.shape
+    win = np.hanning(t)[:, None, None] * np.hanning(nx)[None, None, :]
+    power = (np.abs(np.fft.fft2(a * win, axes=(0, 2))) ** 2).sum(axis=1)  # (f, k)
+    dx = float(_dx_km(lon, lat)[rows].mean())
+    f, k = np.meshgrid(np.fft.fftfreq(t, 1.0), np.fft.fftfreq(nx, dx), indexing="ij")
+    c = np.where((k != 0) & (f != 0), -f / np.where(k == 0, 1.0, k), 0.0)
+    total = power.sum()
+    out = []
+    for lo, hi in bands_km:
+        sel = (np.abs(k) >= 1.0 / hi) & (np.abs(k) < 1.0 / lo)
+        moving = sel & (f != 0)
+        east, west = power[moving & (c > 0)].sum(), power[moving & (c < 0)].sum()
+        out.append({"lo_km": lo, "hi_km": hi, "frac": float(power[sel].sum() / total),
+                    "east_over_west": float(east / west) if west > 0 else float("inf"),
+                    "c_km_day": float((power[moving] * c[moving]).sum() / power[moving].sum())
+                    if power[moving].sum() > 0 else float("nan")})
+    return out
 
 
 # ----------------------------------------------------------------------------- variability, spectra
