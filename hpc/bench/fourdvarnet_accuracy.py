@@ -1,4 +1,5 @@
-"""4DVarNet vs OI accuracy on a Gulf Stream OSSE, side by side (issue 7's acceptance table).
+"""Issue 15's headline table: OI, 4DVarNet, spde_oi and the SPDE-prior 4DVarNet side by side
+on a Gulf Stream OSSE's held-out window (issue 7's acceptance table, extended).
 
 Runs ``oceanda infer`` with ``method=oi`` and ``method=4dvarnet`` (a checkpoint; default: the
 weights shipped in ``oceanda.weights``) on the SAME observations over the evaluation period
@@ -6,7 +7,13 @@ plus a margin (DAW patches centred on every evaluated day), scores both with ``o
 evaluate``'s metrics on the data challenge's window (2012-10-22..2012-12-02, lon -65..-55,
 lat 33..43) and prints the leaderboard rows, the ratio lambda_x(4DVarNet) / lambda_x(OI),
 the difference mu(4DVarNet) - mu(OI) and the issue's targets (ratio <= 0.6, difference
->= 0.02). Optionally (``--obs-swot``) the same with a second observation set.
+>= 0.02). Optionally (``--obs-swot``) the same with a second observation set (same truth).
+
+With ``--spde-oi`` the exact SPDE-prior posterior mean (``method=spde_oi``, the parameters of
+``configs/method/spde_oi.yaml``, overridable with ``--spde-oi-set``) is scored too, and with
+``--spde-checkpoint CK`` the SPDE-prior 4DVarNet (``method=spde_4dvarnet``); the check
+``spde_4dvarnet vs spde_oi`` prints their RMSE ratio and mu difference (issue 15: the SPDE-prior
+4DVarNet's mean must beat spde_oi's). Every row's CPU seconds are printed and summed.
 
 The OSSE (a year, training on the rest with a gap) comes from ``oceanda generate
 domain=gulfstream period=year``; the checkpoint from ``oceanda train`` with the evaluation
@@ -17,6 +24,8 @@ usage: OMP_NUM_THREADS=1 python hpc/bench/fourdvarnet_accuracy.py --truth OSSE/t
        --obs OSSE/obs.zarr [--obs-swot OSSE_SWOT/obs.zarr] [--checkpoint CK.pt] [--out DIR]
        [--oi-patch 15,100,100,5,80,80] [--net-patch 15,64,64,1,34,34 --net-crop 8] [--json out.json]
        [--compare LABEL=OTHER_CK.pt ...]   (more 4DVarNet rows, e.g. the previous weights)
+       [--spde-oi [--spde-oi-set method.std=0.3 ...]] [--spde-checkpoint SPDE_CK.pt [--spde-patch ...]]
+       [--skip-net]   (no 4DVarNet rows: e.g. the SPDE rows alone)
 """
 
 from __future__ import annotations
@@ -81,11 +90,19 @@ def main() -> int:
     ap.add_argument("--dates", default="2012-10-07,2012-12-17", help="inference window (eval +- margin)")
     ap.add_argument("--oi-patch", default="15,100,100,5,80,80")
     ap.add_argument("--oi-patch-swot", default="15,60,60,5,40,40",
-                    help="OI patch with SWOT (OI's cost grows as (obs per patch)^3)")
+                    help="OI (and spde_oi) patch with SWOT (15,100,100,5,80,80: the 4-nadir geometry)")
     ap.add_argument("--net-patch", default="15,64,64,1,34,34",
                     help="4DVarNet patches (default: the shipped weights' training geometry)")
     ap.add_argument("--crop", type=int, default=10, help="crop of the OI patches")
     ap.add_argument("--net-crop", type=int, default=8, help="crop of the 4DVarNet patches")
+    ap.add_argument("--spde-oi", action="store_true", help="also score method=spde_oi (on --oi-patch)")
+    ap.add_argument("--spde-oi-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override of the spde_oi config (e.g. method.std=0.3); repeatable")
+    ap.add_argument("--spde-checkpoint", default=None,
+                    help="SPDE-prior 4DVarNet checkpoint: also score method=spde_4dvarnet")
+    ap.add_argument("--spde-patch", default="15,64,64,5,34,34", help="SPDE-prior 4DVarNet patches")
+    ap.add_argument("--spde-crop", type=int, default=8, help="crop of the SPDE-prior 4DVarNet patches")
+    ap.add_argument("--skip-net", action="store_true", help="no 4DVarNet rows (OI and the SPDE rows only)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     dates = a.dates.split(",")
@@ -97,23 +114,43 @@ def main() -> int:
         if "=" not in c:
             raise SystemExit(f"--compare {c!r}: expected LABEL=CHECKPOINT")
         others.append(tuple(c.split("=", 1)))
+    for kv in a.spde_oi_set:
+        if "=" not in kv or not kv.startswith("method."):
+            raise SystemExit(f"--spde-oi-set {kv!r}: expected method.KEY=VALUE")
     rows = []
     for label, obs, oi_patch in sets:
-        runs = [("oi", "oi", oi_patch, a.crop, []), ("4dvarnet", "4dvarnet", a.net_patch, a.net_crop, net_extra)]
-        if (oi_patch, a.crop) != (a.net_patch, a.net_crop):  # OI also on the 4DVarNet's patches
-            runs.insert(1, ("oi:net_patches", "oi", a.net_patch, a.net_crop, []))
-        runs += [(f"4dvarnet:{lab}", "4dvarnet", a.net_patch, a.net_crop, [f"method.checkpoint={ck}"])
-                 for lab, ck in others]
+        runs = [("oi", "oi", oi_patch, a.crop, [])]
+        if not a.skip_net:
+            runs.append(("4dvarnet", "4dvarnet", a.net_patch, a.net_crop, net_extra))
+            if (oi_patch, a.crop) != (a.net_patch, a.net_crop):  # OI also on the 4DVarNet's patches
+                runs.insert(1, ("oi:net_patches", "oi", a.net_patch, a.net_crop, []))
+            runs += [(f"4dvarnet:{lab}", "4dvarnet", a.net_patch, a.net_crop, [f"method.checkpoint={ck}"])
+                     for lab, ck in others]
+        if a.spde_oi:
+            # a variant (--spde-oi-set) needs its own --out: oceanda infer refuses another config's out_dir
+            runs.append(("spde_oi", "spde_oi", oi_patch, a.crop, list(a.spde_oi_set)))
+        if a.spde_checkpoint:
+            runs.append(("spde_4dvarnet", "spde_4dvarnet", a.spde_patch, a.spde_crop,
+                         [f"method.checkpoint={a.spde_checkpoint}"]))
         for row_name, name, spec, crop, extra in runs:
             r = run_method(name, obs, a.truth, out / f"{row_name.replace(':', '_')}_{label}", dates,
                            _patch_args(spec, crop), extra)
             rows.append({"obs": label, **r, "method": row_name})
     print()
     print(table(rows))
+    print(f"CPU time of all rows: {sum(r['cpu_s'] for r in rows):.0f} s (wall {sum(r['wall_s'] for r in rows):.0f} s)")
     checks = {}
     for label, *_ in sets:
-        net = next(r for r in rows if r["obs"] == label and r["method"] == "4dvarnet")
-        for oi_name in ("oi", "oi:net_patches"):  # the targets against OI on either geometry
+        spde = {r["method"]: r for r in rows if r["obs"] == label and r["method"].startswith("spde_")}
+        if len(spde) == 2:  # issue 15: the SPDE-prior 4DVarNet's mean must beat spde_oi's
+            ratio = spde["spde_4dvarnet"]["rmse_m"] / spde["spde_oi"]["rmse_m"]
+            dmu = spde["spde_4dvarnet"]["mu"] - spde["spde_oi"]["mu"]
+            checks[f"{label}:spde_4dvarnet_vs_spde_oi"] = {"rmse_ratio": ratio, "mu_diff": dmu,
+                                                            "beats_spde_oi": ratio < 1 and dmu > 0}
+            print(f"{label}: RMSE(spde_4dvarnet)/RMSE(spde_oi) = {ratio:.3f}, "
+                  f"mu(spde_4dvarnet) - mu(spde_oi) = {dmu:+.3f} (target: ratio < 1, difference > 0)")
+        net = next((r for r in rows if r["obs"] == label and r["method"] == "4dvarnet"), None)
+        for oi_name in ("oi", "oi:net_patches") if net is not None else ():  # targets vs OI, either geometry
             oi = next((r for r in rows if r["obs"] == label and r["method"] == oi_name), None)
             if oi is None:
                 continue
@@ -127,6 +164,17 @@ def main() -> int:
             print(f"{label}: lambda_x(4dvarnet)/lambda_x({oi_name}) = "
                   + ("-" if ratio is None else f"{ratio:.2f}") + " (target <= 0.6), "
                   f"mu(4dvarnet) - mu({oi_name}) = {dmu:+.3f} (target >= +0.02)")
+    if a.obs_swot:  # issue 15: "with SWOT added, both better"
+        for r in (r for r in rows if r["obs"] == "4nadirs_swot"):
+            base = next((b for b in rows if b["obs"] == "4nadirs" and b["method"] == r["method"]), None)
+            if base is None or r["lambda_x_deg"] is None or base["lambda_x_deg"] is None:
+                continue
+            d = {"mu_diff": r["mu"] - base["mu"], "lambda_x_ratio": r["lambda_x_deg"] / base["lambda_x_deg"],
+                 "rmse_ratio": r["rmse_m"] / base["rmse_m"]}
+            d["better"] = d["mu_diff"] > 0 and d["lambda_x_ratio"] < 1 and d["rmse_ratio"] < 1
+            checks[f"swot_vs_4nadirs:{r['method']}"] = d
+            print(f"{r['method']}: with SWOT vs 4 nadirs: mu {d['mu_diff']:+.3f}, lambda_x x{d['lambda_x_ratio']:.2f}, "
+                  f"RMSE x{d['rmse_ratio']:.2f} ({'better' if d['better'] else 'NOT better'} on all three)")
     if a.json:
         Path(a.json).write_text(json.dumps({"rows": rows, "checks": checks, "eval_period": EVAL,
                                             "dates": dates}, indent=1))
