@@ -11,7 +11,8 @@ the difference mu(4DVarNet) - mu(OI) and the issue's targets (ratio <= 0.6, diff
 
 With ``--spde-oi`` the exact SPDE-prior posterior mean (``method=spde_oi``, the parameters of
 ``configs/method/spde_oi.yaml``, overridable with ``--spde-oi-set``) is scored too, and with
-``--spde-checkpoint CK`` the SPDE-prior 4DVarNet (``method=spde_4dvarnet``); the check
+``--spde-checkpoint CK`` the SPDE-prior 4DVarNet (``method=spde_4dvarnet``; or ``--spde-train TRAIN VAL``
+trains it first by :data:`SPDE_RECIPE` on the OSSE folder ``TRAIN``, selected on ``VAL``); the check
 ``spde_4dvarnet vs spde_oi`` prints their RMSE ratio and mu difference (issue 15: the SPDE-prior
 4DVarNet's mean must beat spde_oi's). Every row's CPU seconds are printed and summed.
 
@@ -25,6 +26,7 @@ usage: OMP_NUM_THREADS=1 python hpc/bench/fourdvarnet_accuracy.py --truth OSSE/t
        [--oi-patch 15,100,100,5,80,80] [--net-patch 15,64,64,1,34,34 --net-crop 8] [--json out.json]
        [--compare LABEL=OTHER_CK.pt ...]   (more 4DVarNet rows, e.g. the previous weights)
        [--spde-oi [--spde-oi-set method.std=0.3 ...]] [--spde-checkpoint SPDE_CK.pt [--spde-patch ...]]
+       [--spde-train TRAIN_OSSE VAL_OSSE [--spde-val-period START,END]]   (train it first: SPDE_RECIPE)
        [--skip-net]   (no 4DVarNet rows: e.g. the SPDE rows alone)
 """
 
@@ -65,6 +67,36 @@ def run_method(name: str, obs: str, truth: str, out: Path, dates: list[str], pat
             "cpu_s": time.process_time() - c0}
 
 
+#: the SPDE-prior 4DVarNet recipe of issue 15 (README, "SPDE-prior 4DVarNet on the Gulf Stream truth"): global
+#: Theta = (kappa, std, gamma) and R by maximum likelihood on the training truths, then fixed; 20 solver steps;
+#: 4 batches of ConvLSTM training, kept only if they beat the untrained start on the validation seed
+SPDE_RECIPE = ["model=spde_4dvarnet", "patch=gulfstream", "patch.size=[15,32,32]", "patch.stride=[1,24,24]",
+               "stride=[1,48,48]", "patch.crop=[4,4]", "aug=0", "model.theta=global", "model.mean=obs",
+               "model.params=[kappa,std,gamma]", "model.n_steps=20", "train.epochs=1", "train.max_batches=4",
+               "train.batch_size=4", "train.lr=1e-4", "train.w_mse=1", "train.w_grad=0", "+train.w_nll=0",
+               "+train.w_nll_obs=0", "+train.theta_init=mle", "+train.theta_grad=nll", "+train.nll_crop=24",
+               "+train.mle_items=24", "system.threads=1", "progress=false"]
+
+
+def train_spde(train_dir: str, val_dir: str, val_period: str, out: Path) -> str:
+    """Train the SPDE-prior 4DVarNet by :data:`SPDE_RECIPE` on the OSSE ``train_dir`` (truth.zarr,
+    obs.zarr), selected on ``val_dir`` within ``val_period``; returns its ``best_checkpoint.pt``
+    (reused when complete, resumed when interrupted)."""
+    from oceanda.cli import main
+
+    best = out / "best_checkpoint.pt"
+    if (out / "history.json").is_file() and best.is_file():
+        return str(best)
+    v = val_period.split(",")
+    rc = main(["train", f"truth_path={train_dir}/truth.zarr", f"obs_path={train_dir}/obs.zarr",
+               f"val_truth_path={val_dir}/truth.zarr", f"val_obs_path={val_dir}/obs.zarr",
+               f"val_period=[{v[0]},{v[1]}]", f"out_dir={out}", *SPDE_RECIPE,
+               *(["resume=true"] if (out / "checkpoint.pt").is_file() else [])])
+    if rc != 0 or not best.is_file():
+        raise SystemExit(f"oceanda train model=spde_4dvarnet failed (exit {rc})")
+    return str(best)
+
+
 def table(rows: list[dict]) -> str:
     head = ["obs", "method", "mu", "sigma_t", "lambda_x [deg]", "lambda_t [d]", "RMSE [m]", "patches",
             "wall [s]", "cpu [s]"]
@@ -100,8 +132,14 @@ def main() -> int:
                     help="override of the spde_oi config (e.g. method.std=0.3); repeatable")
     ap.add_argument("--spde-checkpoint", default=None,
                     help="SPDE-prior 4DVarNet checkpoint: also score method=spde_4dvarnet")
-    ap.add_argument("--spde-patch", default="15,64,64,5,34,34", help="SPDE-prior 4DVarNet patches")
-    ap.add_argument("--spde-crop", type=int, default=8, help="crop of the SPDE-prior 4DVarNet patches")
+    ap.add_argument("--spde-train", nargs=2, default=None, metavar=("TRAIN_DIR", "VAL_DIR"),
+                    help="train the SPDE-prior 4DVarNet first (SPDE_RECIPE: training OSSE, validation OSSE) "
+                         "and score it (instead of --spde-checkpoint)")
+    ap.add_argument("--spde-val-period", default="2013-10-22,2013-11-07",
+                    help="validation days of --spde-train's VAL_DIR")
+    ap.add_argument("--spde-patch", default="15,32,32,5,24,24",
+                    help="SPDE-prior 4DVarNet patches (default: SPDE_RECIPE's training size)")
+    ap.add_argument("--spde-crop", type=int, default=4, help="crop of the SPDE-prior 4DVarNet patches")
     ap.add_argument("--skip-net", action="store_true", help="no 4DVarNet rows (OI and the SPDE rows only)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
@@ -117,6 +155,14 @@ def main() -> int:
     for kv in a.spde_oi_set:
         if "=" not in kv or not kv.startswith("method."):
             raise SystemExit(f"--spde-oi-set {kv!r}: expected method.KEY=VALUE")
+    train_row = None
+    if a.spde_train:
+        if a.spde_checkpoint:
+            raise SystemExit("--spde-train and --spde-checkpoint: give one")
+        c0, t0 = time.process_time(), time.perf_counter()
+        a.spde_checkpoint = train_spde(*a.spde_train, a.spde_val_period, out / "spde_train")
+        train_row = {"cpu_s": time.process_time() - c0, "wall_s": time.perf_counter() - t0}
+        print(f"SPDE-prior 4DVarNet: {a.spde_checkpoint} ({train_row['cpu_s']:.0f} CPU-s of training)")
     rows = []
     for label, obs, oi_patch in sets:
         runs = [("oi", "oi", oi_patch, a.crop, [])]
@@ -138,7 +184,8 @@ def main() -> int:
             rows.append({"obs": label, **r, "method": row_name})
     print()
     print(table(rows))
-    print(f"CPU time of all rows: {sum(r['cpu_s'] for r in rows):.0f} s (wall {sum(r['wall_s'] for r in rows):.0f} s)")
+    print(f"CPU time of all rows: {sum(r['cpu_s'] for r in rows):.0f} s (wall {sum(r['wall_s'] for r in rows):.0f} s)"
+          + ("" if train_row is None else f", plus {train_row['cpu_s']:.0f} s training the SPDE-prior 4DVarNet"))
     checks = {}
     for label, *_ in sets:
         spde = {r["method"]: r for r in rows if r["obs"] == label and r["method"].startswith("spde_")}
@@ -176,8 +223,9 @@ def main() -> int:
             print(f"{r['method']}: with SWOT vs 4 nadirs: mu {d['mu_diff']:+.3f}, lambda_x x{d['lambda_x_ratio']:.2f}, "
                   f"RMSE x{d['rmse_ratio']:.2f} ({'better' if d['better'] else 'NOT better'} on all three)")
     if a.json:
-        Path(a.json).write_text(json.dumps({"rows": rows, "checks": checks, "eval_period": EVAL,
-                                            "dates": dates}, indent=1))
+        Path(a.json).write_text(json.dumps({"rows": rows, "checks": checks, "eval_period": EVAL, "dates": dates,
+                                            "spde_checkpoint": a.spde_checkpoint, "spde_training": train_row},
+                                           indent=1))
     return 0
 
 
