@@ -47,6 +47,21 @@ def _step(levels: list[float], k: int, update: str) -> float:
     return (levels[k] - s_next) if update == "cold" else levels[k]
 
 
+def _iterate(prior, z0, y, mask, R, levels, update, conditional):
+    """Algorithm 2: ``(x_l, [x_0, ..., x_l], z_l)``, ``z_l`` the input of the last MAP step."""
+    if update not in UPDATES:
+        raise ConfigError(f"update must be one of {UPDATES}, got {update!r}")
+    z = z_last = z0
+    path = []
+    x_k = z0
+    for k, s in enumerate(levels):
+        x_k = prior.assimilate(z, y, mask, R, s) if conditional else prior.mean(z, s)
+        path.append(x_k)
+        z_last = z
+        z = z + _step(levels, k, update) * (x_k - z0)
+    return x_k, path, z_last
+
+
 @torch.no_grad()
 def incremental_assimilation(
     prior: NeuralBandPrior,
@@ -63,15 +78,7 @@ def incremental_assimilation(
 
     Returns ``x_l`` ``(B, d)``, or ``(x_l, [x_0, ..., x_l])`` with ``return_path``.
     """
-    if update not in UPDATES:
-        raise ConfigError(f"update must be one of {UPDATES}, got {update!r}")
-    z = z0
-    path = []
-    x_k = z0
-    for k, s in enumerate(levels):
-        x_k = prior.assimilate(z, y, mask, R, s) if conditional else prior.mean(z, s)
-        path.append(x_k)
-        z = z + _step(levels, k, update) * (x_k - z0)
+    x_k, path, _ = _iterate(prior, z0, y, mask, R, levels, update, conditional)
     return (x_k, path) if return_path else x_k
 
 
@@ -91,11 +98,8 @@ def posterior_draws(
     Gaussian posterior of its last MAP step (module docstring), float64."""
     from oceanda.linalg import band_sample
 
-    x_l, path = incremental_assimilation(prior, z0, y, mask, R, levels, update=update, return_path=True)
-    z = z0
-    for k in range(len(levels) - 1):  # z_l, the input of the last MAP step
-        z = z + _step(levels, k, update) * (path[k] - z0)
-    _, Q = prior(z, levels[-1])
+    x_l, _, z_l = _iterate(prior, z0, y, mask, R, levels, update, True)
+    _, Q = prior(z_l, levels[-1])
     R = R.double() if torch.is_tensor(R) else float(R)
     w = torch.where(mask, 1.0 / torch.as_tensor(R, dtype=torch.float64), torch.zeros((), dtype=torch.float64))
     post = torch.cat([Q[..., :1] + w.expand_as(Q[..., 0]).unsqueeze(-1), Q[..., 1:]], dim=-1)

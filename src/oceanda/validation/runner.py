@@ -594,8 +594,8 @@ def run_experiment(
         est[name] = data.norm.to_norm(runs[name].x).reshape(N, -1)
     times["neural_var4d"] += times["neural"]
     if settings.var4d.polish_draws > 0:
-        for k in ("neural_var4d",):
-            runs[f"{k}_single"], est[f"{k}_single"], times[f"{k}_single"] = runs[k], est[k], times[k]
+        runs["neural_var4d_single"], est["neural_var4d_single"] = runs["neural_var4d"], est["neural_var4d"]
+        times["neural_var4d_single"] = times["neural_var4d"]
         (runs["neural_var4d"], multistart), t_ms = _timed(lambda: multistart_polish(
             settings, data, priors["neural"], z0d, yd, mask, var_p, var, runs["neural_var4d_single"]))
         est["neural_var4d"] = data.norm.to_norm(runs["neural_var4d"].x).reshape(N, -1)
