@@ -11,7 +11,7 @@ validation RMSE, mu, lambda_x, the ratio and difference to OI, issue 15's target
 
 usage: OMP_NUM_THREADS=1 python hpc/bench/learning_curve.py --truth VAL/truth.zarr --obs VAL/obs.zarr
        --run TRAIN_OUT [--run STAGE2_OUT --steps-offset N] --eval 2013-10-22,2013-11-20 --out runs/curve
-       --json curve.json --figure curve.png [--net-patch 15,64,64,5,34,34 --net-crop 8] [--every 2]
+       --json curve.json --figure curve.png [--net-patch 15,64,64,5,34,34 --net-crop 8] [--every 2 | --every N per --run] [--name stage1 --name ...]
        [--box -65,-55,33,43]
 """
 
@@ -80,19 +80,19 @@ def table(rows: list[dict], oi: dict) -> str:
     return "\n".join("  ".join(c[i].rjust(w[i]) for i in range(len(head))) for c in lines)
 
 
-def figure(rows: list[dict], path: str, title: str) -> None:
+def figure(rows: list[dict], path: str, title: str, names: list[str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
-    stages = sorted({r["snapshot"].split("_epoch")[0] if r["snapshot"].startswith("stage") else "stage1" for r in rows})
-    for st in stages:
-        sel = [r for r in rows if (r["snapshot"].startswith(st + "_") if st != "stage1"
-                                   else not r["snapshot"].startswith("stage"))]
+    for k, name in enumerate(names):
+        sel = [r for r in rows if r["run"] == k]
+        if not sel:
+            continue
         steps = [r["steps"] for r in sel]
-        ax[0].plot(steps, [r["lambda_x_ratio"] for r in sel], "o-", label=f"4DVarNet {st}")
+        ax[0].plot(steps, [r["lambda_x_ratio"] for r in sel], "o-", label=f"4DVarNet {name}")
         ax[1].plot(steps, [r["mu_diff"] for r in sel], "o-")
     ax[0].axhline(1.0, color="k", lw=0.8, label="OI")
     ax[0].axhline(TARGET_RATIO, color="r", ls="--", lw=0.8, label=f"target {TARGET_RATIO}")
@@ -120,7 +120,10 @@ def main() -> int:
     ap.add_argument("--net-patch", default="15,64,64,5,34,34", help="patches of both methods T,H,W,st,sy,sx")
     ap.add_argument("--net-crop", type=int, default=8)
     ap.add_argument("--box", default=None, help="scored box lon0,lon1,lat0,lat1 (default: evaluate's)")
-    ap.add_argument("--every", type=int, default=1, help="score every N-th epoch snapshot (and the last)")
+    ap.add_argument("--name", action="append", default=None,
+                    help="label of each --run's rows (default stage1, stage2, ...; the first run's rows are unprefixed)")
+    ap.add_argument("--every", type=int, action="append", default=None,
+                    help="score every N-th epoch snapshot (and the last): once for all runs, or once per --run")
     ap.add_argument("--out", default="runs/learning_curve")
     ap.add_argument("--json", default=None)
     ap.add_argument("--figure", default=None)
@@ -136,29 +139,45 @@ def main() -> int:
     offsets = [0] + list(a.steps_offset or [])
     if len(offsets) != len(a.run):
         raise SystemExit(f"{len(a.run) - 1} later --run need as many --steps-offset, got {len(offsets) - 1}")
+    names = a.name or [f"stage{k + 1}" for k in range(len(a.run))]
+    if len(names) != len(a.run):
+        raise SystemExit(f"{len(a.run)} --run need as many --name, got {len(names)}")
+    every = a.every or [1]
+    every = every * len(a.run) if len(every) == 1 else every
+    if len(every) != len(a.run):
+        raise SystemExit(f"--every: give one value or one per --run ({len(a.run)}), got {len(every)}")
     snaps = []
     for k, (run, off) in enumerate(zip(a.run, offsets)):
-        for label, path, rec in snapshots(Path(run), a.every, with_start=k == 0):
-            snaps.append((label if k == 0 else f"stage{k + 1}_{label}", path, rec | {"steps": off + int(rec.get("steps") or 0)}))
+        for label, path, rec in snapshots(Path(run), every[k], with_start=k == 0):
+            snaps.append((label if k == 0 else f"{names[k]}_{label}", path,
+                          rec | {"steps": off + int(rec.get("steps") or 0), "run": k}))
     for label, path, rec in snaps:
         r = score("4dvarnet", a.obs, a.truth, out / label, [d0, d1], [e0, e1], patch,
                   [f"method.checkpoint={path}"], box)
         ratio = None if r["lambda_x_deg"] is None or oi["lambda_x_deg"] is None else r["lambda_x_deg"] / oi["lambda_x_deg"]
-        rows.append({"snapshot": label, "epoch": rec.get("epoch"), "steps": rec.get("steps"),
+        rows.append({"snapshot": label, "run": rec["run"], "epoch": rec.get("epoch"), "steps": rec.get("steps"),
                      "val_rmse": rec.get("val_rmse"), **r, "lambda_x_ratio": ratio, "mu_diff": r["mu"] - oi["mu"]})
         print(f"{label}: steps {rec.get('steps')}, mu {r['mu']:.3f} ({r['mu'] - oi['mu']:+.3f} vs OI), lambda_x "
               + ("-" if ratio is None else f"{r['lambda_x_deg']:.3f} deg ({ratio:.3f} x OI)"), flush=True)
     print()
     print(table(rows, oi))
-    best = min(rows, key=lambda r: r["val_rmse"] if r.get("val_rmse") is not None else float("inf"))
-    print(f"selected by the validation RMSE: {best['snapshot']} (lambda_x {best['lambda_x_ratio']:.3f} x OI, "
-          f"mu {best['mu_diff']:+.3f}; targets <= {TARGET_RATIO} and >= +{TARGET_DMU})")
+    # each run validates on its own window (a later stage may use another): compare val RMSEs within a run only
+    selected = []
+    for k in range(len(a.run)):
+        mine = [r for r in rows if r["run"] == k and r.get("val_rmse") is not None]
+        if not mine:
+            continue
+        best = min(mine, key=lambda r: r["val_rmse"])
+        selected.append(best["snapshot"])
+        print(f"{names[k]}: selected by its validation RMSE: {best['snapshot']} (lambda_x "
+              + ("-" if best["lambda_x_ratio"] is None else f"{best['lambda_x_ratio']:.3f}")
+              + f" x OI, mu {best['mu_diff']:+.3f}; targets <= {TARGET_RATIO} and >= +{TARGET_DMU})")
     if a.json:
         Path(a.json).write_text(json.dumps({"eval": [e0, e1], "dates": [d0, d1], "truth": a.truth, "obs": a.obs,
-                                            "runs": a.run, "steps_offset": offsets, "net_patch": a.net_patch, "oi": oi, "rows": rows,
-                                            "selected": best["snapshot"]}, indent=1))
+                                            "runs": a.run, "steps_offset": offsets, "net_patch": a.net_patch, "names": names, "oi": oi,
+                                            "rows": rows, "selected": selected}, indent=1))
     if a.figure:
-        figure(rows, a.figure, f"held-out {e0}..{e1} ({Path(a.obs).parent.name}), patches {a.net_patch}")
+        figure(rows, a.figure, f"held-out {e0}..{e1} ({Path(a.obs).parent.name}), patches {a.net_patch}", names)
     return 0
 
 

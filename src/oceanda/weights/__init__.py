@@ -31,7 +31,7 @@ SHIPPED: dict[str, str] = {"gulfstream_4nadirs": "gulfstream_4nadirs.pt", "gyre_
 #: name -> BLAKE2b-128 digest of the file's bytes (:func:`oceanda.data.integrity.file_digest`),
 #: checked whenever a shipped checkpoint is used; update it with the file
 SHIPPED_DIGESTS: dict[str, str] = {"gulfstream_4nadirs": "7a02b65a7dca2264d2ad9f35d7dfae90",
-                                   "gyre_4nadirs": "1cde50c09f14fbdfb4f6d5c52349cffe"}
+                                   "gyre_4nadirs": "dd76499f1b9dc910dd17a21cfd11953b"}
 #: the checkpoint ``method=4dvarnet`` uses when none is given (the demo's truth is ``gyre``)
 DEFAULT = "gyre_4nadirs"
 
