@@ -14,7 +14,11 @@ ocean cells ``Omega_b``, ``N_b = T n_ocean,b``)::
 ``Q_Theta`` the trajectory precision of :class:`oceanda.priors.spde.SPDEPrior` on the patch
 grid (block-tridiagonal in time, land cells closed), ``mu = 0`` (the normalisation mean;
 ``mean="obs"``: ``mu_b`` the mean of patch ``b``'s observations, a constant like OI's
-``mean="patch"``, so that ``Theta``'s std is the local variability, not the basin's),
+``mean="patch"``, so that ``Theta``'s std is the local variability, not the basin's;
+``mean="oi"``: ``mu_b`` the OI analysis of patch ``b``'s observations, a ``(T, H, W)`` field
+computed as ``model=4dvarnet``'s ``init="oi"`` first guess with the ``oi_*`` settings, so that the
+SPDE prior models the residual ``truth - OI`` and the untrained solver returns OI plus the SPDE
+posterior correction; :meth:`SPDEFourDVarNet.forward` takes it as ``mean``),
 ``R`` a learned scalar observation-error variance (normalised units). The prior term equals
 ``SPDEPrior.quad`` exactly (tested); with ``F_k = I + dt A^alpha`` and ``S_k`` the noise
 variances (diagonal ``s``)::
@@ -521,7 +525,8 @@ class SPDEFourDVarNet(nn.Module):
         ``(B, H, W)`` (``"field"``) tensors: ``kappa``, ``std`` and, as configured,
         ``gamma``, ``mx``, ``my``, ``vx``, ``vy``; ``theta="global"``: ``(B,)`` tensors holding
         the one trained value. ``mean="obs"`` adds ``mean`` ``(B,)``: the prior mean, the mean
-        of each patch's observations (0 without any)."""
+        of each patch's observations (0 without any); ``mean="oi"``'s field is not predicted here
+        but given (:meth:`with_mean`)."""
         y, mask, ocean = self._inputs(obs, ocean)
         if self.cfg.theta == "global":
             raw = self.theta_global.to(y.dtype).expand(y.shape[0], -1)  # (B, P)

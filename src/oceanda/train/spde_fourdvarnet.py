@@ -13,6 +13,9 @@ nll_crop``), with the crop's own SPDE prior (closed crop borders) and ``Theta`` 
 to the crop; patches whose crop holds land skip the term. The crop keeps the dense
 log-determinant affordable (``c^2`` cells per frame); it is the lambda2 NLL of the paper,
 restricted to a window. Semi-supervised mode (no truth): MSE on held-out observations only.
+With ``model.mean=oi`` every item carries its OI analysis ``x0`` (:class:`oceanda.train.data.PatchDataset`
+with ``oi``, as ``model=4dvarnet``'s ``init=oi``): the prior mean of the solver and of ``NLL_c``,
+which is then the likelihood of the residual ``truth - x0`` (:func:`batch_theta`).
 ``theta_grad="nll"``: ``Theta`` and ``R`` are trained by the two likelihood terms only (maximum
 likelihood) and enter the solver detached, so the MSE trains the solver (for a Gaussian truth
 the MLE plus a converged solver is the exact OI; with ``"all"`` the MSE also bends ``Theta``
