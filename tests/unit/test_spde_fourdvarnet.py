@@ -1013,3 +1013,48 @@ def test_method_with_the_oi_mean_corrects_the_oi_analysis_of_the_same_patch(tmp_
     torch.testing.assert_close(out[oc], oi[oc], rtol=0, atol=1e-6)
     with pytest.raises(ConfigError, match="oi_solver"):
         build_method("spde_4dvarnet", checkpoint=str(p), oi_solver="lu")
+
+
+def test_oceanda_train_with_the_oi_mean_fits_the_residual_prior_and_infers_from_the_oi(tmp_path):
+    """`oceanda train model=spde_4dvarnet model.mean=oi`: the ML fit and the validated start run on
+    items carrying their OI analyses, the checkpoint keeps the OI settings, and method=spde_4dvarnet
+    infers with the OI of the patch (oi_first_guess with those settings) as prior mean."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from oceanda.assim.registry import build_method
+
+    _write_zarrs(tmp_path)
+    model = dict(name="spde_4dvarnet", n_time=3, n_steps=2, lstm_hidden=4, theta_hidden=4, dropout=0.0,
+                 theta="global", mean="oi", oi_Lx_km=20.0, oi_Ly_km=20.0, oi_Lt_days=3.0, oi_noise_std=0.02)
+    cfg = OmegaConf.create({
+        "model": model, "patch": {"size": [3, 8, 8], "stride": [1, 4, 4], "crop": [1, 1]},
+        "system": {"device": "cpu", "threads": 1},
+        "truth_path": str(tmp_path / "truth.zarr"), "obs_path": str(tmp_path / "obs.zarr"),
+        "out_dir": str(tmp_path / "run"), "box": None, "dates": None, "val_period": None,
+        "val_fraction": 0.25, "gap_days": 2, "stride": None, "aug": 0, "holdout": 0.2,
+        "resume": False, "progress": False,
+        "train": {"epochs": 1, "batch_size": 2, "lr": 1e-4, "weight_decay": 0.0, "grad_clip": 0.5,
+                  "w_mse": 1.0, "w_grad": 0.0, "w_prior": 1.0, "mode": "supervised", "seed": 0,
+                  "max_batches": 1, "nll_crop": 4, "w_nll": 0.0, "theta_init": "mle", "theta_grad": "nll",
+                  "mle_items": 4},
+    })
+    assert run_spde_training(cfg) == 0
+    run = tmp_path / "run"
+    ck = read_spde_checkpoint(run / "best_checkpoint.pt")
+    assert ck["model_cfg"].mean == "oi" and ck["model_cfg"].oi_Lx_km == 20.0
+    assert np.isfinite(ck["extra"]["val_start"]["val_rmse"])
+    hist = json.loads((run / "history.json").read_text())
+    assert np.isfinite(hist[0]["val_rmse"])
+    obs, ocean, _, _ = tiny_batch(B=1, T=3, H=8, W=8, dtype=torch.float64, frac=0.4)
+    batch = _lonlat_batch(0.5 + 0.1 * obs, ocean)
+    res = build_method("spde_4dvarnet", checkpoint=str(run / "best_checkpoint.pt"))(batch)
+    from oceanda.assim.fourdvarnet import oi_first_guess
+
+    m, s = ck["norm"]["mean"], ck["norm"]["std"]
+    mu = (oi_first_guess(batch.obs, batch.lon, batch.lat, batch.time, ck["model_cfg"]).float() - m) / s
+    with torch.no_grad():
+        ref = ck["model"].eval()(((batch.obs - m) / s).float(), ocean, (batch.dx_m / 1000).float(),
+                                 (batch.dy_m / 1000).float(), mean=mu) * s + m
+    torch.testing.assert_close(res.mean.float(), ref, rtol=1e-5, atol=1e-6)
