@@ -62,12 +62,13 @@ from oceanda.train.loop import TrainingTask, _collate, _to, check_ranges, save_a
 
 log = logging.getLogger("oceanda.train")
 
-__all__ = ["SPDETrainConfig", "batch_theta", "fit_theta_mle", "make_spde_optimizer", "spde_loss_terms", "save_spde_checkpoint",
-           "MetricPatches", "datasets", "build", "load_weights", "TASK"]
+__all__ = ["SPDETrainConfig", "batch_theta", "fit_theta_mle", "make_spde_optimizer", "spde_loss_terms",
+           "save_spde_checkpoint", "MetricPatches", "datasets", "build", "load_weights", "TASK"]
 
 
 #: model config fields an ``init_checkpoint`` may differ in (same weights, other use of them)
-_FINE_TUNE_FREE = ("mean", "noise_std", "learn_noise", "n_steps", "lr_grad", "dropout")
+_FINE_TUNE_FREE = ("mean", "oi_Lx_km", "oi_Ly_km", "oi_Lt_days", "oi_noise_std", "noise_std", "learn_noise",
+                   "n_steps", "lr_grad", "dropout")
 
 
 @dataclass
@@ -344,7 +345,7 @@ def build(model_cfg: SPDEModelConfig) -> SPDEFourDVarNet:
 def load_weights(model: SPDEFourDVarNet, model_cfg: SPDEModelConfig, path: str | os.PathLike) -> Path:
     """Load the weights of the SPDE-4DVarNet checkpoint ``path`` into ``model`` (a start, e.g. a
     second stage with other loss weights); the model config must match but for
-    ``mean, noise_std, learn_noise, n_steps, lr_grad, dropout``. :class:`InputError` naming it."""
+    ``mean, oi_*, noise_std, learn_noise, n_steps, lr_grad, dropout``. :class:`InputError` naming it."""
     ck = read_spde_checkpoint(str(path))
     have, want = asdict(ck["model_cfg"]), asdict(model_cfg)
     diff = {k: (want[k], have[k]) for k in want if k not in _FINE_TUNE_FREE and want[k] != have[k]}
