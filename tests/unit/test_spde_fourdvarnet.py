@@ -407,6 +407,24 @@ def _write_zarrs(root):
     xr.Dataset({"ssh_obs": (dims, obs), "ocean": oc}, coords=coords).to_zarr(root / "obs.zarr")
 
 
+def _tiny_train_cfg(root, model: dict, aug: int, train: dict):
+    """The composed `oceanda train model=spde_4dvarnet` config of the tiny zarrs of :func:`_write_zarrs`
+    (``model`` / ``train`` entries override the tiny defaults)."""
+    from omegaconf import OmegaConf
+
+    base = {"name": "spde_4dvarnet", "n_time": 3, "n_steps": 2, "lstm_hidden": 4, "theta_hidden": 4, "dropout": 0.0}
+    return OmegaConf.create({
+        "model": {**base, **model}, "patch": {"size": [3, 8, 8], "stride": [1, 4, 4], "crop": [1, 1]},
+        "system": {"device": "cpu", "threads": 1},
+        "truth_path": str(root / "truth.zarr"), "obs_path": str(root / "obs.zarr"),
+        "out_dir": str(root / "run"), "box": None, "dates": None, "val_period": None,
+        "val_fraction": 0.25, "gap_days": 2, "stride": None, "aug": aug, "holdout": 0.2,
+        "resume": False, "progress": False,
+        "train": {"epochs": 1, "batch_size": 2, "weight_decay": 0.0, "grad_clip": 0.5, "w_grad": 0.0,
+                  "w_prior": 1.0, "mode": "supervised", "seed": 0, "nll_crop": 4, **train},
+    })
+
+
 def run_spde_training(cfg) -> int:
     """``oceanda train`` on a composed config: the typed config, then the app."""
     from oceanda.cli.schema import load
@@ -423,18 +441,7 @@ def test_run_spde_training_reads_the_train_config_and_writes_a_loadable_checkpoi
     from oceanda.assim.registry import build_method
 
     _write_zarrs(tmp_path)
-    model = dict(name="spde_4dvarnet", n_time=3, n_steps=2, lstm_hidden=4, theta_hidden=4, dropout=0.0)
-    cfg = OmegaConf.create({
-        "model": model, "patch": {"size": [3, 8, 8], "stride": [1, 4, 4], "crop": [1, 1]},
-        "system": {"device": "cpu", "threads": 1},
-        "truth_path": str(tmp_path / "truth.zarr"), "obs_path": str(tmp_path / "obs.zarr"),
-        "out_dir": str(tmp_path / "run"), "box": None, "dates": None, "val_period": None,
-        "val_fraction": 0.25, "gap_days": 2, "stride": None, "aug": 1, "holdout": 0.2,
-        "resume": False, "progress": False,
-        "train": {"epochs": 1, "batch_size": 2, "lr": 1e-3, "weight_decay": 0.0, "grad_clip": 0.5,
-                  "w_mse": 50.0, "w_grad": 0.0, "w_prior": 1.0, "mode": "supervised", "seed": 0,
-                  "max_batches": 2, "nll_crop": 4},
-    })
+    cfg = _tiny_train_cfg(tmp_path, {}, aug=1, train={"lr": 1e-3, "w_mse": 50.0, "max_batches": 2})
     assert run_spde_training(cfg) == 0
     ck = read_spde_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert ck["model_cfg"].n_time == 3 and ck["norm"]["std"] > 0
@@ -1021,25 +1028,14 @@ def test_oceanda_train_with_the_oi_mean_fits_the_residual_prior_and_infers_from_
     infers with the OI of the patch (oi_first_guess with those settings) as prior mean."""
     import json
 
-    from omegaconf import OmegaConf
-
     from oceanda.assim.registry import build_method
 
     _write_zarrs(tmp_path)
-    model = dict(name="spde_4dvarnet", n_time=3, n_steps=2, lstm_hidden=4, theta_hidden=4, dropout=0.0,
-                 theta="global", mean="oi", oi_Lx_km=20.0, oi_Ly_km=20.0, oi_Lt_days=3.0, oi_noise_std=0.02)
-    cfg = OmegaConf.create({
-        "model": model, "patch": {"size": [3, 8, 8], "stride": [1, 4, 4], "crop": [1, 1]},
-        "system": {"device": "cpu", "threads": 1},
-        "truth_path": str(tmp_path / "truth.zarr"), "obs_path": str(tmp_path / "obs.zarr"),
-        "out_dir": str(tmp_path / "run"), "box": None, "dates": None, "val_period": None,
-        "val_fraction": 0.25, "gap_days": 2, "stride": None, "aug": 0, "holdout": 0.2,
-        "resume": False, "progress": False,
-        "train": {"epochs": 1, "batch_size": 2, "lr": 1e-4, "weight_decay": 0.0, "grad_clip": 0.5,
-                  "w_mse": 1.0, "w_grad": 0.0, "w_prior": 1.0, "mode": "supervised", "seed": 0,
-                  "max_batches": 1, "nll_crop": 4, "w_nll": 0.0, "theta_init": "mle", "theta_grad": "nll",
-                  "mle_items": 4},
-    })
+    model = {"theta": "global", "mean": "oi", "oi_Lx_km": 20.0, "oi_Ly_km": 20.0, "oi_Lt_days": 3.0,
+             "oi_noise_std": 0.02}
+    cfg = _tiny_train_cfg(tmp_path, model, aug=0, train={
+        "lr": 1e-4, "w_mse": 1.0, "max_batches": 1, "w_nll": 0.0, "theta_init": "mle", "theta_grad": "nll",
+        "mle_items": 4})
     assert run_spde_training(cfg) == 0
     run = tmp_path / "run"
     ck = read_spde_checkpoint(run / "best_checkpoint.pt")
