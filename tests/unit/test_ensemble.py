@@ -250,3 +250,45 @@ def test_spde_oi_patch_overhanging_the_domain_takes_the_exact_spectral_path(monk
     assert np.array_equal(mean[~oc], ref[~oc])  # the prior mean off the ocean in both
     assert np.isfinite(std[oc]).all() and np.isnan(std[~oc]).all()
     assert np.isfinite(mem[:, oc]).all() and mem.shape == (4, T, ny, nx)
+
+
+@pytest.mark.parametrize("land", [False, True])
+def test_spde_oi_with_the_oi_mean_is_the_exact_posterior_around_the_oi_analysis(land):
+    """mean="oi": the prior mean is the OI analysis of the same observations (oi_patch, method=oi's
+    settings); the analysis is the dense posterior mean mu + (Q + D)^{-1} D (y - mu) (open ocean:
+    the spectral path; with land: the sparse one), and the patch refuses a missing mean."""
+    from oceanda.assim.oi import oi_patch
+    from oceanda.errors import InputError
+
+    T, ny, nx = 4, 8, 9
+    dx = np.full((ny, nx), 5000.0)
+    dy = np.full((ny, nx), 5550.0)
+    ocean = np.ones((ny, nx), bool)
+    if land:
+        ocean[3:5, 0:2] = False
+    rng = np.random.default_rng(7)
+    lon, lat, time = -60 + 0.05 * np.arange(nx), 35 + 0.05 * np.arange(ny), np.arange(T) + 3.0
+    t, y, x = np.mgrid[0:T, 0:ny, 0:nx]
+    truth = 0.5 + 0.3 * np.sin(0.5 * x + 0.2 * t) * np.cos(0.4 * y)
+    mask = (rng.random((T, ny, nx)) < 0.3) & ocean[None]
+    obs = np.where(mask, truth + 0.02 * rng.standard_normal(truth.shape), np.nan)
+    oi_set = dict(oi_Lx_km=30.0, oi_Ly_km=40.0, oi_Lt_days=5.0, oi_noise_std=0.03)
+    method = build_method("spde_oi", **dict(CFG, mean="oi", rtol=1e-11, **oi_set))
+    b = PatchBatch(obs=torch.as_tensor(obs)[None], ocean=torch.as_tensor(ocean)[None],
+                   lon=torch.as_tensor(lon)[None], lat=torch.as_tensor(lat)[None], time=torch.as_tensor(time)[None],
+                   dx_m=torch.as_tensor(dx)[None], dy_m=torch.as_tensor(dy)[None])
+    out = method(b).mean[0].numpy()
+    mu = oi_patch(obs, lon, lat, time, Lx_km=30.0, Ly_km=40.0, Lt_days=5.0, R=0.03**2, solver="cholesky")
+    prior = SPDEPrior(dx / 1000, dy / 1000, ocean, T=T, dt=1.0, alpha=2, kappa=0.5, gamma=25.0,
+                      tau=tau_for_std(0.1, 0.5, 25.0, float(np.mean((dx * dy / 1e6)[ocean]))))
+    Q = prior.precision_dense().numpy()
+    D = np.diag(mask.reshape(-1) / 0.02**2)
+    m = mu.reshape(-1)
+    ref = (m + np.linalg.solve(Q + D, D @ (np.nan_to_num(obs).reshape(-1) - m))).reshape(T, ny, nx)
+    oc = np.broadcast_to(ocean, ref.shape)
+    assert np.abs(out - ref)[oc].max() < 1e-6 * np.abs(ref[oc]).max()
+    assert np.abs(out - mu)[oc].max() > 1e-3  # a real correction of the OI
+    with pytest.raises(InputError, match="mean='oi'"):
+        method.patch(obs, ocean, dx, dy)
+    with pytest.raises(ConfigError, match="oi_Lt_days"):
+        build_method("spde_oi", **dict(CFG, mean="oi", oi_Lt_days=0.0))

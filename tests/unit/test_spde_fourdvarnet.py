@@ -407,6 +407,24 @@ def _write_zarrs(root):
     xr.Dataset({"ssh_obs": (dims, obs), "ocean": oc}, coords=coords).to_zarr(root / "obs.zarr")
 
 
+def _tiny_train_cfg(root, model: dict, aug: int, train: dict):
+    """The composed `oceanda train model=spde_4dvarnet` config of the tiny zarrs of :func:`_write_zarrs`
+    (``model`` / ``train`` entries override the tiny defaults)."""
+    from omegaconf import OmegaConf
+
+    base = {"name": "spde_4dvarnet", "n_time": 3, "n_steps": 2, "lstm_hidden": 4, "theta_hidden": 4, "dropout": 0.0}
+    return OmegaConf.create({
+        "model": {**base, **model}, "patch": {"size": [3, 8, 8], "stride": [1, 4, 4], "crop": [1, 1]},
+        "system": {"device": "cpu", "threads": 1},
+        "truth_path": str(root / "truth.zarr"), "obs_path": str(root / "obs.zarr"),
+        "out_dir": str(root / "run"), "box": None, "dates": None, "val_period": None,
+        "val_fraction": 0.25, "gap_days": 2, "stride": None, "aug": aug, "holdout": 0.2,
+        "resume": False, "progress": False,
+        "train": {"epochs": 1, "batch_size": 2, "weight_decay": 0.0, "grad_clip": 0.5, "w_grad": 0.0,
+                  "w_prior": 1.0, "mode": "supervised", "seed": 0, "nll_crop": 4, **train},
+    })
+
+
 def run_spde_training(cfg) -> int:
     """``oceanda train`` on a composed config: the typed config, then the app."""
     from oceanda.cli.schema import load
@@ -423,18 +441,7 @@ def test_run_spde_training_reads_the_train_config_and_writes_a_loadable_checkpoi
     from oceanda.assim.registry import build_method
 
     _write_zarrs(tmp_path)
-    model = dict(name="spde_4dvarnet", n_time=3, n_steps=2, lstm_hidden=4, theta_hidden=4, dropout=0.0)
-    cfg = OmegaConf.create({
-        "model": model, "patch": {"size": [3, 8, 8], "stride": [1, 4, 4], "crop": [1, 1]},
-        "system": {"device": "cpu", "threads": 1},
-        "truth_path": str(tmp_path / "truth.zarr"), "obs_path": str(tmp_path / "obs.zarr"),
-        "out_dir": str(tmp_path / "run"), "box": None, "dates": None, "val_period": None,
-        "val_fraction": 0.25, "gap_days": 2, "stride": None, "aug": 1, "holdout": 0.2,
-        "resume": False, "progress": False,
-        "train": {"epochs": 1, "batch_size": 2, "lr": 1e-3, "weight_decay": 0.0, "grad_clip": 0.5,
-                  "w_mse": 50.0, "w_grad": 0.0, "w_prior": 1.0, "mode": "supervised", "seed": 0,
-                  "max_batches": 2, "nll_crop": 4},
-    })
+    cfg = _tiny_train_cfg(tmp_path, {}, aug=1, train={"lr": 1e-3, "w_mse": 50.0, "max_batches": 2})
     assert run_spde_training(cfg) == 0
     ck = read_spde_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert ck["model_cfg"].n_time == 3 and ck["norm"]["std"] > 0
@@ -827,3 +834,223 @@ def test_obs_std_spread_mode_scales_each_patch_by_its_observed_std_over_the_prio
     torch.save(dict(torch.load(cal, weights_only=True), spread_mode="bogus"), tmp_path / "bad.pt")
     with pytest.raises(InputError, match="spread_mode"):
         read_spde_checkpoint(tmp_path / "bad.pt")
+
+
+# ----------------------------------------------------------------------------- mean="oi"
+
+
+def _smooth_field(shape, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    B, T, H, W = shape
+    t, y, x = torch.meshgrid(torch.arange(T, dtype=dtype), torch.arange(H, dtype=dtype), torch.arange(W, dtype=dtype),
+                             indexing="ij")
+    a = torch.rand(B, 3, generator=g, dtype=dtype)
+    return torch.stack([1.5 + a[b, 0] * torch.sin(0.5 * x + 0.2 * t) + a[b, 1] * torch.cos(0.4 * y) + a[b, 2] * 0.1 * t
+                        for b in range(B)])
+
+
+def test_oi_mean_prior_is_the_given_field_and_the_solver_reaches_its_posterior_mean():
+    """mean="oi": mu is the given (B, T, H, W) field (the patches' OI analyses); the untrained solver
+    converges to the dense posterior mean mu + (Q + H^T H / R)^{-1} H^T (y - H mu) / R, returns mu
+    itself where the observations agree with it (a zero correction), and refuses a missing or
+    misshapen mean, or a mean given to another model, naming model.mean."""
+    n, T, R = 6, 3, 0.05
+    cfg = tiny_cfg(n_time=T, kappa0=0.6, gamma0=20.0, n_steps=40, noise_std=R**0.5, learn_noise=False, mean="oi")
+    model = SPDEFourDVarNet(cfg).double().eval()
+    obs, ocean, dx, dy = tiny_batch(B=2, T=T, H=n, W=n, frac=0.3)
+    dx, dy = 3 * dx, 3 * dy
+    mu = _smooth_field(obs.shape)
+    obs = obs + mu
+    th = model.with_mean(model.predict_theta(obs, ocean), mu, tuple(obs.shape))
+    assert "mean" not in model.predict_theta(obs, ocean) and th["mean"] is mu
+    with torch.no_grad():
+        out = model(obs, ocean, dx, dy, mean=mu)
+    for b in range(2):
+        prior = model.priors({k: v[b:b + 1] for k, v in th.items()}, ocean[b:b + 1], dx[b:b + 1], dy[b:b + 1])[0]
+        mask = (torch.isfinite(obs[b]) & ocean[b]).reshape(-1)
+        y = torch.nan_to_num(obs[b]).reshape(-1) * mask
+        oc = ocean[b].expand(T, n, n).reshape(-1).double()
+        m = mu[b].reshape(-1)
+        exact = m + torch.linalg.solve(prior.precision_dense() + torch.diag(mask.double()) / R,
+                                       (y - m * mask) / R)
+        torch.testing.assert_close(out[b].reshape(-1), exact * oc, rtol=0, atol=1e-4 * float(exact.abs().max()))
+    # observations equal to the prior mean: no correction, the output is the mean (the OI) on the ocean
+    agree = torch.where(torch.isfinite(obs), mu, torch.nan)
+    with torch.no_grad():
+        same = model(agree, ocean, dx, dy, mean=mu)
+    torch.testing.assert_close(same, mu * ocean[:, None], rtol=0, atol=1e-10)
+    # members are centred on the reconstruction (prior draws around mu, the solver with the same mu)
+    m1, mem = model.members(obs[:1], ocean[:1], dx[:1], dy[:1], 64, seeds=[0], mean=mu[:1])
+    torch.testing.assert_close(m1, out[:1])
+    assert ((mem[0].mean(0) - m1[0]).abs() <= 5 * mem[0].std(0) / 8 + 1e-9).all()
+    with pytest.raises(InputError, match="model.mean=oi"):
+        model(obs, ocean, dx, dy)
+    with pytest.raises(InputError, match="model.mean=oi.*shape"):
+        model(obs, ocean, dx, dy, mean=mu[:, :, :-1])
+    zero = SPDEFourDVarNet(tiny_cfg(**{**cfg.__dict__, "mean": "zero"})).double()
+    with pytest.raises(InputError, match="model.mean='zero'"):
+        zero(obs, ocean, dx, dy, mean=mu)
+    with pytest.raises(ConfigError, match="model.mean"):
+        tiny_cfg(mean="patch").validate()
+    with pytest.raises(ConfigError, match="model.oi_Lx_km"):
+        SPDEModelConfig.from_dict({"mean": "oi", "oi_Lx_km": 0.0})
+
+
+def test_crop_nll_with_a_prior_mean_is_the_nll_of_the_prior_with_that_mean():
+    """The crop NLL with a mean field (mean="oi") or a per-patch constant (mean="obs") equals
+    SPDEPrior(mean=...).nll of the truth's crop; with theta="global" the patches still share one
+    prior (the residual truth - mean under the zero-mean prior), and Theta's gradient is the
+    reference's."""
+    B, T, n, c = 3, 3, 6, 4
+    X = torch.randn(B, T, n, n, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    dx = torch.full((B, n, n), 1.5, dtype=torch.float64)
+    ocean = torch.ones(B, n, n, dtype=torch.bool)
+    obs = torch.full_like(X, float("nan"))
+    obs[:, :, 0, 0] = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)[:, None]
+    mu_field = _smooth_field(X.shape, seed=3)
+    ys = slice(1, 5)
+    for mean in ("oi", "obs"):
+        model = SPDEFourDVarNet(tiny_cfg(theta="global", mean=mean)).double()
+        with torch.no_grad():
+            model.theta_global.copy_(torch.tensor([0.2, -0.1]))
+        th = model.with_mean(model.predict_theta(obs, ocean), mu_field if mean == "oi" else None, tuple(X.shape))
+        calls = []
+        orig = SPDEPrior.nll
+        SPDEPrior.nll = lambda self, x: calls.append(1) or orig(self, x)
+        try:
+            nll = crop_nll(model, th, X + 0.0, ocean, dx, dx, c)
+        finally:
+            SPDEPrior.nll = orig
+        assert len(calls) == 1  # one prior, one log-determinant, for the batch
+        (g,) = torch.autograd.grad(nll.sum(), model.theta_global)
+        raw = model.theta_global.detach().clone().requires_grad_(True)
+        k, s = 0.5 * torch.exp(3 * torch.tanh(raw[0] / 3)), torch.exp(3 * torch.tanh(raw[1] / 3))
+        ref = []
+        for b in range(B):
+            m = mu_field[b, :, ys, ys] if mean == "oi" else float(obs[b, 0, 0, 0])
+            d = dx[b, ys, ys]
+            p = SPDEPrior(d, d, None, T=T, kappa=k, gamma=2.0, mean=m,
+                          tau=s * torch.sqrt(8 * np.pi * 2.0 * k**2 / (d * d).mean()))
+            ref.append(p.nll(X[b, :, ys, ys]) / (T * c * c))
+        ref = torch.stack(ref)
+        torch.testing.assert_close(nll.detach(), ref.detach(), rtol=1e-10, atol=0)
+        (g_ref,) = torch.autograd.grad(ref.sum(), raw)
+        torch.testing.assert_close(g, g_ref, rtol=1e-8, atol=1e-12)
+
+
+def test_fit_theta_mle_with_the_oi_mean_is_the_mle_of_the_residual():
+    """theta_init=mle with mean="oi": Theta is the maximum-likelihood estimate of the prior of
+    truth - x0 (the items' OI analyses; scipy on SPDEPrior(mean=x0).nll), and batch_theta carries x0
+    as the prior mean."""
+    from scipy.optimize import minimize
+
+    from oceanda.train.spde_fourdvarnet import batch_theta, fit_theta_mle
+
+    n, T, B, gamma = 6, 3, 4, 2.0
+    dx = torch.full((n, n), 1.0, dtype=torch.float64)
+
+    def prior(k, s, mean=0.0):
+        return SPDEPrior(dx, dx, None, T=T, kappa=k, gamma=gamma, tau=s * np.sqrt(8 * np.pi * gamma * k**2), mean=mean)
+
+    M = _smooth_field((B, T, n, n), seed=5)
+    X = torch.as_tensor(prior(0.6, 0.5).sample(B, rng=np.random.default_rng(3))) + M
+    g = torch.Generator().manual_seed(4)
+    Y = torch.where(torch.rand(X.shape, generator=g, dtype=torch.float64) < 0.3,
+                    X + 0.1 * torch.randn(X.shape, generator=g, dtype=torch.float64), float("nan"))
+    items = [{"obs": Y[b], "tgt": X[b], "weight": torch.ones_like(X[b]), "ocean": torch.ones(n, n, dtype=torch.bool),
+              "dx": dx, "dy": dx, "x0": M[b]} for b in range(B)]
+    model = SPDEFourDVarNet(tiny_cfg(theta="global", n_time=T, kappa0=0.3, gamma0=gamma, mean="oi")).double()
+    batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
+    assert batch_theta(model, batch)["mean"] is batch["x0"]
+    res = fit_theta_mle(model, items, SPDETrainConfig(nll_crop=n))
+
+    def nll(z):
+        k, s = float(np.exp(z[0])), float(np.exp(z[1]))
+        return float(sum(prior(k, s, M[b]).nll(X[b]) for b in range(B)))
+
+    ref = minimize(nll, np.log([0.3, 1.0]), method="L-BFGS-B", options={"ftol": 1e-14, "gtol": 1e-7})
+    np.testing.assert_allclose([res["mle_kappa"], res["mle_std"]], np.exp(ref.x), rtol=2e-3)
+    assert abs(res["mle_std"] / 0.5 - 1) < 0.3  # the residual's std, not the field's (~1)
+    with pytest.raises(InputError, match="model.mean=oi"):  # items without their OI analysis
+        fit_theta_mle(model, [{k: v for k, v in it.items() if k != "x0"} for it in items], SPDETrainConfig(nll_crop=n))
+
+
+def _lonlat_batch(obs, ocean, step_deg=0.05):
+    B, T, H, W = obs.shape
+    lon = (-60.0 + step_deg * torch.arange(W, dtype=torch.float64)).expand(B, W)
+    lat = (35.0 + step_deg * torch.arange(H, dtype=torch.float64)).expand(B, H)
+    time = torch.arange(T, dtype=torch.float64).expand(B, T) + 10.0
+    dx_m = torch.full((B, H, W), 4500.0, dtype=obs.dtype)
+    return PatchBatch(obs=obs, ocean=ocean, lon=lon, lat=lat, time=time, dx_m=dx_m, dy_m=dx_m * 1.2)
+
+
+def test_method_with_the_oi_mean_corrects_the_oi_analysis_of_the_same_patch(tmp_path):
+    """method=spde_4dvarnet with a mean="oi" checkpoint: the model run with the OI analysis of each
+    patch (oi_patch, exact solver) as prior mean; with a negligible prior std the correction
+    vanishes and the output is method=oi's analysis (the registered OI, same settings)."""
+    from oceanda.assim.oi import oi_patch
+    from oceanda.assim.registry import build_method
+
+    torch.manual_seed(3)
+    obs, ocean, _, _ = tiny_batch(B=2, T=3, H=8, W=8, dtype=torch.float64, frac=0.4)
+    phys = 0.3 + 0.1 * (obs + _smooth_field(obs.shape, seed=1))
+    batch = _lonlat_batch(phys, ocean)
+    norm = {"mean": 0.3, "std": 0.1}
+    oi_set = dict(oi_Lx_km=30.0, oi_Ly_km=40.0, oi_Lt_days=5.0, oi_noise_std=0.02)
+    ref_oi = torch.stack([torch.as_tensor(oi_patch(phys[b].numpy(), batch.lon[b].numpy(), batch.lat[b].numpy(),
+                                                   batch.time[b].numpy(), Lx_km=30.0, Ly_km=40.0, Lt_days=5.0,
+                                                   R=0.02**2, solver="cholesky")) for b in range(2)])
+    model = SPDEFourDVarNet(tiny_cfg(length_unit_m=1000.0, mean="oi", n_steps=8, **oi_set)).double().eval()
+    p = save_spde_checkpoint(tmp_path / "m.pt", model, norm)
+    res = build_method("spde_4dvarnet", checkpoint=str(p), oi_solver="cholesky")(batch)
+    mu = (ref_oi - 0.3) / 0.1
+    with torch.no_grad():
+        ref = model((phys - 0.3) / 0.1, ocean, batch.dx_m / 1000.0, batch.dy_m / 1000.0, mean=mu) * 0.1 + 0.3
+    torch.testing.assert_close(res.mean, ref, rtol=1e-5, atol=1e-6)
+    oc = ocean[:, None].expand_as(ref)
+    assert (res.mean - ref_oi)[oc].abs().max() > 1e-3  # a real correction of the OI
+    ens = build_method("spde_4dvarnet", checkpoint=str(p), oi_solver="cholesky", members=3)(batch)
+    torch.testing.assert_close(ens.mean, res.mean, rtol=1e-5, atol=1e-6)
+    assert ens.std.shape == phys.shape
+    # a negligible prior std: no correction, method=oi's analysis
+    tight = SPDEFourDVarNet(tiny_cfg(length_unit_m=1000.0, mean="oi", n_steps=8, std0=1e-5, **oi_set)).double().eval()
+    p2 = save_spde_checkpoint(tmp_path / "tight.pt", tight, norm)
+    out = build_method("spde_4dvarnet", checkpoint=str(p2))(batch).mean
+    oi = build_method("oi", Lx_km=30.0, Ly_km=40.0, Lt_days=5.0, noise_std=0.02)(batch).mean
+    torch.testing.assert_close(out[oc], oi[oc], rtol=0, atol=1e-6)
+    with pytest.raises(ConfigError, match="oi_solver"):
+        build_method("spde_4dvarnet", checkpoint=str(p), oi_solver="lu")
+
+
+def test_oceanda_train_with_the_oi_mean_fits_the_residual_prior_and_infers_from_the_oi(tmp_path):
+    """`oceanda train model=spde_4dvarnet model.mean=oi`: the ML fit and the validated start run on
+    items carrying their OI analyses, the checkpoint keeps the OI settings, and method=spde_4dvarnet
+    infers with the OI of the patch (oi_first_guess with those settings) as prior mean."""
+    import json
+
+    from oceanda.assim.registry import build_method
+
+    _write_zarrs(tmp_path)
+    model = {"theta": "global", "mean": "oi", "oi_Lx_km": 20.0, "oi_Ly_km": 20.0, "oi_Lt_days": 3.0,
+             "oi_noise_std": 0.02}
+    cfg = _tiny_train_cfg(tmp_path, model, aug=0, train={
+        "lr": 1e-4, "w_mse": 1.0, "max_batches": 1, "w_nll": 0.0, "theta_init": "mle", "theta_grad": "nll",
+        "mle_items": 4})
+    assert run_spde_training(cfg) == 0
+    run = tmp_path / "run"
+    ck = read_spde_checkpoint(run / "best_checkpoint.pt")
+    assert ck["model_cfg"].mean == "oi" and ck["model_cfg"].oi_Lx_km == 20.0
+    assert np.isfinite(ck["extra"]["val_start"]["val_rmse"])
+    hist = json.loads((run / "history.json").read_text())
+    assert np.isfinite(hist[0]["val_rmse"])
+    obs, ocean, _, _ = tiny_batch(B=1, T=3, H=8, W=8, dtype=torch.float64, frac=0.4)
+    batch = _lonlat_batch(0.5 + 0.1 * obs, ocean)
+    res = build_method("spde_4dvarnet", checkpoint=str(run / "best_checkpoint.pt"))(batch)
+    from oceanda.assim.fourdvarnet import oi_first_guess
+
+    m, s = ck["norm"]["mean"], ck["norm"]["std"]
+    mu = (oi_first_guess(batch.obs, batch.lon, batch.lat, batch.time, ck["model_cfg"]).float() - m) / s
+    with torch.no_grad():
+        ref = ck["model"].eval()(((batch.obs - m) / s).float(), ocean, (batch.dx_m / 1000).float(),
+                                 (batch.dy_m / 1000).float(), mean=mu) * s + m
+    torch.testing.assert_close(res.mean.float(), ref, rtol=1e-5, atol=1e-6)

@@ -112,6 +112,9 @@ __all__ = [
     "read_checkpoint",
     "FourDVarNetMethod",
     "INITS",
+    "OI_SETTINGS",
+    "check_oi_settings",
+    "oi_settings_kwargs",
     "oi_first_guess",
     "PRECISIONS",
     "native_bf16",
@@ -496,15 +499,12 @@ class ModelConfig:
         _compute_dtype(self.precision)  # ConfigError naming the bad value
         if self.init not in INITS:
             raise ConfigError(f"model.init={self.init!r}: expected one of {list(INITS)}")
-        for key in ("oi_Lx_km", "oi_Ly_km", "oi_Lt_days", "oi_noise_std"):
-            if not float(getattr(self, key)) > 0:
-                raise ConfigError(f"model.{key} must be > 0, got {getattr(self, key)}")
+        check_oi_settings(self)
 
     def oi_kwargs(self) -> dict[str, float]:
         """Keyword arguments of :func:`oceanda.assim.oi.oi_patch` for the ``init="oi"`` first
         guess (prior mean and variance estimated per patch, as ``method=oi``'s defaults)."""
-        return {"Lx_km": float(self.oi_Lx_km), "Ly_km": float(self.oi_Ly_km),
-                "Lt_days": float(self.oi_Lt_days), "R": float(self.oi_noise_std) ** 2}
+        return oi_settings_kwargs(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
@@ -514,13 +514,32 @@ class ModelConfig:
 #: accepted values of ``ModelConfig.init``
 INITS = ("obs", "oi")
 
+#: a model config's settings of its per-patch OI analysis (``ModelConfig``'s first guess, the
+#: SPDE-prior 4DVarNet's prior mean with ``mean="oi"``)
+OI_SETTINGS = ("oi_Lx_km", "oi_Ly_km", "oi_Lt_days", "oi_noise_std")
 
-def oi_first_guess(obs: Tensor, lon: Tensor, lat: Tensor, time: Tensor, cfg: ModelConfig,
+
+def check_oi_settings(cfg: Any) -> None:
+    """:class:`ConfigError` naming the first of ``cfg``'s :data:`OI_SETTINGS` that is not > 0."""
+    for key in OI_SETTINGS:
+        if not float(getattr(cfg, key)) > 0:
+            raise ConfigError(f"model.{key} must be > 0, got {getattr(cfg, key)}")
+
+
+def oi_settings_kwargs(cfg: Any) -> dict[str, float]:
+    """Keyword arguments of :func:`oceanda.assim.oi.oi_patch` from ``cfg``'s :data:`OI_SETTINGS`
+    (prior mean and variance estimated per patch, as ``method=oi``'s defaults)."""
+    return {"Lx_km": float(cfg.oi_Lx_km), "Ly_km": float(cfg.oi_Ly_km),
+            "Lt_days": float(cfg.oi_Lt_days), "R": float(cfg.oi_noise_std) ** 2}
+
+
+def oi_first_guess(obs: Tensor, lon: Tensor, lat: Tensor, time: Tensor, cfg: Any,
                    max_obs: int | None = None, solver: str = "cg") -> Tensor:
     """The ``init="oi"`` first guess: the OI analysis of every patch of ``obs``
     ``(B, T, H, W)`` [physical units, NaN where unobserved] with ``lon (B, W)``, ``lat (B, H)``
     [deg], ``time (B, T)`` [days] (:func:`oceanda.assim.oi.oi_patches` with
-    :meth:`ModelConfig.oi_kwargs`; prior mean and variance from each patch's observations;
+    ``cfg.oi_kwargs()``, e.g. :meth:`ModelConfig.oi_kwargs`; prior mean and variance from each
+    patch's observations;
     ``solver`` ``"cg"``, the fast solver, or ``"cholesky"``, the exact one).
     Returns ``(B, T, H, W)`` in ``obs``' dtype and device (float64 arithmetic on the CPU)."""
     from oceanda.assim.oi import oi_patches

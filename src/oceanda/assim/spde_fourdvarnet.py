@@ -14,7 +14,11 @@ ocean cells ``Omega_b``, ``N_b = T n_ocean,b``)::
 ``Q_Theta`` the trajectory precision of :class:`oceanda.priors.spde.SPDEPrior` on the patch
 grid (block-tridiagonal in time, land cells closed), ``mu = 0`` (the normalisation mean;
 ``mean="obs"``: ``mu_b`` the mean of patch ``b``'s observations, a constant like OI's
-``mean="patch"``, so that ``Theta``'s std is the local variability, not the basin's),
+``mean="patch"``, so that ``Theta``'s std is the local variability, not the basin's;
+``mean="oi"``: ``mu_b`` the OI analysis of patch ``b``'s observations, a ``(T, H, W)`` field
+computed as ``model=4dvarnet``'s ``init="oi"`` first guess with the ``oi_*`` settings, so that the
+SPDE prior models the residual ``truth - OI`` and the untrained solver returns OI plus the SPDE
+posterior correction; :meth:`SPDEFourDVarNet.forward` takes it as ``mean``),
 ``R`` a learned scalar observation-error variance (normalised units). The prior term equals
 ``SPDEPrior.quad`` exactly (tested); with ``F_k = I + dt A^alpha`` and ``S_k`` the noise
 variances (diagonal ``s``)::
@@ -130,6 +134,7 @@ from oceanda.assim.base import PatchBatch, PatchResult
 from oceanda.assim.ensemble import matheron_members
 from oceanda.assim.checkpoint import read_model_checkpoint
 from oceanda.assim.convlstm import ConvLSTMGradModulator
+from oceanda.assim.fourdvarnet import check_oi_settings, oi_first_guess, oi_settings_kwargs
 from oceanda.assim.registry import register
 from oceanda.assim.unroll import UnrolledSolver
 from oceanda.config_dataclass import dataclass_from_dict
@@ -159,6 +164,8 @@ __all__ = [
 SPDE_CHECKPOINT_FORMAT = "oceanda-spde-4dvarnet"
 SPDE_CHECKPOINT_VERSION = 1
 _PARAM_SETS = ("kappa", "std", "gamma", "m", "anisotropy")
+#: accepted values of ``SPDEModelConfig.mean``
+MEANS = ("zero", "obs", "oi")
 
 
 # ----------------------------------------------------------------------------- config
@@ -195,6 +202,11 @@ class SPDEModelConfig:
     update: str = "subspace"        # subspace: ConvLSTM direction + exact 2-D line search | anchor: 4DVarNet's update
     length_unit_m: float = 1000.0   # metres per length unit (the grid's dx_m, dy_m are divided by it)
     mean: str = "zero"              # prior mean: zero (the normalisation mean) | obs (mean of the patch's obs)
+                                    # | oi (the patch's OI analysis, oi_* settings: the SPDE models truth - OI)
+    oi_Lx_km: float = 100.0         # mean=oi: OI scales [km, days] and noise std [m], as model=4dvarnet's init=oi
+    oi_Ly_km: float = 100.0
+    oi_Lt_days: float = 10.0
+    oi_noise_std: float = 0.05
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SPDEModelConfig:
@@ -215,8 +227,9 @@ class SPDEModelConfig:
             raise ConfigError(f"model.precond must be 'prior' or 'none', got {self.precond!r}")
         if self.update not in ("anchor", "subspace"):
             raise ConfigError(f"model.update must be 'anchor' or 'subspace', got {self.update!r}")
-        if self.mean not in ("zero", "obs"):
-            raise ConfigError(f"model.mean must be 'zero' or 'obs', got {self.mean!r}")
+        if self.mean not in MEANS:
+            raise ConfigError(f"model.mean must be one of {list(MEANS)}, got {self.mean!r}")
+        check_oi_settings(self)
         if self.theta not in ("patch", "field", "global"):
             raise ConfigError(f"model.theta must be 'patch', 'field' or 'global', got {self.theta!r}")
         bad = [p for p in self.params if p not in _PARAM_SETS]
@@ -229,6 +242,11 @@ class SPDEModelConfig:
                 raise ConfigError(f"model.{key} must be > 0, got {v!r}")
         if self.n_steps < 1 or self.lstm_hidden < 1 or self.theta_hidden < 1:
             raise ConfigError("model.n_steps, model.lstm_hidden and model.theta_hidden must be >= 1")
+
+    def oi_kwargs(self) -> dict[str, float]:
+        """Keyword arguments of :func:`oceanda.assim.oi.oi_patch` for the ``mean="oi"`` prior mean
+        (:func:`oceanda.assim.fourdvarnet.oi_first_guess` computes it at inference)."""
+        return oi_settings_kwargs(self)
 
     @property
     def n_raw(self) -> int:
@@ -507,7 +525,8 @@ class SPDEFourDVarNet(nn.Module):
         ``(B, H, W)`` (``"field"``) tensors: ``kappa``, ``std`` and, as configured,
         ``gamma``, ``mx``, ``my``, ``vx``, ``vy``; ``theta="global"``: ``(B,)`` tensors holding
         the one trained value. ``mean="obs"`` adds ``mean`` ``(B,)``: the prior mean, the mean
-        of each patch's observations (0 without any)."""
+        of each patch's observations (0 without any); ``mean="oi"``'s field is not predicted here
+        but given (:meth:`with_mean`)."""
         y, mask, ocean = self._inputs(obs, ocean)
         if self.cfg.theta == "global":
             raw = self.theta_global.to(y.dtype).expand(y.shape[0], -1)  # (B, P)
@@ -562,14 +581,36 @@ class SPDEFourDVarNet(nn.Module):
         return out
 
     # -- solve
+    def with_mean(self, theta: dict[str, Tensor], mean: Tensor | None,
+                  shape: tuple[int, ...]) -> dict[str, Tensor]:
+        """``theta`` plus the ``mean="oi"`` prior mean ``mean`` (the patches' OI analyses,
+        normalised, of the observations' ``shape`` ``(B, T, H, W)``) as its ``"mean"`` entry;
+        other models: ``theta`` (``mean`` must be None). :class:`InputError` when ``mean="oi"``
+        and neither ``theta`` nor ``mean`` holds it, or it has another shape."""
+        if self.cfg.mean != "oi":
+            if mean is not None:
+                raise InputError(f"a prior mean field was given to a model with model.mean={self.cfg.mean!r} "
+                                 "(only model.mean=oi takes one)")
+            return theta
+        if mean is None:
+            if "mean" in theta:
+                return theta
+            raise InputError("model.mean=oi: the prior mean (each patch's OI analysis, normalised, "
+                             "(B, T, H, W)) was not given")
+        if tuple(mean.shape) != tuple(shape):
+            raise InputError(f"model.mean=oi: the prior mean must have the observations' shape {tuple(shape)}, "
+                             f"got {tuple(mean.shape)}")
+        return {**theta, "mean": mean}
+
     def forward(self, obs: Tensor, ocean: Tensor | None, dx: Tensor, dy: Tensor,
                 theta: dict[str, Tensor] | None = None, return_theta: bool = False,
-                R: Tensor | float | None = None):
+                R: Tensor | float | None = None, mean: Tensor | None = None):
         y, mask, ocean = self._inputs(obs, ocean)
         if obs.shape[1] != self.cfg.n_time:
             raise InputError(f"window of {obs.shape[1]} frames; the model has n_time={self.cfg.n_time}")
         if theta is None:
             theta = self.predict_theta(obs, ocean)
+        theta = self.with_mean(theta, mean, tuple(obs.shape))
         prec = SPDEPrecisionBatch(self.priors(theta, ocean, dx, dy, dtype=obs.dtype))
         ocean4 = ocean.to(obs.dtype).unsqueeze(1)
         precond = None
@@ -585,8 +626,10 @@ class SPDEFourDVarNet(nn.Module):
 
     # -- ensembles
     def members(self, obs: Tensor, ocean: Tensor, dx: Tensor, dy: Tensor, n_members: int,
-                R: float | None = None, seeds: list | None = None, chunk: int = 16):
-        """Matheron conditional members per patch (module docstring).
+                R: float | None = None, seeds: list | None = None, chunk: int = 16,
+                mean: Tensor | None = None):
+        """Matheron conditional members per patch (module docstring); ``mean``: the prior mean
+        of a ``mean="oi"`` model (as :meth:`forward`).
 
         Returns ``(mean, members)``: ``(B, T, H, W)`` the solver's reconstruction and
         ``(B, N, T, H, W)`` the members (normalised units, dtype of ``obs``). ``R``: the
@@ -599,7 +642,7 @@ class SPDEFourDVarNet(nn.Module):
         R = float(self.R.detach()) if R is None else float(R)
         means, mems = [], []
         with torch.no_grad():
-            theta = self.predict_theta(obs, ocean)
+            theta = self.with_mean(self.predict_theta(obs, ocean), mean, tuple(obs.shape))
             for b in range(obs.shape[0]):
                 th = {k: v[b:b + 1] for k, v in theta.items()}
                 prior = self.priors({k: v.double() for k, v in th.items()}, ocean[b:b + 1],
@@ -759,11 +802,20 @@ class SPDEFourDVarNetMethod:
     ``c r_b``) with ``r_b`` from ``spread_mode`` (:func:`spread_factors`: ``"global"`` 1,
     ``"obs_std"`` the patch's observed std over its predicted prior std); ``None``: the
     checkpoint's calibrated values (``c = 1``, ``"global"`` when it has none: the raw members).
+    A checkpoint with ``mean="oi"`` takes as prior mean the OI analysis of the same patch
+    (:func:`oceanda.assim.fourdvarnet.oi_first_guess` with its ``oi_*`` settings, computed here
+    as ``method=4dvarnet`` does for its ``init="oi"``; ``oi_solver`` its solver).
     """
 
     def __init__(self, checkpoint: str, members: int = 0, return_members: bool = False,
                  seed: int = 0, noise_std: float | None = None, member_batch: int = 16,
-                 spread_scale: float | None = None, spread_mode: str | None = None) -> None:
+                 spread_scale: float | None = None, spread_mode: str | None = None,
+                 oi_solver: str = "cg") -> None:
+        from oceanda.assim.oi import SOLVERS
+
+        if oi_solver not in SOLVERS:
+            raise ConfigError(f"spde_4dvarnet: oi_solver must be one of {list(SOLVERS)}, got {oi_solver!r}")
+        self.oi_solver = oi_solver
         if int(members) != members or members < 0 or members == 1:
             raise ConfigError(f"spde_4dvarnet: members must be 0 or an integer >= 2, got {members}")
         if noise_std is not None and not noise_std > 0:
@@ -804,16 +856,22 @@ class SPDEFourDVarNetMethod:
         u = self.cfg.length_unit_m
         dx, dy = (batch.dx_m / u).to(torch.float32), (batch.dy_m / u).to(torch.float32)
         ocean = batch.ocean.to(torch.bool)
+        mu = None
+        if self.cfg.mean == "oi":  # the prior mean: the OI analysis of the same observations, normalised
+            # memory guard of method=oi (the m x m matrix): a ConfigError naming max_obs
+            oi = oi_first_guess(batch.obs, batch.lon, batch.lat, batch.time, self.cfg, max_obs=20000,
+                                solver=self.oi_solver)
+            mu = (oi.to(torch.float32) - self.mean) / self.std
         if not self.members:
             with torch.no_grad():
-                out = self.model(obs, ocean, dx, dy)
+                out = self.model(obs, ocean, dx, dy, mean=mu)
             return PatchResult(mean=(out * self.std + self.mean).to(batch.obs.dtype))
         seeds = [[self.seed, int(round(float(batch.lon[b, 0]) * 1e4)) % (1 << 31),
                   int(round(float(batch.lat[b, 0]) * 1e4)) % (1 << 31),
                   int(round(float(batch.time[b, 0]) * 1e3)) % (1 << 31)] for b in range(B)]
         R = None if self.noise_std is None else (self.noise_std / self.std) ** 2
         mean, mem = self.model.members(obs, ocean, dx, dy, self.members, R=R, seeds=seeds,
-                                       chunk=self.member_batch)
+                                       chunk=self.member_batch, mean=mu)
         if self.spread_mode == "global":
             mem = scale_members(mean, mem, self.spread_scale)
         else:

@@ -31,8 +31,9 @@ import torch
 
 from oceanda.assim.base import PatchBatch, PatchResult
 from oceanda.assim.ensemble import matheron_members
+from oceanda.assim.fourdvarnet import OI_SETTINGS, oi_settings_kwargs
 from oceanda.assim.registry import register
-from oceanda.errors import ConfigError
+from oceanda.errors import ConfigError, InputError
 from oceanda.priors.spde import SPDEPrior, tau_for_std
 from oceanda.priors.spde.posterior import SOLVERS
 
@@ -48,7 +49,13 @@ class SPDEOptimalInterpolation:
         tau: noise amplitude (overrides ``std``).
         alpha, dt, init: as :class:`SPDEPrior`.
         noise_std: observation-error std [m].
-        mean: prior mean [m] or ``"patch"`` (mean of the patch's observations).
+        mean: prior mean [m], ``"patch"`` (mean of the patch's observations) or ``"oi"`` (the
+            patch's OI analysis, :func:`oceanda.assim.oi.oi_patch` of the same observations with
+            ``oi_Lx_km``, ``oi_Ly_km``, ``oi_Lt_days``, ``oi_noise_std``, prior mean and variance per
+            patch as ``method=oi``'s defaults: the SPDE prior then models the residual truth - OI,
+            as the SPDE-prior 4DVarNet's ``model.mean=oi``).
+        oi_Lx_km, oi_Ly_km, oi_Lt_days, oi_noise_std: the ``mean="oi"`` OI's scales [km, days] and
+            observation-error std [m] (defaults: ``configs/method/oi.yaml``'s).
         members: ensemble size (0: mean only, no std).
         return_members: also return the members.
         seed: base seed of the ensemble.
@@ -81,7 +88,8 @@ class SPDEOptimalInterpolation:
                  rtol: float = 1e-8, maxiter: int = 5000, length_unit_m: float = 1000.0,
                  coarse: list[int] | None = None, factor: str = "auto",
                  threads: int | None = None, block_size: int | None = None,
-                 backend: str = "auto", solver: str = "auto"):
+                 backend: str = "auto", solver: str = "auto", oi_Lx_km: float = 100.0,
+                 oi_Ly_km: float = 100.0, oi_Lt_days: float = 10.0, oi_noise_std: float = 0.05):
         if not noise_std > 0:
             raise ConfigError(f"spde_oi: noise_std must be > 0, got {noise_std}")
         if int(members) != members or members < 0 or members == 1:
@@ -90,8 +98,12 @@ class SPDEOptimalInterpolation:
             raise ConfigError(f"spde_oi: std must be > 0, got {std}")
         if not length_unit_m > 0:
             raise ConfigError(f"spde_oi: length_unit_m must be > 0, got {length_unit_m}")
-        if not (mean == "patch" or isinstance(mean, (int, float))):
-            raise ConfigError(f"spde_oi: mean must be a number or 'patch', got {mean!r}")
+        if not (mean in ("patch", "oi") or isinstance(mean, (int, float))):
+            raise ConfigError(f"spde_oi: mean must be a number, 'patch' or 'oi', got {mean!r}")
+        self.oi_Lx_km, self.oi_Ly_km, self.oi_Lt_days, self.oi_noise_std = oi_Lx_km, oi_Ly_km, oi_Lt_days, oi_noise_std
+        for key in OI_SETTINGS:
+            if not (isinstance(getattr(self, key), (int, float)) and getattr(self, key) > 0):
+                raise ConfigError(f"spde_oi: {key} must be > 0, got {getattr(self, key)!r}")
         self.params = dict(kappa=kappa, gamma=gamma, beta=beta, vx=vx, vy=vy, mx=mx, my=my)
         self.std, self.tau, self.alpha, self.dt, self.init = std, tau, alpha, dt, init
         self.R = float(noise_std) ** 2
@@ -126,9 +138,10 @@ class SPDEOptimalInterpolation:
                          backend=self.backend, **self.params)
 
     def patch(self, obs: np.ndarray, ocean: np.ndarray, dx_m: np.ndarray, dy_m: np.ndarray,
-              seed: int | list[int] | None = None):
+              seed: int | list[int] | None = None, prior_mean: np.ndarray | None = None):
         """Analysis of one patch: ``obs`` ``(T, H, W)`` (NaN = unobserved) -> mean, std, members
-        (numpy float64; std / members None without an ensemble).
+        (numpy float64; std / members None without an ensemble). ``prior_mean`` ``(T, H, W)``:
+        the ``mean="oi"`` prior mean (the patch's OI analysis, :meth:`__call__` computes it).
 
         When the ocean cells fill a rectangle and the rest is closed (the padding of a patch
         that overhangs the domain, or a straight coast), the prior is solved on that rectangle
@@ -138,17 +151,24 @@ class SPDEOptimalInterpolation:
         that rectangle the mean is then the prior mean (as in the whole-patch solve) and the
         std and members are NaN (not computed; the blend ignores closed cells)."""
         mask = np.isfinite(obs) & ocean[None]
-        mean = float(np.mean(obs[mask])) if (self.mean == "patch" and mask.any()) else (
-            0.0 if self.mean == "patch" else float(self.mean))
+        if self.mean == "oi":
+            if prior_mean is None or prior_mean.shape != obs.shape:
+                raise InputError(f"spde_oi: mean='oi' needs the patch's OI analysis of shape {obs.shape} "
+                                 f"as prior_mean, got {None if prior_mean is None else prior_mean.shape}")
+            mean = np.asarray(prior_mean, np.float64)
+        else:
+            mean = float(np.mean(obs[mask])) if (self.mean == "patch" and mask.any()) else (
+                0.0 if self.mean == "patch" else float(self.mean))
         dx, dy = dx_m / self.length_unit_m, dy_m / self.length_unit_m
         crop = _ocean_rectangle(ocean) if (self.solver in ("auto", "spectral")
                                            and self.coarse is None) else None
         if crop is not None:
-            P = self._prior(dx[crop], dy[crop], ocean[crop], obs.shape[0], mean)
+            ys, xs = crop
+            P = self._prior(dx[crop], dy[crop], ocean[crop], obs.shape[0],
+                            mean[:, ys, xs] if isinstance(mean, np.ndarray) else mean)
             if P.precision.spectrum() is not None:
-                ys, xs = crop
                 m, s, mem = self._solve(P, obs[:, ys, xs], mask[:, ys, xs], seed)
-                out_m = np.full(obs.shape, mean)
+                out_m = np.array(np.broadcast_to(mean, obs.shape), np.float64)
                 out_m[:, ys, xs] = m
                 if s is None:
                     return out_m, None, None
@@ -182,11 +202,17 @@ class SPDEOptimalInterpolation:
         for b in range(B):
             obs = batch.obs[b].detach().cpu().double().numpy()
             ocean = batch.ocean[b].detach().cpu().numpy().astype(bool)
+            mu = None
+            if self.mean == "oi":  # the OI analysis of the same observations (as method=oi computes it)
+                from oceanda.assim.oi import oi_patch
+
+                mu = oi_patch(obs, *(v[b].detach().cpu().double().numpy() for v in (batch.lon, batch.lat, batch.time)),
+                              **oi_settings_kwargs(self))
             key = [self.seed, int(round(float(batch.lon[b, 0]) * 1e4)) % (1 << 31),
                    int(round(float(batch.lat[b, 0]) * 1e4)) % (1 << 31),
                    int(round(float(batch.time[b, 0]) * 1e3)) % (1 << 31)]
             m, s, mem = self.patch(obs, ocean, batch.dx_m[b].detach().cpu().double().numpy(),
-                                   batch.dy_m[b].detach().cpu().double().numpy(), seed=key)
+                                   batch.dy_m[b].detach().cpu().double().numpy(), seed=key, prior_mean=mu)
             means.append(m)
             stds.append(s)
             mems.append(mem)

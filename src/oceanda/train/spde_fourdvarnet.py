@@ -13,6 +13,9 @@ nll_crop``), with the crop's own SPDE prior (closed crop borders) and ``Theta`` 
 to the crop; patches whose crop holds land skip the term. The crop keeps the dense
 log-determinant affordable (``c^2`` cells per frame); it is the lambda2 NLL of the paper,
 restricted to a window. Semi-supervised mode (no truth): MSE on held-out observations only.
+With ``model.mean=oi`` every item carries its OI analysis ``x0`` (:class:`oceanda.train.data.PatchDataset`
+with ``oi``, as ``model=4dvarnet``'s ``init=oi``): the prior mean of the solver and of ``NLL_c``,
+which is then the likelihood of the residual ``truth - x0`` (:func:`batch_theta`).
 ``theta_grad="nll"``: ``Theta`` and ``R`` are trained by the two likelihood terms only (maximum
 likelihood) and enter the solver detached, so the MSE trains the solver (for a Gaussian truth
 the MLE plus a converged solver is the exact OI; with ``"all"`` the MSE also bends ``Theta``
@@ -59,12 +62,13 @@ from oceanda.train.loop import TrainingTask, _collate, _to, check_ranges, save_a
 
 log = logging.getLogger("oceanda.train")
 
-__all__ = ["SPDETrainConfig", "fit_theta_mle", "make_spde_optimizer", "spde_loss_terms", "save_spde_checkpoint",
-           "MetricPatches", "datasets", "build", "load_weights", "TASK"]
+__all__ = ["SPDETrainConfig", "batch_theta", "fit_theta_mle", "make_spde_optimizer", "spde_loss_terms",
+           "save_spde_checkpoint", "MetricPatches", "datasets", "build", "load_weights", "TASK"]
 
 
 #: model config fields an ``init_checkpoint`` may differ in (same weights, other use of them)
-_FINE_TUNE_FREE = ("mean", "noise_std", "learn_noise", "n_steps", "lr_grad", "dropout")
+_FINE_TUNE_FREE = ("mean", "oi_Lx_km", "oi_Ly_km", "oi_Lt_days", "oi_noise_std", "noise_std", "learn_noise",
+                   "n_steps", "lr_grad", "dropout")
 
 
 @dataclass
@@ -127,9 +131,17 @@ def _crop_slices(H: int, W: int, c: int) -> tuple[slice, slice]:
 def crop_nll(model: SPDEFourDVarNet, theta: dict[str, torch.Tensor], truth: torch.Tensor,
              ocean: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, crop: int) -> torch.Tensor:
     """Per-element NLL ``(B,)`` of ``truth`` on the centred crop (0 where the crop holds land
-    or non-finite truth; see the module docstring)."""
+    or non-finite truth; see the module docstring). A prior mean in ``theta`` (``"mean"``: ``(B,)``
+    for ``mean="obs"``, ``(B, T, H, W)`` for ``"oi"``) enters as the NLL of the residual
+    ``truth - mean`` under the zero-mean prior (the same value), so that samples of equal Theta
+    share one prior."""
     B, T, H, W = truth.shape
     ys, xs = _crop_slices(H, W, crop)
+    theta = dict(theta)
+    mu = theta.pop("mean", None)
+    if mu is not None:
+        mu = mu.detach().to(truth.dtype)
+        truth = truth - (mu.view(B, 1, 1, 1) if mu.dim() == 1 else mu)
 
     def crop_of(b: int) -> list[torch.Tensor]:  # what defines sample b's crop prior
         th = [v[b] if v.dim() == 1 else v[b, ys, xs] for v in theta.values()]
@@ -159,6 +171,13 @@ def crop_nll(model: SPDEFourDVarNet, theta: dict[str, torch.Tensor], truth: torc
     return torch.stack(out)
 
 
+def batch_theta(model: SPDEFourDVarNet, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``Theta`` of a batch (from its observations) with, for ``mean="oi"``, the prior mean: the
+    items' OI analyses ``x0`` (:class:`oceanda.train.data.PatchDataset` with ``oi``)."""
+    theta = model.predict_theta(batch["obs"], batch["ocean"])
+    return model.with_mean(theta, batch.get("x0") if model.cfg.mean == "oi" else None, tuple(batch["obs"].shape))
+
+
 def spde_loss_terms(model: SPDEFourDVarNet, batch: dict[str, torch.Tensor],
                     cfg: SPDETrainConfig) -> dict[str, torch.Tensor]:
     """Forward + loss terms; ``batch`` holds ``obs, tgt, weight, ocean, dx, dy``. ``Theta`` is
@@ -166,15 +185,15 @@ def spde_loss_terms(model: SPDEFourDVarNet, batch: dict[str, torch.Tensor],
     obs, tgt, w, ocean = batch["obs"], batch["tgt"], batch["weight"], batch["ocean"]
     if cfg.mode == "supervised" and not cfg.w_mse and not cfg.w_grad:
         # likelihood terms only (a Theta / R stage): the solver is not run
-        theta = model.predict_theta(obs, ocean)
+        theta = batch_theta(model, batch)
         total = torch.zeros(obs.shape[0], dtype=obs.dtype, device=obs.device)
         return _likelihood_terms(model, theta, batch, cfg, {}, total)
     if cfg.theta_grad == "nll":  # Theta and R by maximum likelihood only; the MSE trains the solver
-        theta = model.predict_theta(obs, ocean)
+        theta = batch_theta(model, batch)
         out = model(obs, ocean, batch["dx"], batch["dy"], theta={k: v.detach() for k, v in theta.items()},
                     R=model.R.detach())
     else:
-        out, theta = model(obs, ocean, batch["dx"], batch["dy"], return_theta=True)
+        out, theta = model(obs, ocean, batch["dx"], batch["dy"], return_theta=True, mean=batch.get("x0"))
     mse = weighted_mse(out - tgt, w)
     terms = {"mse": mse}
     total = cfg.w_mse * mse
@@ -247,8 +266,7 @@ def fit_theta_mle(model: SPDEFourDVarNet, ds, cfg: SPDETrainConfig, device: torc
 
     def closure():
         opt.zero_grad()
-        loss = crop_nll(model, model.predict_theta(b["obs"], b["ocean"]), b["tgt"], b["ocean"], b["dx"], b["dy"],
-                        cfg.nll_crop).mean()
+        loss = crop_nll(model, batch_theta(model, b), b["tgt"], b["ocean"], b["dx"], b["dy"], cfg.nll_crop).mean()
         loss.backward()
         return loss
 
@@ -302,15 +320,20 @@ class MetricPatches(torch.utils.data.Dataset):
 def datasets(model_cfg: SPDEModelConfig, truth, obs, ocean, grid, tr_starts, va_starts, common: dict[str, Any],
              aug: int, mode: str, lead: int = 0) -> tuple[MetricPatches, MetricPatches | None]:
     """Training and validation patches carrying the cells' sizes in the model's length unit
-    (``common``: size, weight, norm, holdout, seed). Mapping patches only (``lead`` 0)."""
+    (``common``: size, weight, norm, holdout, seed). Mapping patches only (``lead`` 0). With
+    ``model.mean=oi`` each item carries its OI analysis ``x0`` (the prior mean), computed as
+    ``model=4dvarnet``'s ``init=oi`` first guess (:class:`PatchDataset` ``oi``)."""
     if lead:
         raise ConfigError(f"patch.lead={lead}: spde_4dvarnet trains mapping patches only")
     u = model_cfg.length_unit_m
     dx, dy = grid.dx_m / u, grid.dy_m / u
+    if model_cfg.mean == "oi":
+        common = dict(common, oi=model_cfg.oi_kwargs(), lon=grid.lon, lat=grid.lat)
     train_ds = MetricPatches(PatchDataset(truth, obs, ocean, tr_starts, aug=aug, mode=mode, **common), dx, dy)
     val_ds = None
     if len(va_starts):
-        val_ds = MetricPatches(PatchDataset(truth, obs, ocean, va_starts, aug=0, mode=mode, **common), dx, dy)
+        val_ds = MetricPatches(PatchDataset(truth, obs, ocean, va_starts, aug=0, mode=mode, cache_oi=True, **common),
+                               dx, dy)
     return train_ds, val_ds
 
 
@@ -322,7 +345,7 @@ def build(model_cfg: SPDEModelConfig) -> SPDEFourDVarNet:
 def load_weights(model: SPDEFourDVarNet, model_cfg: SPDEModelConfig, path: str | os.PathLike) -> Path:
     """Load the weights of the SPDE-4DVarNet checkpoint ``path`` into ``model`` (a start, e.g. a
     second stage with other loss weights); the model config must match but for
-    ``mean, noise_std, learn_noise, n_steps, lr_grad, dropout``. :class:`InputError` naming it."""
+    ``mean, oi_*, noise_std, learn_noise, n_steps, lr_grad, dropout``. :class:`InputError` naming it."""
     ck = read_spde_checkpoint(str(path))
     have, want = asdict(ck["model_cfg"]), asdict(model_cfg)
     diff = {k: (want[k], have[k]) for k in want if k not in _FINE_TUNE_FREE and want[k] != have[k]}
@@ -336,7 +359,7 @@ def load_weights(model: SPDEFourDVarNet, model_cfg: SPDEModelConfig, path: str |
 @torch.no_grad()
 def predict(model: SPDEFourDVarNet, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The reconstruction of a batch (validation)."""
-    return model(batch["obs"], batch["ocean"], batch["dx"], batch["dy"])
+    return model(batch["obs"], batch["ocean"], batch["dx"], batch["dy"], mean=batch.get("x0"))
 
 
 def _save(path, model, model_cfg, norm, cfg, optimizer, scheduler, epoch, history, extra) -> Path:
