@@ -193,6 +193,9 @@ def test_importance_mean_is_exact_when_the_proposal_is_the_target():
     z = torch.randn(3, 64, 5, generator=g, dtype=DT)
     draws = band_sample(mean[0].unsqueeze(1), band[0].unsqueeze(1), z)
     torch.testing.assert_close(est, draws.mean(1), rtol=1e-12, atol=1e-12)
+    with pytest.raises(NumericalError, match="window 0"):
+        importance_mean(mean, band, ld, torch.ones(1, 3, dtype=DT), lambda xs, b: torch.full_like(xs[:, 0], -math.inf),
+                        8)
 
 
 def test_importance_mean_corrects_the_mixture_weights_to_the_exact_posterior_mean():

@@ -107,7 +107,8 @@ def importance_mean(x: torch.Tensor, hessian: torch.Tensor, logdet: torch.Tensor
     ``log_target(xs, b)`` the unnormalised log density of draws ``xs`` ``(R, d)`` of windows
     ``b`` ``(R,)`` (e.g. ``-J``). ``n_samples`` draws per window, evaluated ``max_rows`` at a
     time. Returns ``(mean (B, d), ess (B,))``, ``ess = 1 / sum_m w_m^2`` (``n_samples`` when
-    the proposal is the target).
+    the proposal is the target). Raises :class:`NumericalError` for a window none of whose
+    draws has a finite target density.
     """
     from oceanda.linalg import band_matvec, band_sample
 
@@ -139,6 +140,9 @@ def importance_mean(x: torch.Tensor, hessian: torch.Tensor, logdet: torch.Tensor
         logq = torch.logsumexp(torch.stack(terms), 0)
         lp = log_target(xs.reshape(nb * n_samples, d), bb.reshape(-1)).reshape(nb, n_samples)
         lw = torch.where(torch.isfinite(lp), lp - logq, -torch.inf)
+        dead = ~torch.isfinite(lw).any(-1)
+        if bool(dead.any()):
+            raise NumericalError(f"importance_mean: no draw of window {int(b[dead][0])} has a finite target density")
         w = torch.softmax(lw, -1)
         mean[b] = (w.unsqueeze(-1) * xs).sum(1)
         ess[b] = 1.0 / w.pow(2).sum(-1)
