@@ -3,7 +3,7 @@
 Usage::
 
     OMP_NUM_THREADS=1 python hpc/bench/l63_polish_starts.py --checkpoint runs/validate/lorenz63/model.pt \\
-        [--draws 8] [--scale 1.0] [--seed 0] [--worst 12] [--json PATH]
+        [--draws 8] [--scale 1.0] [--seed 0] [--worst 12] [--is-samples 1000] [--json PATH]
 
 Reads a checkpoint of ``oceanda validate experiment=lorenz63`` (its data settings rebuild the
 same test windows), then polishes (4D-Var, the experiment's settings of ``lorenz63.yaml``)
@@ -16,6 +16,11 @@ windows, the RMSE (normalised) of
 * the lowest-cost minimum among a set of starts (:func:`oceanda.assim.multistart.lowest_cost`);
 * the mean of the Laplace mixture of their distinct minima (what ``neural_var4d`` does), and
   with the truth's minimum added (an oracle bound of the mixture);
+* with ``--is-samples M``, the self-normalised importance-sampling estimate of the mean of
+  ``exp(-J)`` (the weak-constraint posterior) with that Laplace mixture as the proposal
+  (:func:`oceanda.assim.multistart.importance_mean`, M draws per window) and its effective
+  sample size: it removes the Laplace approximation of each basin and of its weight, not the
+  basins no start reaches;
 
 and the ``--worst`` windows of the single-start polish: their squared error, that of the
 neural and cold-diffusion outputs, and the 4D-Var cost of the minimum from the neural start,
@@ -37,7 +42,7 @@ from pathlib import Path
 import torch
 
 from oceanda.assim.incremental import incremental_assimilation, posterior_draws, temperature_levels
-from oceanda.assim.multistart import distinct_minima, laplace_mixture_mean, lowest_cost
+from oceanda.assim.multistart import distinct_minima, importance_mean, laplace_mixture_mean, lowest_cost
 from oceanda.cli import compose
 from oceanda.config_dataclass import from_mapping
 from oceanda.validation import runner as R
@@ -50,6 +55,7 @@ def main(argv=None) -> int:
     ap.add_argument("--scale", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--worst", type=int, default=12)
+    ap.add_argument("--is-samples", type=int, default=0, help="importance-sampling draws per window (0: none)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -80,7 +86,7 @@ def main(argv=None) -> int:
     def polish(start, solver=var_p):
         r = solver.solve(data.norm.to_raw(start.double().reshape(N, T, phi)), yraw, data.test.mask)
         logdet = var.hessian_logdet(r.x, yraw, data.test.mask)
-        return data.norm.to_norm(r.x).reshape(N, -1), r.cost, logdet
+        return data.norm.to_norm(r.x).reshape(N, -1), r.cost, logdet, r.x.reshape(N, -1)
 
     runs = {"neural": polish(neural), "cold_diffusion": polish(cold), "z0": polish(z0, var),
             "truth (oracle)": polish(x, var)}
@@ -102,9 +108,21 @@ def main(argv=None) -> int:
         L = torch.stack([runs[m][2] for m in members])
         ok = torch.isfinite(L)
         keep = distinct_minima(X, J, tol, ok)
-        mix, _ = laplace_mixture_mean(X, J, torch.nan_to_num(L), keep)
+        mix, pi = laplace_mixture_mean(X, J, torch.nan_to_num(L), keep)
         rows.append({"starts": name, "lowest_cost": rmse(lowest_cost(X, J, ok)), "laplace_mixture": rmse(mix),
                      "minima_mean": float(keep.sum(0).double().mean())})
+        if args.is_samples > 0:
+            Xr = torch.stack([runs[m][3] for m in members])
+            G = var.hessian_band(Xr.reshape(-1, T, phi), yraw.repeat(len(members), 1, 1),
+                                 data.test.mask.repeat(len(members), 1, 1)).reshape(len(members), N, T * phi, -1)
+
+            def log_target(xs, b):  # -J of draws xs (raw, flattened) of windows b
+                return -var.cost(xs.reshape(-1, T, phi), yraw[b], data.test.mask[b])
+
+            est, ess = importance_mean(Xr, G, torch.nan_to_num(L), pi, log_target, args.is_samples,
+                                       torch.Generator().manual_seed(args.seed + 1))
+            rows[-1].update(importance=rmse(data.norm.to_norm(est.reshape(N, T, phi)).reshape(N, -1)),
+                            ess_median=float(ess.median()), ess_p10=float(ess.quantile(0.1)))
     single = {m: rmse(runs[m][0]) for m in runs}
     print(f"Lorenz-63 polish starts: {N} test windows, dt = {data.dt}, checkpoint {args.checkpoint}")
     print("\nsingle start -> RMSE of its minimum (normalised)")
@@ -114,10 +132,12 @@ def main(argv=None) -> int:
     print(f"  draws (each)                 {min(single[d] for d in d_names):.4f} .. "
           f"{max(single[d] for d in d_names):.4f}" if d_names else "")
     print(f"  neural output (no polish)    {rmse(neural):.4f};  cold diffusion {rmse(cold):.4f}")
-    print("\nstarts combined                                   lowest cost   Laplace mixture   minima/window")
+    print("\nstarts combined                                   lowest cost   Laplace mixture   minima/window"
+          + (f"   IS (M={args.is_samples}), ESS median / p10" if args.is_samples > 0 else ""))
     for r in rows:
         print(f"  {r['starts']:48s} {r['lowest_cost']:.4f}        {r['laplace_mixture']:.4f}            "
-              f"{r['minima_mean']:.2f}")
+              f"{r['minima_mean']:.2f}" + (f"            {r['importance']:.4f}, {r['ess_median']:.0f} / {r['ess_p10']:.0f}"
+                                           if args.is_samples > 0 else ""))
     e = mse(runs["neural"][0])
     worst = e.argsort(descending=True)[:args.worst]
     Jd = torch.stack([runs[d][1] for d in d_names]).min(0).values if d_names else torch.full((N,), float("nan"))

@@ -28,6 +28,12 @@ def _dense_lower(raw, k):
     return L
 
 
+def _dense_Q(L, ridge=1e-6):
+    """The prior precision ``L L^T + ridge * diag(L L^T)`` (NeuralBandPrior's default ridge)."""
+    LLt = L @ L.transpose(-1, -2)
+    return LLt + ridge * torch.diag_embed(torch.diagonal(LLt, dim1=-2, dim2=-1))
+
+
 def _dense_map(mu, Q, y, mask, R):
     """(Q + H^T R^-1 H)^-1 (Q mu + H^T R^-1 y) by a dense solve."""
     w = mask.to(mu.dtype) / R
@@ -57,12 +63,12 @@ def test_map_operator_equals_dense_reference_solve():
     mu = z + prior.mean_net(inp)
     raw = prior.prec_net(inp).reshape(z.shape[0], prior.d, prior.k + 1)
     L = _dense_lower(raw, prior.k)
-    ref = _dense_map(mu, L @ L.transpose(-1, -2), y, mask, 0.01)
+    ref = _dense_map(mu, _dense_Q(L), y, mask, 0.01)
     torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-10)
-    # the precision really is banded with bandwidth 2*phi and equals L L^T
+    # the precision really is banded with bandwidth 2*phi and equals L L^T + ridge diag(L L^T)
     _, Qb = prior(z, s)
     assert Qb.shape == (4, prior.d, 2 * 3 + 1)
-    torch.testing.assert_close(band_to_dense(Qb), L @ L.transpose(-1, -2), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(band_to_dense(Qb), _dense_Q(L), rtol=1e-10, atol=1e-10)
 
 
 def test_map_gradients_implicit_diff_match_dense_autograd():
@@ -78,7 +84,7 @@ def test_map_gradients_implicit_diff_match_dense_autograd():
         inp = prior._input(z, 0.5)
         mu = z + prior.mean_net(inp)
         L = _dense_lower(prior.prec_net(inp).reshape(z.shape[0], prior.d, prior.k + 1), prior.k)
-        return (_dense_map(mu, L @ L.transpose(-1, -2), y, mask, 0.05) - target).pow(2).sum()
+        return (_dense_map(mu, _dense_Q(L), y, mask, 0.05) - target).pow(2).sum()
 
     g1 = torch.autograd.grad(loss_kernel(), list(prior.parameters()))
     g2 = torch.autograd.grad(loss_dense(), list(prior.parameters()))
@@ -272,3 +278,56 @@ def test_early_stopping_keeps_the_epoch_of_lowest_validation_rmse():
         pytest.approx(min(rec.val_rmse), rel=1e-5)
     with pytest.raises(ConfigError):
         TrainSettings(val_fraction=1.0).check()
+
+
+def _skip_problem():
+    from oceanda.validation.data import make_lorenz63
+
+    torch.manual_seed(0)
+    data = make_lorenz63(8, 2, spinup_steps=100, seed=4)
+    x, y, m = data.train.flat()
+    z0 = EmpiricalGaussian.fit(x[data.train.process == 0]).map(y, m, data.R_norm)
+    return data, x.float(), z0.float(), y.float(), m
+
+
+def test_a_non_finite_step_is_skipped_counted_and_leaves_the_weights_unchanged():
+    """A minibatch whose loss is not finite or whose banded solve fails is skipped: the weights and Adam's state after training equal those of a run
+    on the other minibatches alone; the steps are counted, and too many is an error."""
+    from oceanda.errors import NumericalError
+
+    data, x, z0, y, m = _skip_problem()
+    lv = temperature_levels(0)
+    bad = torch.full_like(x, 1e30)  # huge targets (float32): the MAP is fine, the squared error is inf
+
+    def run(xx, zz, yy, mm, settings):
+        torch.manual_seed(1)
+        prior = NeuralBandPrior(data.T, 3, width=8)
+        before = {k: v.clone() for k, v in prior.state_dict().items()}
+        return prior, before, train_incremental(prior, xx, zz, yy, mm, data.R_norm, lv, settings)
+
+    # one step whose loss is NaN: skipped, weights unchanged by it
+    one = TrainSettings(epochs=1, batch_size=x.shape[0], lr=1e-2, max_skip_fraction=1.0)
+    prior, before, rec = run(bad, z0, y, m, one)
+    assert [(e, b) for e, b, _ in rec.skipped] == [(0, 0)] and "loss inf" in rec.skipped[0][2]
+    for k, v in prior.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    # the same with a solve that fails (NumericalError inside the MAP)
+    orig = NeuralBandPrior.assimilate
+
+    def failing(self, *a, **k):
+        raise NumericalError("band_solve: the band matrix at batch index (0,) is not symmetric positive definite")
+
+    NeuralBandPrior.assimilate = failing
+    try:
+        prior, before, rec = run(x, z0, y, m, one)
+    finally:
+        NeuralBandPrior.assimilate = orig
+    assert len(rec.skipped) == 1 and "positive definite" in rec.skipped[0][2]
+    for k, v in prior.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    # too many skipped steps: an error naming the setting
+    with pytest.raises(NumericalError, match="max_skip_fraction"):
+        run(bad, z0, y, m, TrainSettings(epochs=1, batch_size=4, lr=1e-2, max_skip_fraction=0.2))
+    with pytest.raises(ConfigError, match="max_skip_fraction"):
+        TrainSettings(max_skip_fraction=1.5).check()
+

@@ -496,3 +496,60 @@ def test_cuda_matches_cpu():
     x = band_solve(band.cuda(), b.cuda()).cpu()
     torch.testing.assert_close(x, band_solve(band, b), rtol=1e-10, atol=1e-11)
     assert math.isclose(float(band_logdet(band.cuda()).sum()), float(band_logdet(band).sum()), rel_tol=1e-12)
+
+
+def _adversarial_raw(B=8, n=96, k=6, scale=1e3, seed=0):
+    """Raw precision-network output with off-diagonals of L ``scale`` times larger than its
+    floored diagonal (1e-2): L L^T is then numerically singular in float64."""
+    raw = scale * 1e-2 * torch.randn(B, n, k + 1, dtype=D, generator=torch.Generator().manual_seed(seed))
+    raw[..., 0] = -50.0  # softplus(-50) + 1e-2 = the diagonal floor
+    return raw
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale", [1e3, 1e8])
+def test_ridge_keeps_adversarial_posterior_precision_factorisable(backend, scale):
+    """Huge off-diagonals of L: without the relative ridge the posterior precision
+    L L^T + H^T R^{-1} H fails Cholesky (the failure of a training run, issue 14); with it the
+    Cholesky succeeds, its factor reproduces the dense Q + W, the MAP matches a dense solve, and
+    the band is L L^T + ridge diag(L L^T) exactly."""
+    n, k, ridge = 96, 6, 1e-6
+    raw = _adversarial_raw(n=n, k=k, scale=scale)
+    mask = torch.zeros(raw.shape[0], n, dtype=torch.bool)
+    mask[:, ::24] = True
+    y = torch.randn(raw.shape[0], n, dtype=D)
+    mu = torch.randn(raw.shape[0], n, dtype=D)
+    R = 0.0025
+    with pytest.raises(NumericalError, match="positive definite"):
+        band_map(mu, spd_band_from_raw(raw, k, eps=1e-2), y, mask, R, backend=backend)
+    Q = spd_band_from_raw(raw, k, eps=1e-2, ridge=ridge)
+    L = torch.where(torch.arange(n)[:, None] >= torch.arange(k + 1), raw, 0.0)
+    L[..., 0] = torch.nn.functional.softplus(raw[..., 0]) + 1e-2
+    Ld = band_lower_to_dense(L)
+    LLt = Ld @ Ld.mT
+    Qd = LLt + ridge * torch.diag_embed(torch.diagonal(LLt, dim1=-2, dim2=-1))
+    torch.testing.assert_close(dense_ref(Q), Qd, rtol=1e-12, atol=1e-14 * float(Qd.abs().max()))
+    W = torch.diag_embed(mask.to(D) / R)
+    post = torch.cat([Q[..., :1] + (mask.to(D) / R).unsqueeze(-1), Q[..., 1:]], dim=-1)
+    C = band_lower_to_dense(band_cholesky(post, backend=backend))
+    scale_q = Qd.abs().amax(dim=(-1, -2), keepdim=True)
+    assert float(((C @ C.mT - (Qd + W)).abs() / scale_q).max()) < 1e-10  # backward error (torch scan: 1.3e-11)
+    # the MAP against a dense solve (LU, independent of Cholesky) of the diagonally scaled system,
+    # whose conditioning the ridge bounds (about 1/ridge)
+    x = band_map(mu, Q, y, mask, R, backend=backend)
+    A = Qd + W
+    rhs = (Qd @ mu.unsqueeze(-1)).squeeze(-1) + torch.where(mask, y, 0.0) / R
+    s = torch.diagonal(A, dim1=-2, dim2=-1).rsqrt()
+    ref = s * torch.linalg.solve(s.unsqueeze(-1) * A * s.unsqueeze(-2), (s * rhs).unsqueeze(-1)).squeeze(-1)
+    err = float(((x - ref) / s.reciprocal()).abs().max() / (ref / s.reciprocal()).abs().max())
+    assert err < 1e-7, err
+
+
+def test_gradcheck_spd_band_from_raw_with_ridge():
+    raw = torch.randn(2, 6, 3, dtype=D, generator=torch.Generator().manual_seed(1))
+    raw[..., 0] += 1.0
+    raw.requires_grad_(True)
+    assert gradcheck(lambda r: spd_band_from_raw(r, 2, ridge=1e-2), (raw,))
+    assert gradcheck(lambda r: band_logdet(spd_band_from_raw(r, 2, ridge=1e-2)), (raw,))
+    with pytest.raises(InputError, match="ridge"):
+        spd_band_from_raw(raw.detach(), 2, ridge=-1.0)

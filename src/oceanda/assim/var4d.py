@@ -145,14 +145,19 @@ class WeakConstraint4DVar:
         D = D + torch.diag_embed(obs_w)
         return J, g, D, S
 
+    def hessian_band(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The Gauss-Newton Hessian ``G`` of ``J`` at ``x`` ``(B, T, phi)`` as a row-lower
+        band ``(B, T*phi, 2*phi)`` (the precision of the Laplace approximation at a minimum)."""
+        _, _, D, S = self.linearise(x, y, mask)
+        return block_tridiagonal_to_band(D, S)
+
     def hessian_logdet(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``log det G`` ``(B,)`` of the Gauss-Newton Hessian at ``x`` ``(B, T, phi)`` (the
         curvature of ``J`` near a minimum, for Laplace weights); ``nan`` for a window whose
         ``G`` is not numerically positive definite (far off the attractor)."""
         from oceanda.linalg import band_logdet
 
-        _, _, D, S = self.linearise(x, y, mask)
-        G = block_tridiagonal_to_band(D, S)
+        G = self.hessian_band(x, y, mask)
         try:
             return band_logdet(G)
         except NumericalError:  # one bad window: the others one by one

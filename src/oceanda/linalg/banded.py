@@ -575,15 +575,30 @@ def band_kalman(mu, P_band, y, mask, R, *, backend: Backend = None) -> torch.Ten
     return mu + band_matvec(P, w)
 
 
-def spd_band_from_raw(raw: torch.Tensor, k: int, eps: float = 1e-6) -> torch.Tensor:
-    """Precision band ``Q = L L^T`` (bandwidth k) from unconstrained values ``raw (..., n, k+1)``.
+def spd_band_from_raw(raw: torch.Tensor, k: int, eps: float = 1e-6, ridge: float = 0.0) -> torch.Tensor:
+    """Precision band ``Q = L L^T + ridge * diag(L L^T)`` (bandwidth k) from unconstrained
+    values ``raw (..., n, k+1)``.
 
     L is lower banded with ``L[i, i] = softplus(raw[i, 0]) + eps`` (> 0) and
     ``L[i, i-j] = raw[i, j]`` (j = 1..k, ignored where i - j < 0), so Q is SPD by
-    construction and L is its Cholesky factor. Differentiable.
+    construction; with ``ridge = 0`` L is its Cholesky factor. Differentiable.
+
+    ``L L^T`` alone can be numerically singular in float64: with off-diagonals of L a few
+    hundred times its diagonal, ``L^{-1}`` grows geometrically along the band, the smallest
+    eigenvalue of ``L L^T`` falls below rounding, and the Cholesky of ``Q`` (or of a posterior
+    precision ``Q + W``, W >= 0 diagonal) fails. The relative ridge bounds what matters for
+    Cholesky in floating point, the conditioning of the diagonally scaled matrix (Demmel 1989,
+    "On floating point errors in Cholesky"): with ``D = diag(Q + W)``,
+    ``lambda_min(D^{-1/2} (Q + W) D^{-1/2}) >= ridge / (1 + ridge)`` for every W >= 0 diagonal,
+    whatever L, so a ridge well above ``(k+1) * 2^-52`` makes every such factorisation succeed.
     """
     n, kk = _check_band(raw, "raw")
     if kk != k:
         raise InputError(f"raw must have shape (..., n, k+1) = (..., n, {k + 1}), got {tuple(raw.shape)}")
+    if not ridge >= 0:
+        raise InputError(f"ridge must be >= 0, got {ridge}")
     L = torch.cat([F.softplus(raw[..., :1]) + eps, raw[..., 1:]], dim=-1)
-    return band_llt(L)
+    Q = band_llt(L)
+    if ridge:
+        Q = torch.cat([Q[..., :1] * (1.0 + ridge), Q[..., 1:]], dim=-1)
+    return Q

@@ -8,9 +8,10 @@ positional embedding of the temperature ``s`` in ``[0, 1]``:
   increment, which starts at zero) or ``mu = f_mu(z, s)`` (``residual=False``: a plain MLP,
   as the authors' public code). The residual mean co-adapts with the precision to the
   training observation times and generalises worse to unseen observation processes;
-* the precision network gives the band Cholesky factor ``L`` (``k = 2*phi`` sub-diagonals,
-  positive diagonal) of the precision ``Q = L L^T``, so ``Q`` is banded with bandwidth
-  ``2*phi`` (:func:`oceanda.linalg.spd_band_from_raw`).
+* the precision network gives a band factor ``L`` (``k = 2*phi`` sub-diagonals, positive
+  diagonal) of the precision ``Q = L L^T + ridge * diag(L L^T)``, so ``Q`` is banded with
+  bandwidth ``2*phi`` (:func:`oceanda.linalg.spd_band_from_raw`; the small relative ridge
+  keeps every posterior precision factorisable in float64).
 
 The MAP operator (3.2) ``A(z, y; theta, s) = (Q + H^T R^{-1} H)^{-1} (Q mu + H^T R^{-1} y)``
 is one banded solve (:func:`oceanda.linalg.band_map`), differentiable by implicit
@@ -58,7 +59,8 @@ class NeuralBandPrior(nn.Module):
     """
 
     def __init__(self, T: int, phi: int, bandwidth: int | None = None, width: int = 32, depth: int = 4,
-                 emb_dim: int = 16, precision: bool = True, diag_floor: float = 1e-2, residual: bool = True):
+                 emb_dim: int = 16, precision: bool = True, diag_floor: float = 1e-2, residual: bool = True,
+                 ridge: float = 1e-6):
         super().__init__()
         self.T, self.phi = T, phi
         self.d = T * phi
@@ -67,6 +69,7 @@ class NeuralBandPrior(nn.Module):
             raise InputError(f"NeuralBandPrior: bandwidth {self.k} must be in [0, d={self.d})")
         self.emb_dim = emb_dim
         self.diag_floor = diag_floor
+        self.ridge = ridge
         self.residual = residual
         self.mean_net = mlp(self.d + emb_dim, self.d, width, depth)
         if residual:
@@ -99,7 +102,11 @@ class NeuralBandPrior(nn.Module):
 
         ``Q`` is formed and returned in float64 whatever the network's dtype: ``L L^T`` with
         a small diagonal is ill-conditioned in float32 and its re-factorisation in the MAP
-        would fail. ``L[i, i] = softplus(raw) + diag_floor`` bounds the conditioning.
+        would fail. ``L[i, i] = softplus(raw) + diag_floor`` keeps the diagonal away from 0;
+        the relative ridge ``Q = L L^T + ridge * diag(L L^T)`` keeps ``Q`` and every posterior
+        precision ``Q + H^T R^{-1} H`` factorisable in float64 however large the network makes
+        the off-diagonals of ``L`` relative to its diagonal (without it, a ratio of a few
+        hundred already makes the Cholesky fail; that stopped a training run, issue 14).
         """
         from oceanda.linalg import spd_band_from_raw
 
@@ -108,7 +115,7 @@ class NeuralBandPrior(nn.Module):
         inp = self._input(z, s)
         mu = self._mean(z, inp)
         raw = self.prec_net(inp).reshape(z.shape[0], self.d, self.k + 1)
-        return mu, spd_band_from_raw(raw.double(), self.k, eps=self.diag_floor)
+        return mu, spd_band_from_raw(raw.double(), self.k, eps=self.diag_floor, ridge=self.ridge)
 
     def assimilate(self, z: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, R: float | torch.Tensor,
                    s: torch.Tensor | float) -> torch.Tensor:

@@ -11,10 +11,18 @@ Adam with a cosine learning-rate decay and gradient-norm clipping. With validati
 (``val``, trajectories held out of the training pairs, never the test windows) the
 parameters of the epoch of lowest validation RMSE are kept (early stopping by restoring the
 best epoch: the schedule still runs all ``epochs``).
+
+A step whose loss or gradient is not finite, or whose banded solve fails
+(:class:`~oceanda.errors.NumericalError`), is skipped: no update of the weights nor of
+Adam's moments, logged and counted in :attr:`TrainRecord.skipped`; more than
+``max_skip_fraction`` of all steps skipped is an error. (The precision parametrisation keeps
+every solve factorisable, :func:`oceanda.linalg.spd_band_from_raw`; this guards what is left,
+e.g. an overflow.)
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +31,8 @@ import torch
 
 from oceanda.errors import ConfigError, NumericalError
 from oceanda.priors.neural_band import NeuralBandPrior
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,6 +49,9 @@ class TrainSettings:
     #: training trajectories (held out of the fit); false: the last epoch, fitted on every pair
     early_stopping: bool = False
     val_fraction: float = 0.1
+    #: training steps with a non-finite loss or gradient or a failed solve are skipped; more
+    #: than this fraction of all steps skipped raises NumericalError
+    max_skip_fraction: float = 0.01
 
     def check(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -48,16 +61,20 @@ class TrainSettings:
             raise ConfigError(f"training.lr must be > 0, got {self.lr}")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"training.val_fraction must be in (0, 1), got {self.val_fraction}")
+        if not 0 <= self.max_skip_fraction <= 1:
+            raise ConfigError(f"training.max_skip_fraction must be in [0, 1], got {self.max_skip_fraction}")
 
 
 @dataclass
 class TrainRecord:
     """What :func:`train_incremental` did: the mean training loss of each epoch, and with
-    validation pairs the validation RMSE of each epoch and the epoch kept (0-based)."""
+    validation pairs the validation RMSE of each epoch and the epoch kept (0-based), and the
+    steps skipped as ``(epoch, batch, reason)``."""
 
     loss: list[float] = field(default_factory=list)
     val_rmse: list[float] = field(default_factory=list)
     best_epoch: int | None = None
+    skipped: list[tuple[int, int, str]] = field(default_factory=list)
 
 
 def level_loss(prior: NeuralBandPrior, x: torch.Tensor, z0: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
@@ -103,7 +120,9 @@ def train_incremental(
     """Train ``prior`` in place on pairs ``(x, z0, y, mask)`` ``(N, d)``; returns its
     :class:`TrainRecord`. With ``val = (x, z0, y, mask)`` the prior ends with the parameters
     of the epoch of lowest validation RMSE. ``on_epoch(epoch, loss)`` is called after each
-    epoch (progress bars). Raises :class:`NumericalError` if the loss becomes non-finite."""
+    epoch (progress bars). Steps with a non-finite loss or gradient or a failed solve are
+    skipped (module docstring); raises :class:`NumericalError` if more than
+    ``settings.max_skip_fraction`` of the steps are."""
     settings.check()
     g = torch.Generator().manual_seed(settings.seed)
     opt = torch.optim.Adam(prior.parameters(), lr=settings.lr)
@@ -116,6 +135,7 @@ def train_incremental(
         return ratio + (1 - ratio) * 0.5 * (1 + math.cos(math.pi * step / max(total, 1)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    max_skips = int(settings.max_skip_fraction * total)
     history = TrainRecord()
     best_state = None
     prior.train()
@@ -126,13 +146,29 @@ def train_incremental(
             idx = perm[b * settings.batch_size:(b + 1) * settings.batch_size]
             if idx.numel() == 0:
                 continue
-            loss = level_loss(prior, x[idx], z0[idx], y[idx], mask[idx], R, levels, conditional)
-            if not torch.isfinite(loss):
-                raise NumericalError(f"training loss is {float(loss)} at epoch {epoch}, batch {b} "
-                                     "(lower training.lr?)")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(prior.parameters(), settings.grad_clip)
+            reason = None
+            try:
+                loss = level_loss(prior, x[idx], z0[idx], y[idx], mask[idx], R, levels, conditional)
+                if not torch.isfinite(loss):
+                    reason = f"loss {float(loss)}"
+                else:
+                    loss.backward()
+                    gnorm = torch.nn.utils.clip_grad_norm_(prior.parameters(), settings.grad_clip)
+                    if not torch.isfinite(gnorm):
+                        reason = f"gradient norm {float(gnorm)}"
+            except NumericalError as exc:
+                reason = str(exc)
+            if reason is not None:
+                opt.zero_grad(set_to_none=True)  # Adam skips parameters without a gradient
+                history.skipped.append((epoch, b, reason))
+                log.warning("training step skipped (epoch %d, batch %d): %s", epoch, b, reason)
+                if len(history.skipped) > max_skips:
+                    raise NumericalError(
+                        f"training: {len(history.skipped)} of {epoch * steps_per_epoch + b + 1} steps skipped "
+                        f"(more than training.max_skip_fraction={settings.max_skip_fraction} of {total}); "
+                        f"the last: {reason} (lower training.lr?)")
+                continue
             opt.step()
             sched.step()
             tot += loss.item() * idx.numel()
@@ -140,7 +176,11 @@ def train_incremental(
         history.loss.append(tot / max(cnt, 1))
         if val is not None:
             prior.eval()
-            history.val_rmse.append(validation_rmse(prior, val, R, levels, conditional))
+            try:
+                history.val_rmse.append(validation_rmse(prior, val, R, levels, conditional))
+            except NumericalError as exc:
+                log.warning("validation failed at epoch %d (epoch not kept): %s", epoch, exc)
+                history.val_rmse.append(math.inf)
             prior.train()
             if history.best_epoch is None or history.val_rmse[-1] < history.val_rmse[history.best_epoch]:
                 history.best_epoch = epoch

@@ -535,7 +535,7 @@ def run_experiment(
     fg = FirstGuess(data, settings.z0_inflation)
     z0_train = fg(data.train)
     (z0_test, t_z0) = _timed(lambda: fg(data.test))
-    selection = stopping = None
+    selection = stopping = skipped = None
     if checkpoint is not None:
         priors, histories = load_checkpoint(Path(checkpoint), settings, data)
         log.info("loaded networks from %s (training skipped)", checkpoint)
@@ -547,6 +547,7 @@ def run_experiment(
             priors["neural_heldout"], records["neural_heldout"] = train_heldout_model(settings, data, z0_train,
                                                                                       dtype, progress)
         histories = {k: r.loss for k, r in records.items()}
+        skipped = {k: len(r.skipped) for k, r in records.items()}  # training steps skipped (non-finite)
         if settings.training.early_stopping:
             stopping = {k: {"best_epoch": r.best_epoch, "val_rmse_best": r.val_rmse[r.best_epoch],
                             "val_rmse_last": r.val_rmse[-1]} for k, r in records.items()}
@@ -652,6 +653,7 @@ def run_experiment(
         "update_rmse": updates,
         "capacity_selection": selection,
         "early_stopping": stopping,
+        "skipped_training_steps": skipped,
         "multistart": multistart if settings.var4d.polish_draws > 0 else None,
         "level_rmse": level_rmse,
         "update_used": settings.update,
