@@ -96,12 +96,12 @@ def posterior_draws(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x_l (B, d), draws (n, B, d))``: Algorithm 2's estimate and ``n`` draws of the
     Gaussian posterior of its last MAP step (module docstring), float64."""
-    from oceanda.linalg import band_sample
+    from oceanda.linalg import band_add_diagonal, band_sample
 
     x_l, _, z_l = _iterate(prior, z0, y, mask, R, levels, update, True)
     _, Q = prior(z_l, levels[-1])
     R = R.double() if torch.is_tensor(R) else float(R)
     w = torch.where(mask, 1.0 / torch.as_tensor(R, dtype=torch.float64), torch.zeros((), dtype=torch.float64))
-    post = torch.cat([Q[..., :1] + w.expand_as(Q[..., 0]).unsqueeze(-1), Q[..., 1:]], dim=-1)
+    post = band_add_diagonal(Q, w.expand_as(Q[..., 0]))
     noise = torch.randn((n, *x_l.shape), generator=generator, dtype=torch.float64)
     return x_l.double(), band_sample(x_l.double(), post, noise)

@@ -539,6 +539,12 @@ def _pair_mask(m: torch.Tensor, k: int) -> torch.Tensor:
     return torch.stack(cols, dim=-1)
 
 
+def band_add_diagonal(band: torch.Tensor, diag: torch.Tensor) -> torch.Tensor:
+    """``band + diag(diag)`` for a row-lower band ``(..., n, k+1)`` and ``diag`` broadcastable
+    to ``(..., n)`` (column 0 of the storage is the diagonal). Differentiable."""
+    return torch.cat([band[..., :1] + diag.unsqueeze(-1), band[..., 1:]], dim=-1)
+
+
 def band_map(mu, Q_band, y, mask, R, *, backend: Backend = None) -> torch.Tensor:
     """MAP / BLUE in information form with a selection operator H given by ``mask``:
 
@@ -553,7 +559,7 @@ def band_map(mu, Q_band, y, mask, R, *, backend: Backend = None) -> torch.Tensor
     """
     n, k, mask, Rs, yo, mu, Q = _obs_terms("band_map", mu, Q_band, y, mask, R)
     w = torch.where(mask, 1.0 / Rs, 0.0)  # diagonal of H^T R^{-1} H
-    post = torch.cat([Q[..., :1] + w.unsqueeze(-1), Q[..., 1:]], dim=-1)
+    post = band_add_diagonal(Q, w)
     return mu + band_solve(post, w * (yo - mu), backend=backend)
 
 
@@ -570,7 +576,7 @@ def band_kalman(mu, P_band, y, mask, R, *, backend: Backend = None) -> torch.Ten
     """
     n, k, mask, Rs, yo, mu, P = _obs_terms("band_kalman", mu, P_band, y, mask, R)
     S = P * _pair_mask(mask.to(P.dtype), k)
-    S = torch.cat([S[..., :1] + Rs.unsqueeze(-1), S[..., 1:]], dim=-1)
+    S = band_add_diagonal(S, Rs)
     w = band_solve(S, torch.where(mask, yo - mu, 0.0), backend=backend)
     return mu + band_matvec(P, w)
 
