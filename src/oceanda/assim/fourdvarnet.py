@@ -519,11 +519,13 @@ INITS = ("obs", "oi")
 OI_SETTINGS = ("oi_Lx_km", "oi_Ly_km", "oi_Lt_days", "oi_noise_std")
 
 
-def check_oi_settings(cfg: Any) -> None:
-    """:class:`ConfigError` naming the first of ``cfg``'s :data:`OI_SETTINGS` that is not > 0."""
+def check_oi_settings(cfg: Any, where: str = "model.") -> None:
+    """:class:`ConfigError` naming (after ``where``) the first of ``cfg``'s :data:`OI_SETTINGS`
+    that is not a number > 0."""
     for key in OI_SETTINGS:
-        if not float(getattr(cfg, key)) > 0:
-            raise ConfigError(f"model.{key} must be > 0, got {getattr(cfg, key)}")
+        v = getattr(cfg, key)
+        if not (isinstance(v, (int, float)) and v > 0):
+            raise ConfigError(f"{where}{key} must be > 0, got {v!r}")
 
 
 def oi_settings_kwargs(cfg: Any) -> dict[str, float]:

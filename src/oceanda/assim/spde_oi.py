@@ -31,7 +31,7 @@ import torch
 
 from oceanda.assim.base import PatchBatch, PatchResult
 from oceanda.assim.ensemble import matheron_members
-from oceanda.assim.fourdvarnet import OI_SETTINGS, oi_settings_kwargs
+from oceanda.assim.fourdvarnet import check_oi_settings, oi_settings_kwargs
 from oceanda.assim.registry import register
 from oceanda.errors import ConfigError, InputError
 from oceanda.priors.spde import SPDEPrior, tau_for_std
@@ -101,9 +101,7 @@ class SPDEOptimalInterpolation:
         if not (mean in ("patch", "oi") or isinstance(mean, (int, float))):
             raise ConfigError(f"spde_oi: mean must be a number, 'patch' or 'oi', got {mean!r}")
         self.oi_Lx_km, self.oi_Ly_km, self.oi_Lt_days, self.oi_noise_std = oi_Lx_km, oi_Ly_km, oi_Lt_days, oi_noise_std
-        for key in OI_SETTINGS:
-            if not (isinstance(getattr(self, key), (int, float)) and getattr(self, key) > 0):
-                raise ConfigError(f"spde_oi: {key} must be > 0, got {getattr(self, key)!r}")
+        check_oi_settings(self, "spde_oi: ")
         self.params = dict(kappa=kappa, gamma=gamma, beta=beta, vx=vx, vy=vy, mx=mx, my=my)
         self.std, self.tau, self.alpha, self.dt, self.init = std, tau, alpha, dt, init
         self.R = float(noise_std) ** 2
