@@ -16,7 +16,7 @@ TINY_L63 = [
     "experiment=lorenz63", "experiment.data.n_train=8", "experiment.data.n_test=3",
     "experiment.data.spinup_steps=100", "experiment.training.epochs=1", "experiment.var4d.max_iter=4",
     "experiment.n_levels=2", "experiment.n_plot=1", "progress=false", "threads=1",
-    "experiment.particle_smoother.n_particles=500",
+    "experiment.particle_smoother.n_particles=500", "experiment.var4d.background_components=2",
 ]
 TINY_PEND = [
     "experiment=pendulum", "experiment.data.n_train=8", "experiment.data.n_test=3",
@@ -70,6 +70,8 @@ def test_validate_tiny_end_to_end_and_checkpoint_reload(tmp_path, tiny, capsys):
         assert pd["polish_lm_init"] < pd["lm_init"]
         assert set(pd["with_lm_init"]) == {"neural_var4d", "neural_var4d_strong"}
         assert "never seen in training" in (out / "report.md").read_text()
+        ms = meta["multistart"]  # the neural start, 8 draws, and the minima of 4D-Var from z0 and of the
+        assert ms["baselines"] and ms["n_starts"] == 1 + 8 + 2  # cold-diffusion polish (polish_baselines)
     else:
         assert meta["process_family"] == "heldout" and "heldout_processes" not in meta
 
@@ -124,6 +126,11 @@ def test_validate_user_errors(tmp_path, capsys):
     assert "n_particles" in capsys.readouterr().err
     assert main(["validate", *TINY_L63, f"out_dir={tmp_path}", "experiment.model.width=[]"]) == 2
     assert "experiment.model.width" in capsys.readouterr().err
+    # a mixture background needs enough training states (16 components x 4 parameters' worth), and L63
+    assert main(["validate", *TINY_L63, f"out_dir={tmp_path}", "experiment.var4d.background_components=16"]) == 2
+    assert "experiment.var4d.background_components=16" in capsys.readouterr().err
+    assert main(["validate", *TINY_PEND, f"out_dir={tmp_path}", "experiment.var4d.background_components=2"]) == 2
+    assert "background_components" in capsys.readouterr().err
     # a checkpoint of another system is refused with a message naming it
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")

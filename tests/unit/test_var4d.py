@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from oceanda.linalg import band_to_dense
-from oceanda.assim.var4d import WeakConstraint4DVar
+from oceanda.assim.var4d import MixtureBackground, WeakConstraint4DVar
 from oceanda.dynamics import lorenz63
+from oceanda.errors import InputError
 from oceanda.priors.empirical import (
     LinearMarkovPrior,
     block_tridiagonal_to_band,
@@ -211,3 +212,79 @@ def test_empirical_gaussian_map_is_conditional_mean():
         o = np.flatnonzero(mask[b].numpy())
         ref = mu + P[:, o] @ np.linalg.solve(P[np.ix_(o, o)] + 0.3 * np.eye(o.size), y[b].numpy()[o] - mu[o])
         np.testing.assert_allclose(out[b], ref, rtol=0, atol=1e-10)
+
+
+def _mixture(K=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(K, 3, 3, generator=g, dtype=DT)
+    covs = A @ A.transpose(-1, -2) * 20.0 + 5.0 * torch.eye(3, dtype=DT)
+    means = torch.tensor([[-8.0, -8.0, 25.0], [8.0, 8.0, 25.0], [0.0, 0.0, 15.0]], dtype=DT)[:K]
+    return MixtureBackground(torch.tensor([0.5, 0.3, 0.2], dtype=DT)[:K], means, covs)
+
+
+def test_mixture_background_one_component_is_the_gaussian_background():
+    """K = 1 gives the Gaussian term exactly: the same cost, gradient, Hessian band and minimum."""
+    xb, B = torch.tensor([0.0, 0.0, 23.5], dtype=DT), 60.0 * torch.eye(3, dtype=DT)
+    gauss = _l63_var(max_iter=20)
+    mix = _l63_var(max_iter=20, background=MixtureBackground(torch.ones(1, dtype=DT), xb[None], B[None]))
+    x, y, mask = _l63_window(seed=6)
+    xp = x + 0.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(7), dtype=DT)
+    for a, b in zip(gauss.linearise(xp, y, mask), mix.linearise(xp, y, mask)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(gauss.solve(xp, y, mask).x, mix.solve(xp, y, mask).x, rtol=1e-9, atol=1e-9)
+
+
+def test_mixture_background_cost_gradient_and_block():
+    """Cost = -log of the mixture density (scipy) up to one constant; gradient = autograd's
+    (and gradcheck); the Gauss-Newton block = sum_k r_k C_k^-1 with scipy's responsibilities."""
+    from scipy.stats import multivariate_normal
+
+    bg = _mixture()
+    x0 = torch.tensor([[-6.0, -7.0, 24.0], [5.0, 9.0, 28.0], [0.5, -1.0, 14.0], [20.0, -20.0, 40.0]], dtype=DT)
+    comps = [multivariate_normal(bg.means[k].numpy(), torch.linalg.inv(bg.prec[k]).numpy()) for k in range(3)]
+    w = bg.log_w.exp().numpy()
+    dens = np.stack([w[k] * comps[k].pdf(x0.numpy()) for k in range(3)], -1)  # (B, K)
+    c = bg.cost(x0).numpy() + np.log(dens.sum(-1))
+    np.testing.assert_allclose(c, c[0], rtol=0, atol=1e-10)  # one constant for every x0
+    xr = x0.clone().requires_grad_(True)
+    (ga,) = torch.autograd.grad(bg.cost(xr).sum(), xr)
+    g, H = bg.gradient_and_block(x0)
+    torch.testing.assert_close(g, ga, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda z: bg.cost(z), (x0.clone().requires_grad_(True),))
+    r = dens / dens.sum(-1, keepdims=True)
+    torch.testing.assert_close(H, torch.einsum("bk,kij->bij", torch.as_tensor(r), bg.prec), rtol=1e-9, atol=1e-12)
+
+
+def test_4dvar_with_mixture_background_gradient_and_convergence():
+    var = _l63_var(max_iter=60, ftol=1e-10, decrement_tol=None, background=_mixture())
+    x, y, mask = _l63_window(seed=8)
+    xp = x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(9), dtype=DT)
+    J, g, _, _ = var.linearise(xp, y, mask)
+    xr = xp.clone().requires_grad_(True)
+    (ga,) = torch.autograd.grad(var.cost(xr, y, mask).sum(), xr)
+    torch.testing.assert_close(J, var.cost(xp, y, mask), rtol=1e-12, atol=0)
+    torch.testing.assert_close(g, ga, rtol=1e-10, atol=1e-9)
+    res = var.solve(xp, y, mask)
+    assert bool(res.converged.all())
+    _, g, _, _ = var.linearise(res.x, y, mask)
+    assert float(g.abs().max()) < 1e-3
+
+
+def test_mixture_fit_recovers_a_known_mixture_and_refuses_bad_input():
+    truth = _mixture(K=2, seed=1)
+    g = torch.Generator().manual_seed(2)
+    n = 20000
+    comp = (torch.rand(n, generator=g, dtype=DT) < truth.log_w.exp()[1]).long()
+    L = torch.linalg.cholesky(torch.linalg.inv(truth.prec))
+    x = truth.means[comp] + (L[comp] @ torch.randn(n, 3, 1, generator=g, dtype=DT)).squeeze(-1)
+    fit = MixtureBackground.fit(x, 2, seed=0)
+    order = fit.means[:, 0].argsort()  # truth: component 0 at x = -8, component 1 at x = +8
+    torch.testing.assert_close(fit.means[order], truth.means, rtol=0, atol=0.3)
+    torch.testing.assert_close(fit.log_w.exp()[order], truth.log_w.exp(), rtol=0, atol=0.02)
+    torch.testing.assert_close(torch.linalg.inv(fit.prec[order]), torch.linalg.inv(truth.prec), rtol=0.1, atol=1.0)
+    with pytest.raises(InputError, match="too few"):
+        MixtureBackground.fit(x[:5], 2)
+    with pytest.raises(InputError, match="weights"):
+        MixtureBackground(torch.tensor([1.0, -1.0], dtype=DT), truth.means, torch.linalg.inv(truth.prec))
+    with pytest.raises(InputError, match="positive definite"):
+        MixtureBackground(torch.ones(1, dtype=DT), truth.means[:1], -torch.eye(3, dtype=DT)[None])

@@ -9,6 +9,11 @@ boolean ``mask`` of the same shape (``H`` a selection, varying per sample). The 
 
 (background on the first state, model-error term with the system's model-noise covariance
 ``Qm``, observation term; Tremolet 2007, Fisher et al. 2012; Blanke et al. 2024 Alg. 1).
+With a :class:`MixtureBackground` the first term is ``-log sum_k w_k N(x_0; m_k, C_k)`` (plus a
+constant that makes one component the Gaussian term above): a background that can follow a
+multimodal climatology (the two lobes of Lorenz-63). Its Gauss-Newton block is the
+responsibility-weighted precision ``sum_k r_k C_k^{-1}`` (``r_k`` the posterior probabilities of
+the components at ``x_0``): the curvature of the EM bound of the term, positive definite.
 Each Gauss-Newton step solves ``(G + lambda diag(G)) delta = -grad J`` where
 ``G = J_r^T J_r`` is the Gauss-Newton Hessian: block-tridiagonal in time (blocks
 ``phi x phi``), stored as a row-lower band with ``2*phi - 1`` sub-diagonals and solved by
@@ -55,6 +60,88 @@ class Var4DResult:
     history: list[torch.Tensor] = field(default_factory=list)
 
 
+class MixtureBackground:
+    """Gaussian-mixture background ``p(x_0) = sum_k w_k N(m_k, C_k)`` of 4D-Var (module docstring).
+
+    ``weights`` ``(K,)`` (positive, normalised here), ``means`` ``(K, phi)``, ``covs`` ``(K, phi, phi)``
+    (symmetric positive definite). :meth:`fit` estimates one from samples by EM.
+    """
+
+    def __init__(self, weights: torch.Tensor, means: torch.Tensor, covs: torch.Tensor):
+        K = weights.shape[0]
+        if weights.dim() != 1 or means.dim() != 2 or means.shape[0] != K or covs.shape != (K, means.shape[1],
+                                                                                              means.shape[1]):
+            raise InputError(f"MixtureBackground: shapes weights {tuple(weights.shape)}, means {tuple(means.shape)}, "
+                             f"covs {tuple(covs.shape)} are not (K,), (K, phi), (K, phi, phi)")
+        if not bool((weights > 0).all()) or not bool(torch.isfinite(weights).all()):
+            raise InputError(f"MixtureBackground: weights must be finite and > 0, got {weights.tolist()}")
+        L, info = torch.linalg.cholesky_ex(covs.double())
+        if bool((info != 0).any()):
+            raise InputError("MixtureBackground: a component covariance is not positive definite")
+        self.log_w = (weights / weights.sum()).double().log()
+        self.means = means.double()
+        self.prec = torch.cholesky_inverse(L)
+        self.half_logdet = torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)  # 1/2 log det C_k
+        # so that one component gives exactly the Gaussian term 1/2 |x_0 - m|^2_{C^-1}
+        self.offset = torch.logsumexp(self.log_w - self.half_logdet, 0)
+
+    @property
+    def phi(self) -> int:
+        return self.means.shape[1]
+
+    def _log_terms(self, x0: torch.Tensor):
+        kw = dict(dtype=x0.dtype, device=x0.device)
+        e = x0.unsqueeze(-2) - self.means.to(**kw)  # (B, K, phi)
+        Pe = torch.einsum("kij,bkj->bki", self.prec.to(**kw), e)
+        lt = (self.log_w - self.half_logdet).to(**kw) - 0.5 * (e * Pe).sum(-1)  # (B, K)
+        return lt, Pe
+
+    def cost(self, x0: torch.Tensor) -> torch.Tensor:
+        """``-log p(x_0)`` up to the constant (module docstring), ``(B,)`` for ``x0`` ``(B, phi)``."""
+        lt, _ = self._log_terms(x0)
+        return self.offset.to(x0.dtype) - torch.logsumexp(lt, -1)
+
+    def gradient_and_block(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gradient ``sum_k r_k C_k^{-1} (x_0 - m_k)`` ``(B, phi)`` and Gauss-Newton block
+        ``sum_k r_k C_k^{-1}`` ``(B, phi, phi)``."""
+        lt, Pe = self._log_terms(x0)
+        r = torch.softmax(lt, -1)
+        return (r.unsqueeze(-1) * Pe).sum(-2), torch.einsum("bk,kij->bij", r, self.prec.to(x0.dtype))
+
+    @classmethod
+    def fit(cls, x: torch.Tensor, n_components: int, iters: int = 200, seed: int = 0,
+            reg: float = 1e-6, tol: float = 1e-10) -> MixtureBackground:
+        """Maximum-likelihood mixture of ``n_components`` full-covariance Gaussians to samples
+        ``x`` ``(N, phi)`` by EM (float64; means started at distinct random samples; ``reg``
+        times the samples' mean variance added to each covariance; stops when the mean
+        log-likelihood gains less than ``tol``)."""
+        x = x.double()
+        N, phi = x.shape
+        K = int(n_components)
+        if K < 1 or N < K * (phi + 1):
+            raise InputError(f"MixtureBackground.fit: {N} samples are too few for {K} components in {phi} dims")
+        g = torch.Generator().manual_seed(seed)
+        means = x[torch.randperm(N, generator=g)[:K]].clone()
+        eye = torch.eye(phi, dtype=torch.float64) * (reg * float(x.var(0).mean()))
+        covs = torch.cov(x.T).expand(K, phi, phi).clone() + eye
+        w = torch.full((K,), 1.0 / K, dtype=torch.float64)
+        prev = -float("inf")
+        for _ in range(iters):
+            m = cls(w, means, covs)
+            lt, _ = m._log_terms(x)
+            ll = float((torch.logsumexp(lt, -1) - 0.5 * phi * torch.log(torch.tensor(2 * torch.pi))).mean())
+            r = torch.softmax(lt, -1)  # (N, K)
+            nk = r.sum(0).clamp_min(1e-12)
+            w = nk / N
+            means = (r.T @ x) / nk[:, None]
+            e = x.unsqueeze(1) - means  # (N, K, phi)
+            covs = torch.einsum("nk,nki,nkj->kij", r, e, e) / nk[:, None, None] + eye
+            if ll - prev < tol:
+                break
+            prev = ll
+        return cls(w, means, covs)
+
+
 class WeakConstraint4DVar:
     """Weak-constraint 4D-Var on windows of ``T`` states of a ``phi``-dimensional model.
 
@@ -65,6 +152,7 @@ class WeakConstraint4DVar:
     model_noise_cov: ``Qm`` ``(phi, phi)``.
     obs_var: ``R``, scalar or ``(phi,)`` (per component) observation-error variance.
     background_mean, background_cov: ``xb`` ``(phi,)`` and ``B`` ``(phi, phi)`` for ``x_0``.
+    background: a :class:`MixtureBackground` that replaces the Gaussian one (module docstring).
     max_iter, ftol, cost_tol, decrement_tol: stopping rules (module docstring).
     lm_init: initial Levenberg-Marquardt ``lambda`` (relative to ``diag(G)``); ``0`` and
         ``adaptive=False`` give plain Gauss-Newton.
@@ -86,6 +174,7 @@ class WeakConstraint4DVar:
         lm_max: float = 1e6,
         adaptive: bool = True,
         line_search_steps: int = 12,
+        background: MixtureBackground | None = None,
     ):
         phi = model_noise_cov.shape[-1]
         if background_cov.shape != (phi, phi) or background_mean.shape != (phi,):
@@ -98,6 +187,9 @@ class WeakConstraint4DVar:
         self.Qm_inv = torch.linalg.inv(model_noise_cov)
         self.B_inv = torch.linalg.inv(background_cov)
         self.xb = background_mean
+        if background is not None and background.phi != phi:
+            raise InputError(f"WeakConstraint4DVar: the mixture background has phi={background.phi}, the model {phi}")
+        self.background = background
         self.R = obs_var.detach().clone() if torch.is_tensor(obs_var) else torch.tensor(float(obs_var), dtype=torch.float64)
         self.max_iter = max_iter
         self.ftol = ftol
@@ -120,8 +212,11 @@ class WeakConstraint4DVar:
 
     def _cost_terms(self, x, nxt, y, mask, Qi, Bi, xb, R):
         e = x[:, 1:] - nxt
-        e0 = x[:, 0] - xb
-        jb = 0.5 * torch.einsum("bi,ij,bj->b", e0, Bi, e0)
+        if self.background is None:
+            e0 = x[:, 0] - xb
+            jb = 0.5 * torch.einsum("bi,ij,bj->b", e0, Bi, e0)
+        else:
+            jb = self.background.cost(x[:, 0])
         jq = 0.5 * torch.einsum("bti,ij,btj->b", e, Qi, e)
         ro = torch.where(mask, x - y, torch.zeros_like(x))
         jo = 0.5 * (ro * ro / R).sum((-1, -2))
@@ -136,12 +231,19 @@ class WeakConstraint4DVar:
         e = x[:, 1:] - nxt
         Qe = e @ Qi.T
         g = torch.zeros_like(x)
-        g[:, 0] += (x[:, 0] - xb) @ Bi.T
+        if self.background is None:
+            g[:, 0] += (x[:, 0] - xb) @ Bi.T
+        else:
+            gb, Hb = self.background.gradient_and_block(x[:, 0])
+            g[:, 0] += gb
+            Bi = torch.zeros_like(Bi)
         g[:, 1:] += Qe
         g[:, :-1] -= (M.transpose(-1, -2) @ Qe.unsqueeze(-1)).squeeze(-1)
         obs_w = mask.to(x.dtype) / R
         g += torch.where(mask, (x - y), torch.zeros_like(x)) * obs_w
         D, S = markov_precision_blocks(M, Qi, Bi, x.shape[1])
+        if self.background is not None:
+            D[:, 0] += Hb
         D = D + torch.diag_embed(obs_w)
         return J, g, D, S
 

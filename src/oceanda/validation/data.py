@@ -119,7 +119,9 @@ def observation_processes(T: int, obs_every: int, n_test: int, generator: torch.
     return procs[n_test:], procs[:n_test]
 
 
-def _pairs(x: torch.Tensor, processes, comp: int, noise_std: float, generator) -> PairSet:
+def make_pairs(x: torch.Tensor, processes, comp: int, noise_std: float, generator) -> PairSet:
+    """Every trajectory of ``x`` ``(N, T, phi)`` (normalised) paired with every observation
+    process (a list of observed times of component ``comp``), with fresh noise of std ``noise_std``."""
     N, T, phi = x.shape
     xs, ys, ms, ti, pi = [], [], [], [], []
     for p, times in enumerate(processes):
@@ -151,12 +153,12 @@ def _finish(system, raw_train, raw_test, T, phi, dt, obs_every, n_test_processes
                   model_noise_var=model_noise_var, raw_train_x=raw_train)
     if processes == "all":  # every phase, the split kept for the held-out diagnostic (the last n_test_processes)
         p_all = p_train + p_test
-        return ToyData(train=_pairs(xtr, p_all, 0, obs_std_norm, g), test=_pairs(xte, p_all, 0, obs_std_norm, g),
+        return ToyData(train=make_pairs(xtr, p_all, 0, obs_std_norm, g), test=make_pairs(xte, p_all, 0, obs_std_norm, g),
                        processes_train=p_all, processes_test=p_all,
                        processes_heldout=list(range(len(p_train), len(p_all))), **common)
     return ToyData(
-        train=_pairs(xtr, p_train, 0, obs_std_norm, g), test=_pairs(xte, p_test, 0, obs_std_norm, g),
-        test_seen=_pairs(xte, p_train, 0, obs_std_norm, g), processes_train=p_train, processes_test=p_test, **common,
+        train=make_pairs(xtr, p_train, 0, obs_std_norm, g), test=make_pairs(xte, p_test, 0, obs_std_norm, g),
+        test_seen=make_pairs(xte, p_train, 0, obs_std_norm, g), processes_train=p_train, processes_test=p_test, **common,
     )
 
 

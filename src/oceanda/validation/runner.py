@@ -55,7 +55,7 @@ from oceanda.assim.checkpoint import read_torch_file
 from oceanda.assim.incremental import UPDATES, incremental_assimilation, posterior_draws, temperature_levels
 from oceanda.assim.multistart import distinct_minima, laplace_mixture_mean
 from oceanda.assim.particle import particle_smoother
-from oceanda.assim.var4d import Var4DResult, WeakConstraint4DVar
+from oceanda.assim.var4d import MixtureBackground, Var4DResult, WeakConstraint4DVar
 from oceanda.dynamics import lorenz63, pendulum
 from oceanda.errors import ConfigError, InputError, NumericalError
 from oceanda.priors.empirical import EmpiricalGaussian, LinearMarkovPrior
@@ -113,6 +113,12 @@ class Var4DSettings:
     polish_draws: int = 0
     polish_tol: float = 0.05  #: minima closer than this (RMS, normalised units) are one minimum
     polish_seed: int = 0  #: seed of the draws
+    #: the minima of 4D-Var from z0 and of the cold-diffusion polish (both run anyway) join the
+    #: multi-start mixture (its time and Gauss-Newton count then include theirs)
+    polish_baselines: bool = False
+    #: background on x0: 1, the Gaussian of :func:`background`; K > 1, a K-component Gaussian mixture
+    #: fitted by EM to the same states (:class:`oceanda.assim.var4d.MixtureBackground`; L63 only)
+    background_components: int = 1
 
 
 @dataclass
@@ -161,7 +167,10 @@ class ExperimentSettings:
                 ("decrement_tol", v.decrement_tol, v.decrement_tol is None or v.decrement_tol >= 0, ">= 0 or null"),
                 ("lm_init", v.lm_init, v.lm_init > 0, "> 0"),
                 ("polish_draws", v.polish_draws, v.polish_draws >= 0, ">= 0"),
-                ("polish_tol", v.polish_tol, v.polish_tol >= 0, ">= 0")):
+                ("polish_tol", v.polish_tol, v.polish_tol >= 0, ">= 0"),
+                ("background_components", v.background_components,
+                 v.background_components == 1 or (v.background_components > 1 and self.system == "lorenz63"),
+                 ">= 1 (> 1: Lorenz-63 only)")):
             if not ok:
                 raise ConfigError(f"experiment.var4d.{key} must be {want}, got {value}")
         if self.n_plot < 0:
@@ -225,11 +234,14 @@ def initial_particles(data: ToyData, n: int, generator: torch.Generator, dtype=t
     return pendulum.sample_initial(n, *data.ic_box, generator, dtype)
 
 
-def run_particle_smoother(data: ToyData, pairs: PairSet, s: ParticleSettings, dtype=torch.float32):
+def run_particle_smoother(data: ToyData, pairs: PairSet, s: ParticleSettings, dtype=torch.float32,
+                          x0_particles: torch.Tensor | None = None):
     """The particle smoother on ``pairs`` (physical units); returns ``(result, seconds)``,
-    the time excluding the draw of the initial particles."""
+    the time excluding the draw of the initial particles. ``x0_particles`` ``(P, phi)``
+    (physical units) replace the draws of the true initial-state distribution
+    (:func:`initial_particles`, ``s.n_particles`` of them): another prior on x0."""
     g = torch.Generator().manual_seed(s.seed)
-    pool = initial_particles(data, s.n_particles, g, dtype)
+    pool = initial_particles(data, s.n_particles, g, dtype) if x0_particles is None else x0_particles.to(dtype)
     step = (lambda x: lorenz63.step(x, data.dt)) if data.system == "lorenz63" else (lambda x: pendulum.step(x, data.dt))
     yraw = torch.where(pairs.mask, data.norm.to_raw(pairs.y), torch.zeros_like(pairs.y)).to(dtype)
     t0 = time.perf_counter()
@@ -243,10 +255,17 @@ def build_var4d(data: ToyData, s: Var4DSettings, factor: float = 1.0, polish: bo
     starts with the damping ``var4d.polish_lm_init`` (when set) instead of ``lm_init``."""
     xb, Bc = background(data)
     lm = s.polish_lm_init if polish and s.polish_lm_init is not None else s.lm_init
+    mix = None
+    if s.background_components > 1:
+        try:
+            mix = MixtureBackground.fit(data.raw_train_x[:, 0], s.background_components, seed=0)
+        except InputError as exc:
+            raise ConfigError(f"experiment.var4d.background_components={s.background_components}: {exc} "
+                              "(raise experiment.data.n_train or lower the components)") from exc
     return WeakConstraint4DVar(
         model_step(data), factor * data.model_noise_var * torch.eye(data.phi, dtype=torch.float64), data.R_raw,
         xb, Bc, max_iter=s.max_iter, ftol=s.ftol, cost_tol=s.cost_tol, decrement_tol=s.decrement_tol,
-        lm_init=lm,
+        lm_init=lm, background=mix,
     )
 
 
@@ -419,7 +438,7 @@ def select_width(settings: ExperimentSettings, data: ToyData, z0_train: torch.Te
 
 def multistart_polish(settings: ExperimentSettings, data: ToyData, prior: NeuralBandPrior, z0: torch.Tensor,
                       y: torch.Tensor, mask: torch.Tensor, solver: WeakConstraint4DVar, var: WeakConstraint4DVar,
-                      single: Var4DResult) -> tuple[Var4DResult, dict]:
+                      single: Var4DResult, extra: tuple[Var4DResult, ...] = ()) -> tuple[Var4DResult, dict]:
     """The multi-start polish of ``neural_var4d`` (module docstring): ``single`` is 4D-Var
     from the neural output (already run); ``var4d.polish_draws`` draws of the neural
     posterior (:func:`~oceanda.assim.incremental.posterior_draws`) are polished by
@@ -427,7 +446,8 @@ def multistart_polish(settings: ExperimentSettings, data: ToyData, prior: Neural
     ``exp(-J) det(G)^(-1/2)`` (``var``'s cost and Gauss-Newton Hessian). Returns the
     :class:`Var4DResult` of the mixture mean (``iters``: Gauss-Newton systems of every start;
     ``cost``: the lowest minimum; ``converged``: every start converged; ``history``: the single
-    start's) and a summary (minima per window, weight of the minimum the neural start reached)."""
+    start's) and a summary (minima per window, weight of the minimum the neural start reached).
+    ``extra``: minima of other starts already run (``var4d.polish_baselines``) joining the mixture."""
     v = settings.var4d
     N, T, phi = data.test.x.shape
     g = torch.Generator().manual_seed(v.polish_seed)
@@ -438,10 +458,12 @@ def multistart_polish(settings: ExperimentSettings, data: ToyData, prior: Neural
     start = data.norm.to_raw(draws.reshape(K * N, T, phi))
     rep = lambda a: a.unsqueeze(0).expand(K, *a.shape).reshape(K * N, *a.shape[1:])  # noqa: E731
     r = solver.solve(start, rep(yraw), rep(data.test.mask))
-    xs = torch.cat((single.x.unsqueeze(0), r.x.reshape(K, N, T, phi)))  # raw (K+1, N, T, phi)
-    cost = torch.cat((single.cost.unsqueeze(0), r.cost.reshape(K, N)))
-    iters = torch.cat((single.iters.unsqueeze(0), r.iters.reshape(K, N)))
-    conv = torch.cat((single.converged.unsqueeze(0), r.converged.reshape(K, N)))
+    xs = torch.cat((single.x.unsqueeze(0), r.x.reshape(K, N, T, phi), *(e.x.unsqueeze(0) for e in extra)))
+    cost = torch.cat((single.cost.unsqueeze(0), r.cost.reshape(K, N), *(e.cost.unsqueeze(0) for e in extra)))
+    iters = torch.cat((single.iters.unsqueeze(0), r.iters.reshape(K, N), *(e.iters.unsqueeze(0) for e in extra)))
+    conv = torch.cat((single.converged.unsqueeze(0), r.converged.reshape(K, N),
+                      *(e.converged.unsqueeze(0) for e in extra)))
+    K += len(extra)  # every start after the neural one
     logdet = var.hessian_logdet(xs.reshape(-1, T, phi), torch.cat((yraw, rep(yraw))),
                                 torch.cat((data.test.mask, rep(data.test.mask)))).reshape(K + 1, N)
     xn = data.norm.to_norm(xs).reshape(K + 1, N, T * phi)
@@ -594,14 +616,8 @@ def run_experiment(
         bar.close()
         est[name] = data.norm.to_norm(runs[name].x).reshape(N, -1)
     times["neural_var4d"] += times["neural"]
-    if settings.var4d.polish_draws > 0:
-        runs["neural_var4d_single"], est["neural_var4d_single"] = runs["neural_var4d"], est["neural_var4d"]
-        times["neural_var4d_single"] = times["neural_var4d"]
-        (runs["neural_var4d"], multistart), t_ms = _timed(lambda: multistart_polish(
-            settings, data, priors["neural"], z0d, yd, mask, var_p, var, runs["neural_var4d_single"]))
-        est["neural_var4d"] = data.norm.to_norm(runs["neural_var4d"].x).reshape(N, -1)
-        times["neural_var4d"] = t_ms + times["neural_var4d_single"]
-    # references and variants: run once each (timings of one run)
+    # references and variants: run once each (timings of one run); with var4d.polish_baselines the
+    # cold-diffusion polish runs first, a start of the multi-start polish
     starts = {"cold_diffusion_var4d": (var_p, est["cold_diffusion"], times["cold_diffusion"]),
               "var4d_from_truth": (var, x, 0.0)}
     if settings.var4d.strong_factor is not None:
@@ -610,13 +626,31 @@ def run_experiment(
         starts.update({"var4d_strong": (var_s, est["z0"], 0.0),
                        "neural_var4d_strong": (var_sp, est["neural"], times["neural"]),
                        "cold_diffusion_var4d_strong": (var_sp, est["cold_diffusion"], times["cold_diffusion"])})
-    for name, (solver, start, t_start) in starts.items():
-        bar = tqdm(total=settings.var4d.max_iter, desc=f"4D-Var {name}", disable=not progress, leave=False)
-        runs[name], times[name] = _timed(lambda solver=solver, start=start, bar=bar: solver.solve(
-            to_raw(start), yraw, data.test.mask, lambda k, n: bar.update(1)), repeat=1)
-        bar.close()
-        times[name] += t_start
-        est[name] = data.norm.to_norm(runs[name].x).reshape(N, -1)
+
+    def run_starts(names):
+        for name in names:
+            solver, start, t_start = starts.pop(name)
+            bar = tqdm(total=settings.var4d.max_iter, desc=f"4D-Var {name}", disable=not progress, leave=False)
+            runs[name], times[name] = _timed(lambda solver=solver, start=start, bar=bar: solver.solve(
+                to_raw(start), yraw, data.test.mask, lambda k, n: bar.update(1)), repeat=1)
+            bar.close()
+            times[name] += t_start
+            est[name] = data.norm.to_norm(runs[name].x).reshape(N, -1)
+
+    if settings.var4d.polish_draws > 0:
+        baselines = settings.var4d.polish_baselines
+        if baselines:
+            run_starts(["cold_diffusion_var4d"])
+        runs["neural_var4d_single"], est["neural_var4d_single"] = runs["neural_var4d"], est["neural_var4d"]
+        times["neural_var4d_single"] = times["neural_var4d"]
+        extra = (runs["var4d"], runs["cold_diffusion_var4d"]) if baselines else ()
+        (runs["neural_var4d"], multistart), t_ms = _timed(lambda: multistart_polish(
+            settings, data, priors["neural"], z0d, yd, mask, var_p, var, runs["neural_var4d_single"], extra))
+        est["neural_var4d"] = data.norm.to_norm(runs["neural_var4d"].x).reshape(N, -1)
+        times["neural_var4d"] = t_ms + times["neural_var4d_single"] + (
+            times["var4d"] + times["cold_diffusion_var4d"] if baselines else 0.0)
+        multistart["baselines"] = baselines
+    run_starts(list(starts))
     ps_info = {}
     if settings.particle_smoother.n_particles > 0:
         log.info("particle smoother: %d particles x %d windows", settings.particle_smoother.n_particles, N)
