@@ -29,8 +29,11 @@ guess's Gaussian posterior (instead of its mean z0), and 4 of those draws themse
 4D-Var from z0 is); the table then adds every start together and an oracle row, the start
 whose minimum is nearest the truth in each window (a bound on what a search can reach). With
 ``--ps-particles P`` the bootstrap particle smoother runs on every ``--ps-stride``-th window
-with x0 from the attractor (the reference) and from 4D-Var's Gaussian background (then its
-mean is the posterior mean of the 4D-Var cost exp(-J) itself), printed beside the Laplace
+with x0 from the attractor (the reference) and from one Gaussian of the training windows' first
+states (4D-Var's background with ``var4d.background_components = 1``: then its mean is the
+posterior mean of that 4D-Var cost, exp(-J), itself); ``--ps-mixture K...``: also from the
+K-component mixtures of the same states (the cost with ``background_components = K``), printed
+beside the Laplace
 mixture of each start set on the same windows. ``--windows val`` scores 64 fresh trajectories
 (``--val-seed``) x the test phases instead of the test windows, to choose settings without them;
 
@@ -56,6 +59,7 @@ import torch
 
 from oceanda.assim.incremental import incremental_assimilation, posterior_draws, temperature_levels
 from oceanda.assim.multistart import distinct_minima, importance_mean, laplace_mixture_mean, lowest_cost
+from oceanda.assim.var4d import MixtureBackground
 from oceanda.cli import compose
 from oceanda.config_dataclass import from_mapping
 from oceanda.dynamics import lorenz63
@@ -99,6 +103,8 @@ def main(argv=None) -> int:
     ap.add_argument("--val-seed", type=int, default=777)
     ap.add_argument("--ps-particles", type=int, default=0, help="particle smoother under both x0 priors (0: none)")
     ap.add_argument("--ps-stride", type=int, default=4, help="the particle smoother runs on every k-th window")
+    ap.add_argument("--ps-mixture", type=int, nargs="*", default=[],
+                    help="also the particle smoother with x0 from a K-component mixture of the training first states")
     ap.add_argument("--background-components", type=int, default=None,
                     help="4D-Var's background on x0: K-component Gaussian mixture (default: the experiment's)")
     ap.add_argument("--json", default=None)
@@ -223,7 +229,11 @@ def main(argv=None) -> int:
         xb, Bc = R.background(data)
         gauss = xb + torch.randn(args.ps_particles, phi, generator=torch.Generator().manual_seed(0),
                                  dtype=torch.float64) @ torch.linalg.cholesky(Bc).T
-        for prior, pool in (("attractor", None), ("gaussian background", gauss)):
+        pools = [("attractor", None), ("gaussian background", gauss)]
+        for K in args.ps_mixture:
+            mix = MixtureBackground.fit(data.raw_train_x[:, 0], K, seed=0)
+            pools.append((f"mixture {K}", mix.sample(args.ps_particles, torch.Generator().manual_seed(0))))
+        for prior, pool in pools:
             res, _ = R.run_particle_smoother(data, sub, R.ParticleSettings(n_particles=args.ps_particles, seed=0),
                                              x0_particles=pool)
             est = data.norm.to_norm(res.mean.double()).reshape(len(ps_sel), -1)
@@ -231,8 +241,10 @@ def main(argv=None) -> int:
                          "ess_min_median": float(res.ess_min.double().median())}
         print(f"\nparticle smoother ({args.ps_particles} particles) on every {args.ps_stride}-th window "
               f"({len(ps_sel)}): x0 ~ attractor (the reference) {ps['attractor']['rmse']:.4f} (ESS min median "
-              f"{ps['attractor']['ess_min_median']:.0f}); x0 ~ 4D-Var's Gaussian background, the mean of exp(-J) "
-              f"{ps['gaussian background']['rmse']:.4f} (ESS {ps['gaussian background']['ess_min_median']:.0f})")
+              f"{ps['attractor']['ess_min_median']:.0f}); x0 ~ one Gaussian (background_components = 1) "
+              f"{ps['gaussian background']['rmse']:.4f} (ESS {ps['gaussian background']['ess_min_median']:.0f})"
+              + "".join(f"; x0 ~ {k}-component mixture {ps[f'mixture {k}']['rmse']:.4f} "
+                        f"(ESS {ps[f'mixture {k}']['ess_min_median']:.0f})" for k in args.ps_mixture))
         for r in rows:
             print(f"  Laplace mixture of {r['starts']:48s} {r['laplace_mixture_ps_windows']:.4f}")
     e = mse(runs["neural"][0])

@@ -288,3 +288,15 @@ def test_mixture_fit_recovers_a_known_mixture_and_refuses_bad_input():
         MixtureBackground(torch.tensor([1.0, -1.0], dtype=DT), truth.means, torch.linalg.inv(truth.prec))
     with pytest.raises(InputError, match="positive definite"):
         MixtureBackground(torch.ones(1, dtype=DT), truth.means[:1], -torch.eye(3, dtype=DT)[None])
+
+
+def test_mixture_sample_moments_match_the_mixture():
+    """Mean and covariance of 200000 draws against the mixture's closed-form moments."""
+    bg = _mixture()
+    w, C = bg.log_w.exp(), torch.linalg.inv(bg.prec)
+    mean = (w[:, None] * bg.means).sum(0)
+    d = bg.means - mean
+    cov = (w[:, None, None] * (C + d[:, :, None] * d[:, None, :])).sum(0)
+    x = bg.sample(200000, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(x.mean(0), mean, rtol=0, atol=0.1)
+    torch.testing.assert_close(torch.cov(x.T), cov, rtol=0.03, atol=0.5)

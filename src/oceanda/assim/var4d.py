@@ -108,6 +108,13 @@ class MixtureBackground:
         r = torch.softmax(lt, -1)
         return (r.unsqueeze(-1) * Pe).sum(-2), torch.einsum("bk,kij->bij", r, self.prec.to(x0.dtype))
 
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` draws ``(n, phi)`` of the mixture (float64): a component by its weight, then its Gaussian."""
+        k = torch.multinomial(self.log_w.exp(), n, replacement=True, generator=generator)
+        L = torch.linalg.cholesky(torch.linalg.inv(self.prec))
+        z = torch.randn(n, self.phi, 1, generator=generator, dtype=torch.float64)
+        return self.means[k] + (L[k] @ z).squeeze(-1)
+
     @classmethod
     def fit(cls, x: torch.Tensor, n_components: int, iters: int = 200, seed: int = 0,
             reg: float = 1e-6, tol: float = 1e-10) -> MixtureBackground:
