@@ -98,6 +98,9 @@ class ToyData:
     #: ``processes="all"``: indices (into ``processes_train`` = ``processes_test``) of the phases a
     #: diagnostic model is trained without (the split of ``processes="heldout"``); empty otherwise
     processes_heldout: list[int] = field(default_factory=list)
+    #: mixture backgrounds of 4D-Var fitted to ``raw_train_x[:, 0]``, by number of components (filled
+    #: once by :func:`oceanda.validation.runner.build_var4d`, which builds several solvers per run)
+    x0_mixtures: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def R_norm(self) -> float:

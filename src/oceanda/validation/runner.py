@@ -255,13 +255,14 @@ def build_var4d(data: ToyData, s: Var4DSettings, factor: float = 1.0, polish: bo
     starts with the damping ``var4d.polish_lm_init`` (when set) instead of ``lm_init``."""
     xb, Bc = background(data)
     lm = s.polish_lm_init if polish and s.polish_lm_init is not None else s.lm_init
-    mix = None
-    if s.background_components > 1:
+    K = s.background_components
+    if K > 1 and K not in data.x0_mixtures:
         try:
-            mix = MixtureBackground.fit(data.raw_train_x[:, 0], s.background_components, seed=0)
+            data.x0_mixtures[K] = MixtureBackground.fit(data.raw_train_x[:, 0], K, seed=0)
         except InputError as exc:
-            raise ConfigError(f"experiment.var4d.background_components={s.background_components}: {exc} "
+            raise ConfigError(f"experiment.var4d.background_components={K}: {exc} "
                               "(raise experiment.data.n_train or lower the components)") from exc
+    mix = data.x0_mixtures.get(K)
     return WeakConstraint4DVar(
         model_step(data), factor * data.model_noise_var * torch.eye(data.phi, dtype=torch.float64), data.R_raw,
         xb, Bc, max_iter=s.max_iter, ftol=s.ftol, cost_tol=s.cost_tol, decrement_tol=s.decrement_tol,
