@@ -80,6 +80,7 @@ class MixtureBackground:
             raise InputError("MixtureBackground: a component covariance is not positive definite")
         self.log_w = (weights / weights.sum()).double().log()
         self.means = means.double()
+        self.chol = L  # Cholesky factors of the covariances
         self.prec = torch.cholesky_inverse(L)
         self.half_logdet = torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)  # 1/2 log det C_k
         # so that one component gives exactly the Gaussian term 1/2 |x_0 - m|^2_{C^-1}
@@ -111,9 +112,8 @@ class MixtureBackground:
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """``n`` draws ``(n, phi)`` of the mixture (float64): a component by its weight, then its Gaussian."""
         k = torch.multinomial(self.log_w.exp(), n, replacement=True, generator=generator)
-        L = torch.linalg.cholesky(torch.linalg.inv(self.prec))
         z = torch.randn(n, self.phi, 1, generator=generator, dtype=torch.float64)
-        return self.means[k] + (L[k] @ z).squeeze(-1)
+        return self.means[k] + (self.chol[k] @ z).squeeze(-1)
 
     @classmethod
     def fit(cls, x: torch.Tensor, n_components: int, iters: int = 200, seed: int = 0,
@@ -240,17 +240,14 @@ class WeakConstraint4DVar:
         g = torch.zeros_like(x)
         if self.background is None:
             g[:, 0] += (x[:, 0] - xb) @ Bi.T
-        else:
-            gb, Hb = self.background.gradient_and_block(x[:, 0])
+        else:  # per window: the gradient and Gauss-Newton block of the mixture term
+            gb, Bi = self.background.gradient_and_block(x[:, 0])
             g[:, 0] += gb
-            Bi = torch.zeros_like(Bi)
         g[:, 1:] += Qe
         g[:, :-1] -= (M.transpose(-1, -2) @ Qe.unsqueeze(-1)).squeeze(-1)
         obs_w = mask.to(x.dtype) / R
         g += torch.where(mask, (x - y), torch.zeros_like(x)) * obs_w
         D, S = markov_precision_blocks(M, Qi, Bi, x.shape[1])
-        if self.background is not None:
-            D[:, 0] += Hb
         D = D + torch.diag_embed(obs_w)
         return J, g, D, S
 

@@ -66,7 +66,7 @@ def markov_precision_blocks(
     ``x_t - M_{t-1} x_{t-1}`` (weight ``Qm^{-1}``), ``t = 1..T-1``.
 
     ``M`` is ``(..., T-1, phi, phi)`` (time-varying tangent-linear models) or ``(phi, phi)``;
-    ``Qm_inv``, ``P0_inv`` are ``(phi, phi)``. Returns ``D`` ``(..., T, phi, phi)`` with
+    ``Qm_inv`` is ``(phi, phi)``, ``P0_inv`` ``(phi, phi)`` or per sample ``(..., phi, phi)``. Returns ``D`` ``(..., T, phi, phi)`` with
     ``D_0 = P0^{-1} + M_0^T Qm^{-1} M_0``, ``D_t = Qm^{-1} + M_t^T Qm^{-1} M_t``,
     ``D_{T-1} = Qm^{-1}``, and ``S`` ``(..., T-1, phi, phi)`` with ``S_t = -Qm^{-1} M_t``.
     """
